@@ -1,0 +1,417 @@
+"""Read one chest X-ray image file (PNG, JPEG, TIFF, BMP or DICOM) into a float32 array in [0, 1].
+
+This is the only module in the project that opens image files. Every failure on bad input is a
+:class:`~cxrscreen.errors.CXRError` whose message names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cxrscreen.errors import CXRError
+
+__all__ = [
+    "MAX_PIXELS",
+    "SUPPORTED_SUFFIXES",
+    "XRay",
+    "is_supported_file",
+    "read_xray",
+    "read_xray_bytes",
+]
+
+MAX_PIXELS: int = 50_000_000
+"""Largest image (width * height) decoded by default: a guard against decompression bombs."""
+
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
+"""File suffixes (lower case) that callers walking folders should pick up; files without a suffix
+may also be DICOM (see :func:`is_supported_file`)."""
+
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+_PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # Pillow opens multi-picture (MPO) JPEGs through "JPEG"
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)  # ITU-R BT.601, as PIL's own "L" conversion
+
+# Transfer syntax UID -> what to install so pydicom can decode it.
+_PYLIBJPEG = "pip install pylibjpeg pylibjpeg-libjpeg"
+_JPEGLS = "pip install pyjpegls (or pylibjpeg pylibjpeg-libjpeg)"
+_OPENJPEG = "pip install pylibjpeg pylibjpeg-openjpeg"
+_DECODER_HINTS: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": _PYLIBJPEG,  # JPEG Baseline (Pillow can also decode it)
+    "1.2.840.10008.1.2.4.51": _PYLIBJPEG,  # JPEG Extended
+    "1.2.840.10008.1.2.4.57": _PYLIBJPEG,  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": _PYLIBJPEG,  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": _JPEGLS,  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": _JPEGLS,  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90": _OPENJPEG,  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": _OPENJPEG,  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": _OPENJPEG,  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": _OPENJPEG,  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": _OPENJPEG,  # HTJ2K
+    "1.2.840.10008.1.2.5": "pip install pylibjpeg pylibjpeg-rle",  # RLE Lossless
+}
+_FALLBACK_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
+
+
+@dataclass
+class XRay:
+    """One decoded image: ``pixels`` is float32, shape (H, W), in [0, 1], 0 = black (air)."""
+
+    pixels: np.ndarray
+    path: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> XRay:
+    """Read an image file (format sniffed from its content) into an :class:`XRay`.
+
+    Raises CXRError for a missing, empty, truncated, unsupported or oversized file.
+    """
+    p = Path(path)
+    name = str(path)
+    try:
+        if p.is_dir():
+            raise CXRError("is a directory, not an image file", name)
+        data = p.read_bytes()
+    except CXRError:
+        raise
+    except FileNotFoundError as exc:
+        raise CXRError("file not found", name) from exc
+    except IsADirectoryError as exc:
+        raise CXRError("is a directory, not an image file", name) from exc
+    except OSError as exc:
+        raise CXRError(f"cannot read file ({exc.strerror or exc})", name) from exc
+    return _decode(data, name, max_pixels)
+
+
+def read_xray_bytes(data: bytes, *, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> XRay:
+    """Decode an image held in memory (e.g. a web upload); ``name`` is used in errors and as ``path``."""
+    return _decode(bytes(data), name, max_pixels)
+
+
+def is_supported_file(path: str | Path) -> bool:
+    """True if ``path`` has a supported suffix, or has no suffix and starts like a DICOM file."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix:
+        return suffix in SUPPORTED_SUFFIXES
+    try:
+        with p.open("rb") as fh:
+            return _is_dicom_header(fh.read(132))
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------- internals
+
+
+def _is_dicom_header(data: bytes) -> bool:
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _decode(data: bytes, name: str, max_pixels: int) -> XRay:
+    """Dispatch on the content (DICOM preamble, else Pillow), wrapping every library error."""
+    if len(data) == 0:
+        raise CXRError("empty file (0 bytes)", name)
+    suffix = Path(name).suffix.lower()
+    try:
+        if _is_dicom_header(data):
+            return _decode_dicom(data, name, max_pixels, force=False)
+        try:
+            return _decode_pil(data, name, max_pixels)
+        except UnidentifiedImageError:
+            if suffix in _DICOM_SUFFIXES:  # DICOM written without the 128-byte preamble
+                return _decode_dicom(data, name, max_pixels, force=True)
+            raise CXRError(
+                "not a recognised image file (expected PNG, JPEG, TIFF, BMP or DICOM)", name
+            ) from None
+    except CXRError:
+        raise
+    except Exception as exc:  # any decoder failure on bad input becomes a CXRError
+        raise CXRError(f"cannot decode image: {type(exc).__name__}: {exc}", name) from exc
+
+
+def _finish(pixels: np.ndarray) -> np.ndarray:
+    """Clean up to a C-contiguous float32 (H, W) array in [0, 1]."""
+    out = np.nan_to_num(np.asarray(pixels, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] by the data's own range; a constant image becomes all zeros."""
+    arr = np.asarray(arr, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return np.zeros(arr.shape, dtype=np.float64)
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.float64)
+    return (arr - lo) / (hi - lo)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3+) -> (H, W) luminance in the input's units; channels beyond 3 (alpha) are ignored."""
+    return np.asarray(rgb[..., :3], dtype=np.float64) @ _LUMA
+
+
+# --------------------------------------------------------------------------------------------- Pillow
+
+
+def _decode_pil(data: bytes, name: str, max_pixels: int) -> XRay:
+    """Decode PNG/JPEG/TIFF/BMP with Pillow; raises UnidentifiedImageError for non-images."""
+    with warnings.catch_warnings():
+        # Our own max_pixels check below replaces PIL's; its warning must not reach callers.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=list(_PIL_FORMATS))
+        except Image.DecompressionBombError as exc:
+            raise CXRError(f"image is too large to decode safely ({exc})", name) from exc
+        width, height = img.size
+        if width * height > max_pixels:
+            raise CXRError(
+                f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}",
+                name,
+            )
+        if width == 0 or height == 0:
+            raise CXRError(f"image has no pixels ({width}x{height})", name)
+        fmt = (img.format or "unknown").lower()
+        frames = int(getattr(img, "n_frames", 1) or 1)
+        mode = img.mode
+        bits_hint = _pil_bits_hint(img)
+        try:
+            img.load()
+            transposed = ImageOps.exif_transpose(img)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise CXRError(f"truncated or corrupt {fmt.upper()} file ({exc})", name) from exc
+        oriented = transposed is not None and transposed is not img
+        img = transposed if transposed is not None else img
+        pixels, dtype, bits = _pil_to_grey(img, fmt, bits_hint)
+
+    meta: dict[str, Any] = {
+        "format": "jpeg" if fmt == "mpo" else fmt,
+        "original_dtype": dtype,
+        "bits": bits,
+        "mode": mode,
+        "width": int(pixels.shape[1]),
+        "height": int(pixels.shape[0]),
+        "inverted": False,
+    }
+    if frames > 1:
+        meta["frames"] = frames  # only the first frame is read
+    if oriented:
+        meta["exif_transposed"] = True
+    return XRay(pixels=_finish(pixels), path=name, meta=meta)
+
+
+def _pil_bits_hint(img: Image.Image) -> int | None:
+    """Bits per sample from the file header, where the format records it (TIFF); else None."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is None:
+        return None
+    bps = tags.get(258)  # BitsPerSample
+    if isinstance(bps, tuple | list):
+        bps = bps[0] if bps else None
+    return int(bps) if isinstance(bps, int | float) and bps > 0 else None
+
+
+def _pil_to_grey(img: Image.Image, fmt: str, bits_hint: int | None) -> tuple[np.ndarray, str, int]:
+    """Return (grey in [0, 1] as float64, original numpy dtype name, bits per sample)."""
+    mode = img.mode
+    if mode == "1":
+        arr = np.asarray(img.convert("L"))
+        return arr / 255.0, "bool", 1
+    if mode in ("L", "LA"):  # LA: alpha dropped, not composited
+        arr = np.asarray(img)
+        grey = arr[..., 0] if arr.ndim == 3 else arr
+        return grey / 255.0, str(arr.dtype), 8
+    if mode.startswith("I;16"):
+        arr = np.asarray(img)
+        if arr.dtype.kind == "i":  # I;16S, rare: signed 16-bit
+            return _minmax(arr), str(arr.dtype), 16
+        return arr / 65535.0, str(arr.dtype), 16
+    if mode == "I":
+        arr = np.asarray(img)
+        bits = 16 if fmt == "png" else bits_hint
+        if bits is None:
+            bits = 16 if arr.size == 0 or int(arr.max()) <= 65535 else 32
+        if arr.size and int(arr.min()) < 0:
+            return _minmax(arr), str(arr.dtype), bits
+        return arr / float(2**bits - 1), str(arr.dtype), bits
+    if mode == "F":
+        arr = np.asarray(img)
+        finite = arr[np.isfinite(arr)]
+        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            return arr.astype(np.float64), str(arr.dtype), 32
+        return _minmax(arr), str(arr.dtype), 32
+    if mode in ("RGB", "RGBA", "RGBX"):
+        arr = np.asarray(img)
+        return _luminance(arr) / 255.0, str(arr.dtype), 8
+    # P, PA, CMYK, YCbCr, LAB, HSV, ...: through RGB (drops any alpha / palette transparency)
+    arr = np.asarray(img.convert("RGBA" if mode in ("P", "PA") else "RGB"))
+    return _luminance(arr) / 255.0, str(arr.dtype), 8
+
+
+# --------------------------------------------------------------------------------------------- DICOM
+
+
+def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool) -> XRay:
+    """Decode a single-frame DICOM image with pydicom: modality LUT, VOI LUT/window, MONOCHROME1 flip."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=force)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise CXRError(f"not a readable DICOM file ({exc})", name) from exc
+
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        sop = getattr(ds.get("SOPClassUID"), "name", None) or ds.get("SOPClassUID", "unknown")
+        what = "DICOM file" if "SOPClassUID" in ds or not force else "file (not DICOM?)"
+        raise CXRError(f"{what} has no pixel data (SOP class: {sop})", name)
+
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows <= 0 or cols <= 0:
+        raise CXRError(f"DICOM file has no valid image size (Rows={rows}, Columns={cols})", name)
+    if rows * cols > max_pixels:
+        raise CXRError(
+            f"image is {cols}x{rows} = {rows * cols:,} pixels, over the limit of {max_pixels:,}", name
+        )
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise CXRError(f"multi-frame DICOM ({frames} frames) is not supported; export a single frame", name)
+
+    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    _check_decoder(tsyntax, name)
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:  # pydicom raises RuntimeError, NotImplementedError, ValueError...
+        detail = " ".join(str(exc).split())
+        if tsyntax is not None and tsyntax.is_compressed:
+            hint = _DECODER_HINTS.get(str(tsyntax), _FALLBACK_HINT)
+            raise CXRError(
+                f"cannot decode compressed DICOM ({_ts_label(tsyntax)}) with the installed decoder: "
+                f"{detail}; another decoder may read it: {hint}",
+                name,
+            ) from exc
+        raise CXRError(f"cannot decode DICOM pixel data ({type(exc).__name__}: {detail})", name) from exc
+
+    if raw.ndim == 3 and samples == 1:  # defensive: NumberOfFrames absent but data stacked
+        raise CXRError(
+            f"multi-frame DICOM ({raw.shape[0]} frames) is not supported; export a single frame", name
+        )
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or raw.dtype.itemsize * 8)
+
+    inverted = False
+    if photometric == "PALETTE COLOR" and samples == 1:
+        from pydicom.pixels import apply_color_lut
+
+        rgb = apply_color_lut(raw, ds)
+        pixels = _luminance(rgb) / float(np.iinfo(rgb.dtype).max if rgb.dtype.kind == "u" else 1.0)
+        voi = "palette"
+    elif samples >= 3 or raw.ndim == 3:
+        # Colour: pydicom returns RGB (YBR converted); scale by the stored bit depth, then luminance.
+        pixels = _luminance(raw) / float(2**bits - 1) if raw.dtype.kind in "ui" else _minmax(_luminance(raw))
+        voi = "none"
+    else:
+        pixels, voi = _dicom_grey(raw, ds, name)
+        if photometric == "MONOCHROME1":
+            pixels = 1.0 - pixels
+            inverted = True
+
+    meta: dict[str, Any] = {
+        "format": "dicom",
+        "original_dtype": str(raw.dtype),
+        "bits": bits,
+        "mode": photometric,
+        "width": cols,
+        "height": rows,
+        "photometric": photometric,
+        "inverted": inverted,
+        "voi": voi,
+        "view_position": _dicom_str(ds, "ViewPosition"),
+        "modality": _dicom_str(ds, "Modality"),
+        "transfer_syntax": None if tsyntax is None else str(tsyntax),
+    }
+    age = _dicom_str(ds, "PatientAge")
+    if age:
+        meta["patient_age"] = age
+    return XRay(pixels=_finish(pixels), path=name, meta=meta)
+
+
+def _dicom_str(ds: Any, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    text = "" if value is None else str(value).strip()
+    return text or None
+
+
+def _dicom_grey(raw: np.ndarray, ds: Any, name: str) -> tuple[np.ndarray, str]:
+    """Modality LUT then VOI LUT / window, normalised to [0, 1] by the VOI's output range.
+
+    Returns (pixels, how): how is "lut", "window" or "minmax" (no VOI in the file, or an unusable one).
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    except Exception as exc:
+        raise CXRError(f"invalid DICOM rescale / modality LUT ({type(exc).__name__}: {exc})", name) from exc
+
+    seq = ds.get("VOILUTSequence")
+    has_lut = bool(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]
+    has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    if not (has_lut or has_window):
+        return _minmax(values), "minmax"
+    try:
+        # The display range of the VOI: every LUT entry, or the window's clamped outputs.
+        if has_lut:
+            values = np.rint(values).astype(np.int64)  # a VOI LUT is indexed by integers
+            n_entries, first = int(seq[0].LUTDescriptor[0]) or 65536, int(seq[0].LUTDescriptor[1])
+            probe = np.arange(first, first + n_entries, dtype=np.int64)
+        else:
+            probe = np.array([-1e12, 1e12], dtype=np.float64)  # far outside any window: its clamped ends
+        with np.errstate(all="ignore"):  # SIGMOID windows overflow exp() at the probe's extremes
+            out = np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), dtype=np.float64)
+            edges = np.asarray(apply_voi_lut(probe, ds, index=0, prefer_lut=True), dtype=np.float64)
+    except Exception:  # a malformed window/LUT: fall back to the data's own range
+        return _minmax(values), "minmax"
+    lo, hi = float(edges.min()), float(edges.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        return _minmax(out), "minmax"
+    return (out - lo) / (hi - lo), ("lut" if has_lut else "window")
+
+
+def _check_decoder(tsyntax: Any, name: str) -> None:
+    """Raise CXRError before decoding if pydicom has no usable plugin for a compressed syntax."""
+    if tsyntax is None or not tsyntax.is_compressed:
+        return
+    try:
+        from pydicom.pixels import get_decoder
+
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as exc:
+        raise CXRError(
+            f"DICOM transfer syntax {_ts_label(tsyntax)} is not supported by pydicom", name
+        ) from exc
+    except Exception:  # older/newer pydicom: let pixel_array report it
+        return
+    if not decoder.is_available:
+        raise CXRError(_decoder_message(tsyntax), name)
+
+
+def _ts_label(tsyntax: Any) -> str:
+    label = getattr(tsyntax, "name", "") or ""
+    return f"'{label}' ({tsyntax})" if label and label != str(tsyntax) else str(tsyntax)
+
+
+def _decoder_message(tsyntax: Any) -> str:
+    hint = _DECODER_HINTS.get(str(tsyntax), _FALLBACK_HINT)
+    return (
+        f"no decoder installed for compressed DICOM transfer syntax {_ts_label(tsyntax)}; to read it: {hint}"
+    )

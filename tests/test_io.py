@@ -1,0 +1,452 @@
+"""Tests for cxrscreen.io: every supported format from small generated files, and every kind of bad input."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from cxrscreen.errors import CXRError
+from cxrscreen.io import (
+    MAX_PIXELS,
+    SUPPORTED_SUFFIXES,
+    XRay,
+    is_supported_file,
+    read_xray,
+    read_xray_bytes,
+)
+
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _check(x: XRay, shape: tuple[int, int]) -> None:
+    """Invariants of every successful read."""
+    assert isinstance(x, XRay)
+    assert x.pixels.dtype == np.float32
+    assert x.pixels.shape == shape
+    assert x.pixels.flags["C_CONTIGUOUS"]
+    assert np.all(np.isfinite(x.pixels))
+    assert float(x.pixels.min()) >= 0.0 and float(x.pixels.max()) <= 1.0
+    assert x.meta["height"] == shape[0] and x.meta["width"] == shape[1]
+    for key in ("format", "original_dtype", "bits", "mode"):
+        assert key in x.meta
+
+
+def _save(img: Image.Image, path: Path, **kwargs: object) -> Path:
+    img.save(path, **kwargs)
+    return path
+
+
+def _shipped(name: str) -> str:
+    """A pydicom test file shipped in its wheel (never downloaded)."""
+    found = get_testdata_file(name, download=False)
+    if found is None:
+        pytest.skip(f"pydicom does not ship {name} in this install")
+    return str(found)
+
+
+def _dicom(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    frames: int = 1,
+    pixel_data: bool = True,
+    **attrs: object,
+) -> Path:
+    """Write an uncompressed (Explicit VR Little Endian) DICOM file holding `stored`."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DX_STORAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = DX_STORAGE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    rows, cols = stored.shape[-3:-1] if stored.ndim == 3 and stored.shape[-1] == 3 else stored.shape[-2:]
+    ds.Rows, ds.Columns = int(rows), int(cols)
+    ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
+    if photometric == "RGB":
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = stored.dtype.itemsize * 8
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    if pixel_data:
+        ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- PNG / JPEG
+
+
+def test_png_grey8(tmp_path: Path) -> None:
+    arr = np.array([[0, 128, 255], [10, 20, 30]], dtype=np.uint8)
+    x = read_xray(_save(Image.fromarray(arr, "L"), tmp_path / "g8.png"))
+    _check(x, (2, 3))
+    np.testing.assert_allclose(x.pixels, arr / 255.0, atol=1e-6)
+    assert x.meta["format"] == "png" and x.meta["mode"] == "L"
+    assert x.meta["bits"] == 8 and x.meta["original_dtype"] == "uint8"
+    assert x.path == str(tmp_path / "g8.png")
+
+
+def test_png_grey16_scaled_by_65535(tmp_path: Path) -> None:
+    arr = np.array([[0, 32768], [65535, 1000]], dtype=np.uint16)
+    x = read_xray(_save(Image.fromarray(arr), tmp_path / "g16.png"))
+    _check(x, (2, 2))
+    assert x.pixels[1, 0] == pytest.approx(1.0)
+    assert x.pixels[0, 1] == pytest.approx(0.5, abs=1e-4)
+    assert x.pixels[0, 0] == 0.0
+    assert x.meta["bits"] == 16 and x.meta["mode"].startswith("I;16")
+
+
+def test_png_rgb_to_luminance(tmp_path: Path) -> None:
+    arr = np.zeros((2, 2, 3), dtype=np.uint8)
+    arr[0, 0] = (255, 0, 0)
+    arr[0, 1] = (0, 255, 0)
+    arr[1, 0] = (0, 0, 255)
+    arr[1, 1] = (100, 100, 100)
+    x = read_xray(_save(Image.fromarray(arr, "RGB"), tmp_path / "rgb.png"))
+    _check(x, (2, 2))
+    np.testing.assert_allclose(x.pixels, [[0.299, 0.587], [0.114, 100 / 255]], atol=1e-4)
+    assert x.meta["mode"] == "RGB"
+
+
+def test_png_rgba_alpha_is_dropped_not_composited(tmp_path: Path) -> None:
+    arr = np.zeros((1, 2, 4), dtype=np.uint8)
+    arr[0, 0] = (180, 180, 180, 0)  # fully transparent: keeps its grey value
+    arr[0, 1] = (60, 60, 60, 255)
+    x = read_xray(_save(Image.fromarray(arr, "RGBA"), tmp_path / "rgba.png"))
+    _check(x, (1, 2))
+    np.testing.assert_allclose(x.pixels, [[180 / 255, 60 / 255]], atol=1e-4)
+
+
+def test_png_la_alpha_is_dropped(tmp_path: Path) -> None:
+    arr = np.array([[[200, 0], [50, 255]]], dtype=np.uint8)
+    x = read_xray(_save(Image.fromarray(arr, "LA"), tmp_path / "la.png"))
+    _check(x, (1, 2))
+    np.testing.assert_allclose(x.pixels, [[200 / 255, 50 / 255]], atol=1e-6)
+
+
+def test_png_palette(tmp_path: Path) -> None:
+    img = Image.new("P", (3, 1))
+    img.putpalette([0, 0, 0, 255, 255, 255, 255, 0, 0] + [0] * (768 - 9))
+    img.putdata([0, 1, 2])
+    x = read_xray(_save(img, tmp_path / "pal.png", transparency=1))  # transparency is ignored too
+    _check(x, (1, 3))
+    np.testing.assert_allclose(x.pixels, [[0.0, 1.0, 0.299]], atol=1e-4)
+    assert x.meta["mode"] == "P"
+
+
+def test_png_one_bit(tmp_path: Path) -> None:
+    img = Image.new("1", (2, 1))
+    img.putpixel((1, 0), 1)
+    x = read_xray(_save(img, tmp_path / "bw.png"))
+    _check(x, (1, 2))
+    np.testing.assert_array_equal(x.pixels, [[0.0, 1.0]])
+    assert x.meta["bits"] == 1
+
+
+def test_jpeg_grey_and_rgb(tmp_path: Path) -> None:
+    grad = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (32, 1))
+    x = read_xray(_save(Image.fromarray(grad, "L"), tmp_path / "g.jpg", quality=95))
+    _check(x, (32, 64))
+    np.testing.assert_allclose(x.pixels, grad / 255.0, atol=0.03)
+    assert x.meta["format"] == "jpeg"
+    rgb = np.repeat(grad[..., None], 3, axis=2)
+    y = read_xray(_save(Image.fromarray(rgb, "RGB"), tmp_path / "c.jpeg", quality=95))
+    _check(y, (32, 64))
+    np.testing.assert_allclose(y.pixels, grad / 255.0, atol=0.03)
+
+
+def test_jpeg_exif_orientation_applied(tmp_path: Path) -> None:
+    img = Image.fromarray(np.zeros((10, 30), dtype=np.uint8), "L")
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees for display
+    x = read_xray(_save(img, tmp_path / "rot.jpg", exif=exif))
+    _check(x, (30, 10))
+    assert x.meta.get("exif_transposed") is True
+
+
+def test_tiff_16bit(tmp_path: Path) -> None:
+    arr = np.array([[0, 65535]], dtype=np.uint16)
+    x = read_xray(_save(Image.fromarray(arr), tmp_path / "t.tif"))
+    _check(x, (1, 2))
+    np.testing.assert_allclose(x.pixels, [[0.0, 1.0]], atol=1e-6)
+    assert x.meta["format"] == "tiff"
+
+
+def test_constant_image_is_not_an_error(tmp_path: Path) -> None:
+    x = read_xray(_save(Image.new("L", (8, 4), 0), tmp_path / "black.png"))
+    _check(x, (4, 8))
+    assert float(x.pixels.max()) == 0.0
+    d = read_xray(_dicom(tmp_path / "flat.dcm", np.full((4, 4), 700, dtype=np.uint16)))
+    _check(d, (4, 4))
+    assert float(d.pixels.max()) == 0.0
+
+
+def test_read_xray_bytes_png_and_errors_use_name(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.array([[0, 255]], dtype=np.uint8), "L").save(buf, format="PNG")
+    x = read_xray_bytes(buf.getvalue(), name="upload.png")
+    _check(x, (1, 2))
+    assert x.path == "upload.png"
+    np.testing.assert_array_equal(x.pixels, [[0.0, 1.0]])
+    with pytest.raises(CXRError, match="scan-42.png"):
+        read_xray_bytes(b"hello, not an image", name="scan-42.png")
+    with pytest.raises(CXRError, match="<upload>"):
+        read_xray_bytes(b"")
+    dcm = _dicom(tmp_path / "b.dcm", np.array([[0, 4095]], dtype=np.uint16))
+    d = read_xray_bytes(dcm.read_bytes(), name="b")
+    assert d.meta["format"] == "dicom" and d.path == "b"
+
+
+# ----------------------------------------------------------------------------------------------- DICOM
+
+
+def test_dicom_mono2_rescale_and_window(tmp_path: Path) -> None:
+    stored = np.array([[0, 500], [1000, 2000]], dtype=np.uint16)
+    # HU = 2 * stored - 1000 -> [[-1000, 0], [1000, 3000]]; window 0 / 2001 spans -1000..1000.
+    path = _dicom(
+        tmp_path / "dx.dcm",
+        stored,
+        RescaleSlope=2,
+        RescaleIntercept=-1000,
+        WindowCenter=0,
+        WindowWidth=2001,
+        ViewPosition="PA",
+        PatientAge="045Y",
+    )
+    x = read_xray(path)
+    _check(x, (2, 2))
+    # DICOM linear window: ((v - (c - 0.5)) / (w - 1) + 0.5), clamped to [0, 1]
+    expected = np.clip((np.array([[-1000, 0], [1000, 3000]]) + 0.5) / 2000 + 0.5, 0, 1)
+    np.testing.assert_allclose(x.pixels, expected, atol=1e-4)
+    m = x.meta
+    assert m["format"] == "dicom" and m["photometric"] == "MONOCHROME2" and m["mode"] == "MONOCHROME2"
+    assert m["view_position"] == "PA" and m["modality"] == "DX" and m["patient_age"] == "045Y"
+    assert m["inverted"] is False and m["bits"] == 12 and m["original_dtype"] == "uint16"
+    assert m["voi"] == "window"
+
+
+def test_dicom_without_window_uses_min_max_and_monochrome1_is_inverted(tmp_path: Path) -> None:
+    stored = np.array([[100, 200], [300, 500]], dtype=np.uint16)
+    m2 = read_xray(_dicom(tmp_path / "m2.dcm", stored))
+    np.testing.assert_allclose(m2.pixels, [[0.0, 0.25], [0.5, 1.0]], atol=1e-6)
+    assert m2.meta["voi"] == "minmax" and "patient_age" not in m2.meta
+    m1 = read_xray(_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1"))
+    _check(m1, (2, 2))
+    np.testing.assert_allclose(m1.pixels, 1.0 - m2.pixels, atol=1e-6)
+    assert m1.meta["inverted"] is True and m1.meta["photometric"] == "MONOCHROME1"
+
+
+def test_dicom_voi_lut_sequence(tmp_path: Path) -> None:
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [4, 0, 8])  # 4 entries, first input value 0, 8-bit output
+    item.add_new("LUTData", "US", [0, 51, 102, 255])
+    x = read_xray(
+        _dicom(tmp_path / "lut.dcm", np.array([[0, 1, 2, 3]], dtype=np.uint16), VOILUTSequence=[item])
+    )
+    np.testing.assert_allclose(x.pixels, [[0.0, 0.2, 0.4, 1.0]], atol=1e-6)
+    assert x.meta["voi"] == "lut"
+
+
+def test_dicom_rgb_to_luminance(tmp_path: Path) -> None:
+    rgb = np.array([[[255, 0, 0], [90, 90, 90]]], dtype=np.uint8)
+    x = read_xray(_dicom(tmp_path / "rgb.dcm", rgb, photometric="RGB", bits_stored=8))
+    _check(x, (1, 2))
+    np.testing.assert_allclose(x.pixels, [[0.299, 90 / 255]], atol=1e-4)
+
+
+def test_dicom_without_suffix_found_by_preamble(tmp_path: Path) -> None:
+    path = _dicom(tmp_path / "IM0001", np.array([[0, 10]], dtype=np.uint16))
+    assert is_supported_file(path)
+    x = read_xray(path)
+    assert x.meta["format"] == "dicom"
+    text = tmp_path / "README"
+    text.write_text("not an image")
+    assert not is_supported_file(text)
+    assert is_supported_file(tmp_path / "a.PNG") and is_supported_file("b.dcm")
+    assert not is_supported_file(tmp_path / "c.txt")
+    assert {".png", ".jpg", ".jpeg", ".dcm", ".dicom"} <= set(SUPPORTED_SUFFIXES)
+
+
+def test_dicom_multiframe_refused(tmp_path: Path) -> None:
+    stack = np.zeros((3, 4, 4), dtype=np.uint16)
+    path = _dicom(tmp_path / "cine.dcm", stack, frames=3)
+    with pytest.raises(CXRError, match=r"multi-frame DICOM \(3 frames\) is not supported") as info:
+        read_xray(path)
+    assert "cine.dcm" in str(info.value)
+
+
+def test_dicom_without_pixel_data_refused(tmp_path: Path) -> None:
+    path = _dicom(tmp_path / "nopix.dcm", np.zeros((4, 4), dtype=np.uint16), pixel_data=False)
+    with pytest.raises(CXRError, match="no pixel data") as info:
+        read_xray(path)
+    assert "nopix.dcm" in str(info.value)
+
+
+def test_dicom_truncated_pixel_data(tmp_path: Path) -> None:
+    path = _dicom(tmp_path / "cut.dcm", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 4000])
+    with pytest.raises(CXRError) as info:
+        read_xray(path)
+    assert "cut.dcm" in str(info.value)
+
+
+def test_dicom_over_pixel_limit(tmp_path: Path) -> None:
+    path = _dicom(tmp_path / "big.dcm", np.zeros((20, 30), dtype=np.uint16))
+    with pytest.raises(CXRError, match="over the limit") as info:
+        read_xray(path, max_pixels=599)
+    assert "big.dcm" in str(info.value)
+    assert read_xray(path, max_pixels=600).pixels.shape == (20, 30)
+
+
+@pytest.mark.parametrize(("name", "modality"), [("CT_small.dcm", "CT"), ("MR_small.dcm", "MR")])
+def test_shipped_real_uncompressed_dicom(name: str, modality: str) -> None:
+    ds = pydicom.dcmread(_shipped(name), stop_before_pixels=True)
+    x = read_xray(_shipped(name))
+    _check(x, (int(ds.Rows), int(ds.Columns)))
+    assert x.meta["modality"] == modality
+    assert float(x.pixels.std()) > 0.05  # a real image, not a flat field
+
+
+def test_dcm_suffix_without_preamble_is_still_read_as_dicom(tmp_path: Path) -> None:
+    path = _dicom(tmp_path / "full.dcm", np.array([[0, 4095]], dtype=np.uint16))
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(path.read_bytes()[132:])  # drop the 128-byte preamble and "DICM"
+    x = read_xray(bare)
+    assert x.meta["format"] == "dicom"
+    np.testing.assert_allclose(x.pixels, [[0.0, 1.0]])
+
+
+def test_shipped_non_image_dicom_refused() -> None:
+    path = _shipped("rtplan.dcm")
+    with pytest.raises(CXRError, match=r"no pixel data \(SOP class: RT Plan Storage\)") as info:
+        read_xray(path)
+    assert "rtplan.dcm" in str(info.value)
+
+
+# Compressed files: the read must succeed where pydicom has a working decoder, else name the codec.
+_COMPRESSED = [
+    ("JPEG2000.dcm", "JPEG 2000"),
+    ("MR_small_jp2klossless.dcm", "JPEG 2000"),
+    ("MR_small_RLE.dcm", "RLE"),
+    ("MR_small_jpeg_ls_lossless.dcm", "JPEG-LS"),
+    ("SC_rgb_jpeg_gdcm.dcm", "JPEG Lossless"),
+]
+
+
+@pytest.mark.parametrize(("name", "codec"), _COMPRESSED)
+def test_shipped_compressed_dicom(name: str, codec: str) -> None:
+    from pydicom.pixels import get_decoder
+
+    path = _shipped(name)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    assert tsyntax.is_compressed
+    if get_decoder(tsyntax).is_available:
+        x = read_xray(path)
+        _check(x, (int(ds.Rows), int(ds.Columns)))
+        assert x.meta["transfer_syntax"] == str(tsyntax)
+        if name.startswith("MR_small_"):  # lossless copies of MR_small.dcm: identical result
+            np.testing.assert_allclose(x.pixels, read_xray(_shipped("MR_small.dcm")).pixels, atol=1e-6)
+    else:
+        with pytest.raises(CXRError, match="no decoder installed") as info:
+            read_xray(path)
+        message = str(info.value)
+        assert name in message and codec in message and "pip install" in message
+
+
+def test_missing_decoder_message_names_syntax_and_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pydicom.pixels
+
+    class _NoDecoder:
+        is_available = False
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: _NoDecoder())
+    with pytest.raises(CXRError) as info:
+        read_xray(_shipped("MR_small_jp2klossless.dcm"))
+    message = str(info.value)
+    assert "MR_small_jp2klossless.dcm" in message and "JPEG 2000" in message
+    assert "1.2.840.10008.1.2.4.90" in message and "pylibjpeg-openjpeg" in message
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def _assert_fails(path: Path | str, match: str, **kwargs: object) -> CXRError:
+    with pytest.raises(CXRError, match=match) as info:
+        read_xray(path, **kwargs)  # type: ignore[arg-type]
+    assert Path(path).name in str(info.value)
+    return info.value
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    _assert_fails(tmp_path / "nope.png", "file not found")
+
+
+def test_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    _assert_fails(folder, "directory")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    _assert_fails(empty, r"empty file \(0 bytes\)")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_truncated_image(tmp_path: Path, suffix: str) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128), dtype=np.uint8)
+    path = _save(Image.fromarray(noise, "L"), tmp_path / f"cut{suffix}")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _assert_fails(path, "truncated|corrupt|cannot decode")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".dcm", ""])
+def test_text_file_is_not_an_image(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"notes{suffix}"
+    path.write_text("patient notes, definitely not pixels\n" * 20)
+    _assert_fails(path, "not a recognised image|not a readable DICOM|no pixel data")
+
+
+def test_pixel_limit_checked_before_decoding(tmp_path: Path) -> None:
+    path = _save(Image.new("L", (100, 100)), tmp_path / "large.png")
+    err = _assert_fails(path, "over the limit", max_pixels=5000)
+    assert "10,000" in str(err)
+    assert read_xray(path, max_pixels=10_000).pixels.shape == (100, 100)
+    assert MAX_PIXELS == 50_000_000
+
+
+def test_pil_decompression_bomb_never_leaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _save(Image.new("L", (20, 20)), tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 400 px: PIL warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_xray(path).pixels.shape == (20, 20)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 px > 2 * limit: PIL raises
+    _assert_fails(path, "too large")

@@ -1,0 +1,286 @@
+"""The `cxrscreen` command line: thin wrappers that parse, call the library, and print."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cxrscreen.errors import CXRError
+
+app = typer.Typer(help="Screen chest X-rays for COVID-19 and other pneumonia.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Build dataset manifests and splits.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+out = Console()
+
+
+class _Bar:
+    """A rich progress bar with the update(n) / close() interface the library expects."""
+
+    def __init__(self, desc: str, total: int) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                                 disable=not console.is_terminal)
+        self.progress.start()
+        self.task = self.progress.add_task(desc, total=total)
+
+    def update(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _fail(exc: CXRError) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2)
+
+
+@data_app.command("build")
+def data_build(
+    source: Annotated[list[str], typer.Option("--source", help="KIND:PATH with KIND manifest|cohen|rsna|folder; "
+                                                               "repeat for several sources")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write manifest.csv and build_summary.json")],
+) -> None:
+    """Merge sources into one manifest (images are referenced, never copied; duplicates kept once)."""
+    from cxrscreen.data.build import build_dataset, parse_source_arg
+
+    try:
+        summary = build_dataset([parse_source_arg(s) for s in source], out_dir)
+    except CXRError as exc:
+        _fail(exc)
+    out.print_json(json.dumps(summary, default=str))
+    console.print(f"wrote {out_dir / 'manifest.csv'}")
+
+
+@data_app.command("split")
+def data_split(
+    data_dir: Annotated[Path, typer.Argument(help="manifest folder (or manifest.csv)")],
+    out_csv: Annotated[Path, typer.Option("--out", help="split CSV to write (image,subset)")],
+    protocol: Annotated[str, typer.Option(help="grouped | paper | source")] = "grouped",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    test_frac: Annotated[float, typer.Option(help="grouped: fraction of groups for test")] = 0.2,
+    val_frac: Annotated[float, typer.Option(help="fraction of the rest (grouped) or of train (paper) for val")] = 0.1,
+    holdout_source: Annotated[str | None, typer.Option(help="source: the source that goes to test")] = None,
+) -> None:
+    """Split a manifest into train / val / test, grouped by split_group so no patient crosses subsets."""
+    from cxrscreen.data.manifest import read_manifest
+    from cxrscreen.data.splits import split_grouped, split_paper, split_source, write_split
+
+    try:
+        df = read_manifest(data_dir)
+        if protocol == "grouped":
+            split = split_grouped(df, seed=seed, test_frac=test_frac, val_frac=val_frac)
+        elif protocol == "paper":
+            split, messages = split_paper(df, seed=seed, val_frac=val_frac)
+            for m in messages:
+                console.print(f"[yellow]note:[/yellow] {m}")
+        elif protocol == "source":
+            if not holdout_source:
+                raise CXRError("--protocol source needs --holdout-source NAME")
+            split = split_source(df, holdout_source=holdout_source, seed=seed, val_frac=val_frac)
+        else:
+            raise CXRError(f"unknown protocol {protocol!r}; use grouped, paper or source")
+        write_split(split, out_csv)
+    except CXRError as exc:
+        _fail(exc)
+    merged = split.merge(df[["image", "label"]], on="image")
+    table = Table(title=f"{out_csv} ({protocol}, seed {seed})")
+    table.add_column("subset")
+    labels = sorted(merged["label"].unique())
+    for lbl in labels:
+        table.add_column(lbl, justify="right")
+    for sub in ("train", "val", "test"):
+        m = merged[merged["subset"] == sub]
+        table.add_row(sub, *[str(int((m["label"] == lbl).sum())) for lbl in labels])
+    out.print(table)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="manifest folder")],
+    split: Annotated[Path, typer.Option(help="split CSV (image,subset)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory to write (resumed if it exists)")],
+    arch: Annotated[str | None, typer.Option(help="architecture from the registry (see `cxrscreen models`)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML recipe; command-line options override it")] = None,
+    image_size: Annotated[int | None, typer.Option(help="model input side, pixels")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    weights: Annotated[str | None, typer.Option(help="none | imagenet")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    no_clahe: Annotated[bool, typer.Option("--no-clahe", help="switch CLAHE off (ablation)")] = False,
+    budget_minutes: Annotated[float | None, typer.Option(help="stop training after this many minutes")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+) -> None:
+    """Train a classifier (or detector) and write weights, config and per-epoch history to --out."""
+    from cxrscreen.training import TrainConfig, train as run_training
+
+    overrides: dict[str, Any] = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                 "weights": weights, "seed": seed, "budget_minutes": budget_minutes,
+                                 "device": device, "image_size": image_size}
+    try:
+        if config is not None:
+            cfg = TrainConfig.from_yaml(config, **overrides)
+        else:
+            from cxrscreen.transforms import PreprocessConfig
+
+            size = overrides.pop("image_size")
+            cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+            if size is not None:
+                cfg.preprocess = PreprocessConfig(**{**cfg.preprocess.to_dict(), "image_size": size})
+        if no_clahe:
+            from cxrscreen.transforms import PreprocessConfig
+
+            cfg.preprocess = PreprocessConfig(**{**cfg.preprocess.to_dict(), "clahe": False})
+        run_training(cfg, data, split, out_dir, log=console.print, progress_factory=_Bar)
+    except CXRError as exc:
+        _fail(exc)
+
+
+def _print_eval(result: dict[str, Any], title: str) -> None:
+    cvr = result["covid_vs_rest"]
+
+    def ci(d: dict[str, Any]) -> str:
+        if d["value"] is None:
+            return "n/a"
+        lo_hi = d.get("ci95")
+        return f"{d['value']:.3f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
+
+    table = Table(title=title)
+    for col in ("scope", "n", "accuracy", "macro-F1", "COVID sensitivity", "COVID specificity", "COVID AUC"):
+        table.add_column(col, justify="right" if col != "scope" else "left")
+    rows = [("all", result)] + list(result.get("per_source", {}).items())
+    for name, r in rows:
+        c = r["covid_vs_rest"]
+        table.add_row(name, str(r["n"]), f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}",
+                      ci(c["sensitivity"]), ci(c["specificity"]), ci(c["auc"]))
+    out.print(table)
+    if cvr.get("threshold") is not None:
+        out.print(f"COVID called at probability >= {cvr['threshold']:.3f} (stored operating point)")
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option(help="manifest folder")],
+    model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
+    split: Annotated[Path | None, typer.Option(help="split CSV; without it every image of --data")] = None,
+    subset: Annotated[str, typer.Option(help="train | val | test")] = "test",
+    out_json: Annotated[Path | None, typer.Option("--out", help="eval JSON to write")] = None,
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the CIs")] = 1000,
+) -> None:
+    """Evaluate a model: accuracy, macro-F1, per-class figures, COVID-vs-rest with grouped 95 % CIs, per source."""
+    from cxrscreen.evaluate import evaluate_run
+    from cxrscreen.predict import load_model
+
+    try:
+        run = load_model(model)
+        result = evaluate_run(run, data, split_csv=split, subset=subset, n_boot=n_boot)
+    except CXRError as exc:
+        _fail(exc)
+    if out_json is not None:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {out_json}")
+    _print_eval(result, f"{run.arch} on {data} ({result['meta']['subset']})")
+    for p, e in result["meta"]["skipped_files"].items():
+        console.print(f"[yellow]skipped[/yellow] {p}: {e}")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="image files or folders (searched recursively)")],
+    model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV rows")] = False,
+    heatmap: Annotated[Path | None, typer.Option(help="folder for Grad-CAM overlay PNGs")] = None,
+    target: Annotated[str | None, typer.Option(help="class the heatmap explains (default: the predicted)")] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+) -> None:
+    """Class and probability of each class for every image; bad files are reported and skipped."""
+    from cxrscreen.predict import Predictor, format_probabilities, iter_image_files, load_model
+
+    try:
+        run = load_model(model)
+    except CXRError as exc:
+        _fail(exc)
+    gate = _load_gate(run)
+    predictor = Predictor(run, batch_size=batch_size, gate=gate)
+    explainer = None
+    if heatmap is not None:
+        from cxrscreen.explain import Explainer
+
+        explainer = Explainer(run)
+        heatmap.mkdir(parents=True, exist_ok=True)
+    writer = None
+    if as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "class", *[f"p_{c}" for c in run.classes], "flags", "error", "heatmap"])
+    failed = 0
+    for res, prep in predictor.predict_files(iter_image_files(paths)):
+        if res["error"]:
+            failed += 1
+        elif explainer is not None and prep is not None:
+            try:
+                res["heatmap"] = str(explainer.write_overlay(prep, res, heatmap, target=target))
+            except CXRError as exc:
+                res["error"] = f"heatmap failed: {exc.problem}"
+                failed += 1
+        if as_json:
+            print(json.dumps(res))
+        elif writer is not None:
+            probs = res["probabilities"] or {}
+            writer.writerow([res["path"], res["class"] or "", *[f"{probs.get(c, float('nan')):.4f}"
+                                                                 for c in run.classes],
+                             ";".join(res["flags"]), res["error"] or "", res.get("heatmap", "")])
+        elif res["error"]:
+            out.print(f"{res['path']}: [red]error[/red] {res['error']}")
+        elif res["class"] is None:
+            out.print(f"{res['path']}: [yellow]no diagnosis[/yellow] ({'; '.join(res['flags'])}) "
+                      f"{format_probabilities(res['probabilities'])}")
+        else:
+            out.print(f"{res['path']}: [bold]{res['class']}[/bold]  {format_probabilities(res['probabilities'])}"
+                      + (f"  heatmap: {res['heatmap']}" if res.get("heatmap") else ""))
+    if failed:
+        console.print(f"[red]{failed} file(s) failed[/red]")
+        raise typer.Exit(1)
+
+
+def _load_gate(run: Any) -> Any:
+    try:
+        from cxrscreen.gate import gate_for_run
+    except ImportError:
+        return None
+    return gate_for_run(run)
+
+
+@app.command()
+def models() -> None:
+    """List the registered architectures."""
+    from cxrscreen.models.registry import available_models, get_spec
+
+    table = Table(title="architectures")
+    for col in ("name", "kind", "default size", "CAM layer"):
+        table.add_column(col)
+    for name in available_models():
+        s = get_spec(name)
+        table.add_row(name, s.kind, str(s.default_size), s.cam_layer)
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point of the `cxrscreen` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Grad-CAM heatmaps (pytorch-grad-cam) mapped back onto the original X-ray, and the overlay PNG.
+
+The CAM is computed on exactly the preprocessed tensor the model classified; `Geometry.to_original`
+undoes the resize and the crop or padding, so the overlay has the original image's size and the hot
+area lies where the model looked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from cxrscreen.errors import CXRError
+from cxrscreen.models.registry import cam_target_layer
+from cxrscreen.predict import Prepared, format_probabilities
+from cxrscreen.runs import LoadedRun
+from cxrscreen.transforms import to_model_tensor
+
+
+class Explainer:
+    """Grad-CAM for a loaded classifier; the target layer comes from the model registry."""
+
+    def __init__(self, run: LoadedRun) -> None:
+        if run.config.get("kind", "classifier") != "classifier":
+            raise CXRError(f"heatmaps are for classifiers; {run.arch} is a {run.config.get('kind')}")
+        self.run = run
+        self.layer = cam_target_layer(run.arch, run.model)
+
+    def cam(self, image_u8: np.ndarray, target: str) -> np.ndarray:
+        """Grad-CAM of class `target` on one preprocessed uint8 image: float32 (S, S) in [0, 1]."""
+        if target not in self.run.classes:
+            raise CXRError(f"unknown target class {target!r}; classes: {', '.join(self.run.classes)}")
+        x = to_model_tensor(image_u8, self.run.preprocess).unsqueeze(0)
+        x = x.to(next(self.run.model.parameters()).device)
+        with GradCAM(model=self.run.model, target_layers=[self.layer]) as cam:
+            heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(self.run.classes.index(target))])
+        self.run.model.eval()
+        return np.nan_to_num(heat[0].astype(np.float32))
+
+    def heatmap(self, prep: Prepared, target: str) -> np.ndarray:
+        """Grad-CAM mapped onto the original image grid: float32 (H, W) in [0, 1], 0 outside the crop."""
+        return prep.geometry.to_original(self.cam(prep.image, target), fill=0.0)
+
+    def write_overlay(self, prep: Prepared, result: dict[str, Any], out_dir: Path, *,
+                      target: str | None = None) -> Path:
+        """Write <out_dir>/<stem>_heatmap.png: X-ray + CAM overlay + class and probabilities. Returns the path."""
+        target = target or result.get("class") or max(result["probabilities"], key=result["probabilities"].get)
+        heat = self.heatmap(prep, target)
+        img = overlay(prep.xray.pixels, heat)
+        label = result.get("class") or "no diagnosis"
+        lines = [f"{label}  (heatmap: {target})", format_probabilities(result["probabilities"])]
+        draw_text(img, lines)
+        out = Path(out_dir) / f"{Path(prep.path).stem}_heatmap.png"
+        if not cv2.imwrite(str(out), img):
+            raise CXRError("could not write the heatmap PNG", out)
+        return out
+
+
+def overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Grey X-ray (H, W) in [0, 1] and a heat map (H, W) in [0, 1] -> BGR uint8 (H, W, 3) overlay."""
+    grey = np.clip(pixels * 255.0, 0, 255).astype(np.uint8)
+    base = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    colour = cv2.applyColorMap(np.clip(heat * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    weight = (alpha * np.clip(heat, 0, 1) ** 0.5)[..., None]
+    return (base * (1 - weight) + colour * weight).astype(np.uint8)
+
+
+def draw_text(img: np.ndarray, lines: list[str]) -> None:
+    """Write lines of text at the top left, scaled to the image width, on a dark band (in place)."""
+    h, w = img.shape[:2]
+    scale = max(0.35, w / 1100)
+    thick = max(1, int(round(scale * 2)))
+    step = int(28 * scale) + 6
+    cv2.rectangle(img, (0, 0), (w, step * len(lines) + 6), (0, 0, 0), -1)
+    for i, line in enumerate(lines):
+        cv2.putText(img, line, (6, step * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick,
+                    cv2.LINE_AA)
+
+
+def hot_centroid(heat: np.ndarray, quantile: float = 0.9) -> tuple[float, float]:
+    """(x, y) centroid of the pixels above the given quantile of a heat map (for tests and reports)."""
+    thr = np.quantile(heat, quantile)
+    ys, xs = np.nonzero(heat >= thr)
+    return float(xs.mean()), float(ys.mean())
+

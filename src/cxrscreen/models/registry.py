@@ -1,0 +1,169 @@
+"""Model registry: name -> builder, input size, and the layer a class-activation map reads.
+
+Every classifier takes one grey channel. `create_model("resnet18", num_classes=3)` builds from
+scratch; `weights="imagenet"` loads torchvision's ImageNet weights (downloaded on first use) and
+folds the RGB filters of the first convolution into one grey filter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from cxrscreen.errors import CXRError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one architecture and where its parts are.
+
+    first_conv / head / cam_layer are attribute paths ("features.0.0") inside the built model.
+    kind: "classifier" (logits of shape (N, classes)) or "detector" (torchvision detection API).
+    """
+
+    name: str
+    tv_name: str
+    default_size: int
+    first_conv: str
+    head: str
+    cam_layer: str
+    kind: str = "classifier"
+    min_size: int = 32
+    build_kwargs: tuple[tuple[str, object], ...] = ()
+
+
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a spec to the registry (name must be new)."""
+    if spec.name in _SPECS:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    ModelSpec("resnet18", "resnet18", 224, "conv1", "fc", "layer4"),
+    ModelSpec("resnet152", "resnet152", 224, "conv1", "fc", "layer4"),
+    ModelSpec("densenet121", "densenet121", 224, "features.conv0", "classifier", "features.norm5"),
+    ModelSpec("densenet169", "densenet169", 224, "features.conv0", "classifier", "features.norm5"),
+    ModelSpec("vgg16", "vgg16", 224, "features.0", "classifier.6", "features.29"),
+    ModelSpec(
+        "inception_v3", "inception_v3", 299, "Conv2d_1a_3x3.conv", "fc", "Mixed_7c", min_size=75,
+        build_kwargs=(("aux_logits", False), ("init_weights", True)),
+    ),
+    ModelSpec("efficientnet_b0", "efficientnet_b0", 224, "features.0.0", "classifier.1", "features.8"),
+    ModelSpec("mobilenet_v3_large", "mobilenet_v3_large", 224, "features.0.0", "classifier.3", "features.16"),
+    ModelSpec("mobilenet_v3_small", "mobilenet_v3_small", 224, "features.0.0", "classifier.3", "features.12"),
+):
+    register(_spec)
+
+
+def available_models(kind: str | None = None) -> list[str]:
+    """Registered names, optionally only those of one kind."""
+    return sorted(n for n, s in _SPECS.items() if kind is None or s.kind == kind)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of a registered model; CXRError listing the known names otherwise."""
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise CXRError(f"unknown architecture {name!r}; known: {', '.join(available_models())}") from None
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    """Resolve a dotted attribute path ("features.0.0") inside a model."""
+    return model.get_submodule(path)
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, new)
+
+
+def _grey_first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
+    """A copy of `conv` taking `in_chans` channels; pretrained RGB filters are summed into grey ones."""
+    new = nn.Conv2d(
+        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+    )
+    with torch.no_grad():
+        w = conv.weight.sum(dim=1, keepdim=True).repeat(1, in_chans, 1, 1) / in_chans
+        new.weight.copy_(w)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def _new_head(old: nn.Linear, num_classes: int) -> nn.Linear:
+    return nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+
+
+def load_imagenet(tv_name: str, **kwargs: object) -> nn.Module:
+    """torchvision's model with its default ImageNet weights; CXRError when they cannot be had."""
+    try:
+        return tvm.get_model(tv_name, weights="DEFAULT", **kwargs)
+    except Exception as exc:  # network, hub cache or hash failures all mean "not available here"
+        raise CXRError(
+            f"ImageNet weights for {tv_name} could not be loaded ({type(exc).__name__}: {exc}). "
+            "They download from download.pytorch.org on first use; on an offline machine, copy them into "
+            "the torch hub cache ($TORCH_HOME/hub/checkpoints) or train with --weights none."
+        ) from exc
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 3,
+    in_chans: int = 1,
+    weights: str | None = None,
+    loader: Callable[..., nn.Module] = load_imagenet,
+) -> nn.Module:
+    """Build a registered classifier.
+
+    Args:
+        name: a registered architecture (see `available_models()`).
+        num_classes: size of the output layer.
+        in_chans: input channels (1 for grey X-rays).
+        weights: None / "none" (random init) or "imagenet" (torchvision's weights; CXRError if unavailable).
+        loader: how ImageNet models are fetched (replaceable in tests).
+    Returns:
+        nn.Module mapping (N, in_chans, S, S) float -> (N, num_classes) logits.
+    """
+    spec = get_spec(name)
+    if spec.kind != "classifier":
+        from cxrscreen.models.detection import create_detector
+
+        return create_detector(name, num_classes=num_classes, weights_backbone=weights)
+    kwargs = dict(spec.build_kwargs)
+    if weights in (None, "none"):
+        model = tvm.get_model(spec.tv_name, weights=None, num_classes=num_classes, **kwargs)
+    elif weights == "imagenet":
+        kwargs.pop("init_weights", None)
+        model = loader(spec.tv_name, **kwargs)
+        _set_submodule(model, spec.head, _new_head(get_submodule(model, spec.head), num_classes))
+    else:
+        raise CXRError(f"unknown weights {weights!r}; use 'none' or 'imagenet'")
+    conv = get_submodule(model, spec.first_conv)
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"{name}: {spec.first_conv} is {type(conv).__name__}, not Conv2d")
+    if conv.in_channels != in_chans:
+        _set_submodule(model, spec.first_conv, _grey_first_conv(conv, in_chans))
+    return model
+
+
+def cam_target_layer(name: str, model: nn.Module) -> nn.Module:
+    """The layer whose activations Grad-CAM weights for this architecture."""
+    return get_submodule(model, get_spec(name).cam_layer)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

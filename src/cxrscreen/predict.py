@@ -1,0 +1,144 @@
+"""Prediction on files, folders or uploaded bytes, with the bundled model or a run directory.
+
+Each input yields one result dict: `path`, `class`, `probabilities{class: p}`, and where they apply
+`error`, `flags`, `heatmap`. A bad file yields a result with `error` set and the batch goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxrscreen.errors import CXRError
+from cxrscreen.io import XRay, is_supported_file, read_xray
+from cxrscreen.runs import LoadedRun, load_run
+from cxrscreen.transforms import Geometry, Preprocessor, to_model_tensor
+
+
+def default_model_dir() -> Path:
+    """The folder of the model bundled inside the package."""
+    return Path(str(resources.files("cxrscreen") / "weights"))
+
+
+def load_model(model: str | Path | None = None, *, device: str = "cpu") -> LoadedRun:
+    """A run directory, or the bundled default model when `model` is None."""
+    path = default_model_dir() if model is None else Path(model)
+    if model is None and not (path / "model.safetensors").is_file():
+        raise CXRError("the bundled default model is missing from this installation; pass --model RUN_DIR", path)
+    return load_run(path, device=device)
+
+
+def iter_image_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
+    """Files as given, and the image files found recursively in folders (sorted)."""
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and is_supported_file(f):
+                    yield f
+        else:
+            yield p
+
+
+def format_probabilities(probs: dict[str, float]) -> str:
+    """'covid 54.8 %, normal 27.0 %, pneumonia 18.2 %' as the study printed them."""
+    return ", ".join(f"{c} {100 * p:.1f} %" for c, p in probs.items())
+
+
+@dataclass
+class Prepared:
+    """One decoded and preprocessed input."""
+
+    path: str
+    xray: XRay
+    image: np.ndarray
+    geometry: Geometry
+
+
+class Predictor:
+    """Runs a loaded model on X-rays: decode -> preprocess (the run's config) -> model -> probabilities."""
+
+    def __init__(self, run: LoadedRun, *, batch_size: int = 32, gate: Any = None) -> None:
+        self.run = run
+        self.batch_size = batch_size
+        self.preprocess = Preprocessor(run.preprocess)
+        self.gate = gate
+        self.device = next(run.model.parameters()).device
+
+    def prepare(self, xray: XRay) -> Prepared:
+        img, geom = self.preprocess(xray.pixels)
+        return Prepared(path=xray.path, xray=xray, image=img, geometry=geom)
+
+    @torch.no_grad()
+    def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, C) calibrated probabilities of preprocessed uint8 images."""
+        x = torch.stack([to_model_tensor(im, self.run.preprocess) for im in images]).to(self.device)
+        logits = self.run.model(x).float().cpu()
+        return torch.softmax(logits / self.run.temperature, 1).numpy()
+
+    def decide(self, probs: np.ndarray) -> str:
+        """The predicted class: covid when its probability reaches the stored operating point, else arg-max."""
+        classes = self.run.classes
+        thr = self.run.covid_threshold
+        if thr is not None:
+            c = classes.index("covid")
+            if probs[c] >= thr:
+                return "covid"
+            rest = [k for k in range(len(classes)) if k != c]
+            return classes[max(rest, key=lambda k: probs[k])]
+        return classes[int(np.argmax(probs))]
+
+    def _result(self, prep: Prepared, probs: np.ndarray) -> dict[str, Any]:
+        res: dict[str, Any] = {
+            "path": prep.path,
+            "class": self.decide(probs),
+            "probabilities": {c: float(p) for c, p in zip(self.run.classes, probs, strict=True)},
+            "error": None,
+            "flags": [],
+        }
+        if self.gate is not None:
+            flags = self.gate.flags(prep.xray, prep.image)
+            if flags:
+                res["flags"] = flags
+                res["class"] = None  # no diagnosis for an input that is not a frontal chest X-ray
+        return res
+
+    def predict_prepared(self, preps: Sequence[Prepared]) -> list[dict[str, Any]]:
+        if not preps:
+            return []
+        probs = self.probabilities([p.image for p in preps])
+        return [self._result(p, pr) for p, pr in zip(preps, probs, strict=True)]
+
+    def predict_xray(self, xray: XRay) -> dict[str, Any]:
+        """Result for one decoded X-ray."""
+        return self.predict_prepared([self.prepare(xray)])[0]
+
+    def predict_files(self, files: Iterable[str | Path]) -> Iterator[tuple[dict[str, Any], Prepared | None]]:
+        """(result, prepared input or None on error) per file, in order, batched; bad files never stop it."""
+        batch: list[Prepared] = []
+        pending: list[tuple[int, dict[str, Any] | Prepared]] = []
+        for f in files:
+            try:
+                item: dict[str, Any] | Prepared = self.prepare(read_xray(f))
+                batch.append(item)
+            except CXRError as exc:
+                item = {"path": str(f), "class": None, "probabilities": None, "error": exc.problem, "flags": []}
+            pending.append((len(pending), item))
+            if len(batch) >= self.batch_size:
+                yield from self._flush(pending, batch)
+                pending, batch = [], []
+        yield from self._flush(pending, batch)
+
+    def _flush(self, pending: list[tuple[int, Any]], batch: list[Prepared]) -> Iterator[tuple[dict, Prepared | None]]:
+        results = iter(self.predict_prepared(batch))
+        for _, item in pending:
+            if isinstance(item, Prepared):
+                yield next(results), item
+            else:
+                yield item, None

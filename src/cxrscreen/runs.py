@@ -1,0 +1,136 @@
+"""The run directory: weights (safetensors), config.json, history.csv, checkpoint.pt, eval/*.json.
+
+config.json is the contract that evaluate, predict, explain and the web app read: architecture,
+classes, preprocessing, training arguments, seed, package versions, data and split hashes, the
+sha256 of the weights, and (once fitted) calibration and the operating point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cxrscreen.errors import CXRError
+from cxrscreen.models.registry import create_model
+from cxrscreen.transforms import PreprocessConfig
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.csv"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that change results."""
+    out = {"python": platform.python_version()}
+    for name in ("cxrscreen", "torch", "torchvision", "numpy", "opencv-python-headless", "pydicom",
+                 "scikit-learn", "grad-cam", "safetensors"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_weights(model: nn.Module, run_dir: Path) -> str:
+    """Write model.safetensors (contiguous CPU tensors) and return its sha256."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = Path(run_dir) / WEIGHTS_FILE
+    save_file(state, str(path))
+    return sha256_file(path)
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Write config.json atomically."""
+    path = Path(run_dir) / CONFIG_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=False, default=str))
+    tmp.replace(path)
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """Read config.json; CXRError naming the directory when it is missing or broken."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CXRError("not a cxrscreen run directory (no config.json)", run_dir)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CXRError(f"config.json is not valid JSON ({exc})", path) from exc
+
+
+@dataclass
+class LoadedRun:
+    """A model ready for inference and the configuration it was trained with."""
+
+    model: nn.Module
+    config: dict[str, Any]
+    run_dir: Path
+    preprocess: PreprocessConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.preprocess = PreprocessConfig.from_dict(self.config["preprocess"])
+
+    @property
+    def arch(self) -> str:
+        return self.config["arch"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def temperature(self) -> float:
+        return float((self.config.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
+    def covid_threshold(self) -> float | None:
+        op = self.config.get("operating_point") or {}
+        return op.get("threshold")
+
+
+def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> LoadedRun:
+    """Build the architecture named in config.json and load its weights.
+
+    The weights' sha256 is checked against the one recorded in config.json; a mismatch is refused.
+    """
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    wpath = run_dir / WEIGHTS_FILE
+    if not wpath.is_file():
+        raise CXRError(f"no {WEIGHTS_FILE} in the run directory", run_dir)
+    expected = config.get("weights_sha256")
+    if expected:
+        actual = sha256_file(wpath)
+        if actual != expected:
+            raise CXRError(
+                f"weights checksum mismatch: sha256 is {actual}, config.json expects {expected}; "
+                "the file is corrupt or was replaced, and will not be loaded",
+                wpath,
+            )
+    model = create_model(config["arch"], num_classes=len(config["classes"]), in_chans=1, weights=None)
+    try:
+        state = load_file(str(wpath))
+        model.load_state_dict(state)
+    except Exception as exc:  # safetensors header errors, shape mismatches
+        raise CXRError(f"weights do not load into {config['arch']} ({exc})", wpath) from exc
+    model.eval().to(device)
+    return LoadedRun(model=model, config=config, run_dir=run_dir)

@@ -1,0 +1,363 @@
+"""The classifier training recipe: data from a manifest + split, the loop, early stopping, resume.
+
+`train(TrainConfig(...), data_dir, split_csv, out_dir)` writes a run directory (see `runs.py`).
+A checkpoint is written after every epoch; calling `train` again on the same directory with the
+same configuration continues from it, and a finished run is not trained again.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from cxrscreen import CLASSES
+from cxrscreen.data.dataset import PreprocessedCache, XRayTensorDataset, default_cache_dir, load_images
+from cxrscreen.data.manifest import file_sha256, manifest_root, read_manifest, resolve_image_paths
+from cxrscreen.data.splits import read_split
+from cxrscreen.engine import class_weights, evaluate_epoch, train_one_epoch
+from cxrscreen.errors import CXRError
+from cxrscreen.metrics import binary_rates
+from cxrscreen.models.registry import count_parameters, create_model, get_spec
+from cxrscreen.runs import (
+    CHECKPOINT_FILE,
+    HISTORY_FILE,
+    package_versions,
+    read_config,
+    save_weights,
+    write_config,
+)
+from cxrscreen.transforms import AugmentConfig, PreprocessConfig, eval_transform, train_transform
+
+HISTORY_COLUMNS = [
+    "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1",
+    "val_covid_sensitivity", "val_covid_specificity", "lr", "seconds", "train_images",
+]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in config.json under "training")."""
+
+    arch: str = "resnet18"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    weights: str = "none"
+    seed: int = 0
+    balance: str = "loss"  # "loss": class-weighted cross-entropy; "sampler": balanced sampling; "none"
+    label_smoothing: float = 0.0
+    patience: int = 5
+    monitor: str = "val_loss"  # or "val_macro_f1"
+    max_train_images_per_epoch: int | None = None
+    budget_minutes: float | None = None
+    threads: int | None = None
+    num_workers: int = 0
+    device: str = "auto"
+    cache_dir: str | None = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise CXRError(f"unknown training options: {', '.join(sorted(unknown))}")
+        if isinstance(d.get("preprocess"), dict):
+            d["preprocess"] = PreprocessConfig.from_dict(d["preprocess"])
+        if isinstance(d.get("augment"), dict):
+            aug = dict(d["augment"])
+            if "scale" in aug:
+                aug["scale"] = tuple(aug["scale"])
+            d["augment"] = AugmentConfig(**aug)
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
+        """Load a YAML recipe; non-None overrides (from the command line) win."""
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise CXRError(f"cannot read training config ({exc})", path) from exc
+        data = data.get("train", data)
+        pre = dict(data.get("preprocess") or {})
+        for k in ("image_size",):
+            if overrides.get(k) is not None:
+                pre[k] = overrides.pop(k)
+        overrides.pop("image_size", None)
+        data["preprocess"] = pre
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda if available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class SubsetData:
+    """One subset's images in memory with labels, groups and sources, aligned."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    groups: list[str]
+    sources: list[str]
+    paths: list[str]
+    errors: dict[str, str]
+
+
+def load_subset(
+    data_dir: Path,
+    split_csv: Path | None,
+    subset: str | None,
+    cache: PreprocessedCache,
+    classes: list[str],
+    progress: Callable[[int], None] | None = None,
+) -> SubsetData:
+    """Images of one subset of a split (or all images of the manifest when split_csv is None)."""
+    df = read_manifest(data_dir)
+    if split_csv is not None:
+        split = read_split(split_csv)
+        unknown = set(split["image"]) - set(df["image"])
+        if unknown:
+            raise CXRError(f"{len(unknown)} split rows name images not in the manifest, e.g. {sorted(unknown)[0]}",
+                           split_csv)
+        keep = set(split.loc[split["subset"] == subset, "image"])
+        df = df[df["image"].isin(keep)].reset_index(drop=True)
+    paths = resolve_image_paths(df, manifest_root(data_dir))
+    loaded = load_images(paths, cache, progress=progress)
+    sub = df.iloc[loaded.kept].reset_index(drop=True)
+    labels = np.array([classes.index(lbl) for lbl in sub["label"]], dtype=np.int64)
+    return SubsetData(
+        images=loaded.images,
+        labels=labels,
+        groups=list(sub["split_group"]),
+        sources=list(sub["source"]),
+        paths=[str(paths[i]) for i in loaded.kept],
+        errors=loaded.errors,
+    )
+
+
+def _history_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in HISTORY_COLUMNS})
+
+
+def _val_figures(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, float | None]:
+    from sklearn.metrics import f1_score
+
+    pred = probs.argmax(1)
+    covid = classes.index("covid")
+    sens, spec = binary_rates(labels == covid, pred == covid)
+    return {
+        "val_accuracy": float((pred == labels).mean()),
+        "val_macro_f1": float(f1_score(labels, pred, labels=list(range(len(classes))), average="macro",
+                                       zero_division=0)),
+        "val_covid_sensitivity": sens,
+        "val_covid_specificity": spec,
+    }
+
+
+def train(
+    cfg: TrainConfig,
+    data_dir: Path,
+    split_csv: Path,
+    out_dir: Path,
+    *,
+    log: Callable[[str], None] = print,
+    progress_factory: Callable[[str, int], Any] | None = None,
+) -> dict[str, Any]:
+    """Train a classifier and write its run directory. Returns the final config dict.
+
+    progress_factory(description, total) -> object with .update(n) and .close() (e.g. a rich bar).
+    """
+    data_dir, split_csv, out_dir = Path(data_dir), Path(split_csv), Path(out_dir)
+    spec = get_spec(cfg.arch)
+    if spec.kind != "classifier":
+        from cxrscreen.detection_training import train_detector
+
+        return train_detector(cfg, data_dir, split_csv, out_dir, log=log)
+    if cfg.preprocess.image_size < spec.min_size:
+        raise CXRError(f"{cfg.arch} needs image_size >= {spec.min_size}, got {cfg.preprocess.image_size}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    if (out_dir / "config.json").is_file():
+        old = read_config(out_dir)
+        if old.get("training") != cfg.to_dict():
+            raise CXRError("run directory holds a run with another configuration; choose a new --out", out_dir)
+        if old.get("finished"):
+            log(f"{out_dir}: finished run found, not training again")
+            return old
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    classes = list(CLASSES)
+    cache = PreprocessedCache(cfg.preprocess, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+
+    def bar(desc: str, total: int) -> Any:
+        return progress_factory(desc, total) if progress_factory else None
+
+    subsets = {}
+    for name in ("train", "val"):
+        df_split = read_split(split_csv)
+        total = int((df_split["subset"] == name).sum())
+        b = bar(f"loading {name} images", total)
+        subsets[name] = load_subset(data_dir, split_csv, name, cache, classes, b.update if b else None)
+        if b:
+            b.close()
+        for p, e in subsets[name].errors.items():
+            log(f"skipped {p}: {e}")
+    tr, va = subsets["train"], subsets["val"]
+    if len(tr.labels) == 0:
+        raise CXRError("the split has no usable train images", split_csv)
+    log(f"train {len(tr.labels)} images {np.bincount(tr.labels, minlength=3).tolist()}, "
+        f"val {len(va.labels)} images {np.bincount(va.labels, minlength=3).tolist()} ({', '.join(classes)}); "
+        f"cache hits {cache.hits}, decoded {cache.misses}")
+
+    model = create_model(cfg.arch, num_classes=len(classes), in_chans=1, weights=cfg.weights).to(device)
+    weight = class_weights(tr.labels, len(classes)) if cfg.balance == "loss" else None
+    criterion = nn.CrossEntropyLoss(
+        weight=None if weight is None else weight.to(device), label_smoothing=cfg.label_smoothing
+    )
+    val_criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_ds = XRayTensorDataset(tr.images, tr.labels, train_transform(cfg.preprocess, cfg.augment))
+    n_per_epoch = min(cfg.max_train_images_per_epoch or len(train_ds), len(train_ds))
+    if cfg.balance == "sampler":
+        w = 1.0 / np.bincount(tr.labels, minlength=len(classes))[tr.labels]
+        sampler = WeightedRandomSampler(w.tolist(), n_per_epoch, replacement=True, generator=generator)
+    else:
+        sampler = torch.utils.data.RandomSampler(train_ds, num_samples=n_per_epoch, generator=generator)
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                              drop_last=len(train_ds) > cfg.batch_size)
+    val_loader = DataLoader(XRayTensorDataset(va.images, va.labels, eval_transform(cfg.preprocess)),
+                            batch_size=max(cfg.batch_size, 64))
+
+    start_epoch, best, bad_epochs = 1, None, 0
+    history = _history_rows(out_dir / HISTORY_FILE)
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        generator.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        start_epoch, best, bad_epochs = ck["epoch"] + 1, ck["best"], ck["bad_epochs"]
+        history = history[: ck["epoch"]]
+        log(f"resuming {out_dir} after epoch {ck['epoch']}")
+
+    base_config: dict[str, Any] = {
+        "arch": cfg.arch,
+        "kind": "classifier",
+        "classes": classes,
+        "preprocess": cfg.preprocess.to_dict(),
+        "training": cfg.to_dict(),
+        "seed": cfg.seed,
+        "versions": package_versions(),
+        "data": {
+            "manifest": str(data_dir),
+            "manifest_sha256": file_sha256(data_dir / "manifest.csv" if data_dir.is_dir() else data_dir),
+            "split": str(split_csv),
+            "split_sha256": file_sha256(split_csv),
+            "train_images": int(len(tr.labels)),
+            "val_images": int(len(va.labels)),
+            "skipped_files": {**tr.errors, **va.errors},
+        },
+        "parameters": count_parameters(model),
+        "finished": False,
+    }
+    write_config(out_dir, {**read_config(out_dir), **base_config} if ckpt_path.is_file() else base_config)
+
+    t_start = time.monotonic()
+    deadline_s = cfg.budget_minutes * 60 if cfg.budget_minutes else None
+    stop_reason = "completed all epochs"
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.monotonic()
+        b = bar(f"epoch {epoch}/{cfg.epochs}", len(train_loader) * cfg.batch_size)
+        out_of_time = (lambda: time.monotonic() - t_start > deadline_s) if deadline_s else None
+        train_loss, seen = train_one_epoch(model, train_loader, criterion, optimizer, device=device,
+                                           on_batch=b.update if b else None, deadline=out_of_time)
+        if b:
+            b.close()
+        val_loss, probs, labels = evaluate_epoch(model, val_loader, val_criterion, device=device)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+               "seconds": round(time.monotonic() - t0, 1), "train_images": seen}
+        if len(labels):
+            row.update(_val_figures(probs, labels, classes))
+        history.append(row)
+        _write_history(out_dir / HISTORY_FILE, history)
+        score = -val_loss if cfg.monitor == "val_loss" else row.get("val_macro_f1", 0.0)
+        if len(labels) == 0 or best is None or score > best:
+            best, bad_epochs = score, 0
+            sha = save_weights(model, out_dir)
+            write_config(out_dir, {**read_config(out_dir), "weights_sha256": sha, "best_epoch": epoch})
+        else:
+            bad_epochs += 1
+        log(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+            f"val acc {row.get('val_accuracy', float('nan')):.3f}, val macro-F1 {row.get('val_macro_f1', 0):.3f} "
+            f"({row['seconds']} s)")
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
+             "best": best, "bad_epochs": bad_epochs},
+            ckpt_path,
+        )
+        if bad_epochs >= cfg.patience:
+            stop_reason = f"early stop: {cfg.monitor} did not improve for {cfg.patience} epochs"
+            break
+        if deadline_s and time.monotonic() - t_start > deadline_s:
+            stop_reason = f"time budget of {cfg.budget_minutes} min reached"
+            break
+    final = read_config(out_dir)
+    final.update({"finished": True, "stop_reason": stop_reason,
+                  "train_seconds": round(time.monotonic() - t_start, 1) + float(final.get("train_seconds", 0))})
+    write_config(out_dir, final)
+    log(f"{out_dir}: {stop_reason}; best epoch {final.get('best_epoch')}")
+    (out_dir / "train_summary.json").write_text(json.dumps({"stop_reason": stop_reason,
+                                                            "epochs_run": len(history)}, indent=2))
+    return final

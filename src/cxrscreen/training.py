@@ -72,9 +72,10 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict (tuples become lists), as stored in config.json."""
         d = dataclasses.asdict(self)
         d["preprocess"] = self.preprocess.to_dict()
-        return d
+        return json.loads(json.dumps(d))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -1,0 +1,139 @@
+"""End to end on a small real subset of ../shared/data/cxr: train 1 epoch, evaluate, predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cxrscreen import engine, training
+from cxrscreen.cli import app
+from cxrscreen.data.splits import split_grouped, write_split
+from cxrscreen.errors import CXRError
+from cxrscreen.evaluate import evaluate_run
+from cxrscreen.runs import load_run
+from cxrscreen.training import TrainConfig, train
+from cxrscreen.transforms import PreprocessConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_data(data_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """A 90-image manifest (30 per class, several sources) pointing at the real files, and its split."""
+    df = pd.read_csv(data_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    parts = [g.sample(30, random_state=0) for _, g in df.groupby("label")]
+    sub = pd.concat(parts).reset_index(drop=True)
+    sub["image"] = [str(data_dir / p) for p in sub["image"]]
+    out = tmp_path_factory.mktemp("small")
+    sub.to_csv(out / "manifest.csv", index=False)
+    split = split_grouped(sub, seed=0, test_frac=0.3, val_frac=0.2)
+    write_split(split, out / "split.csv")
+    return out, out / "split.csv"
+
+
+def _cfg(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(arch="resnet18", epochs=1, batch_size=16, seed=0, cache_dir=str(tmp_path / "cache"),
+                preprocess=PreprocessConfig(image_size=64))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_data, tmp_path_factory) -> Path:
+    data, split = small_data
+    tmp = tmp_path_factory.mktemp("run")
+    train(_cfg(tmp), data, split, tmp / "run", log=lambda s: None)
+    return tmp / "run"
+
+
+def test_training_writes_run_dir(trained_run: Path, small_data):
+    for f in ("model.safetensors", "config.json", "history.csv", "checkpoint.pt"):
+        assert (trained_run / f).is_file(), f
+    cfg = json.loads((trained_run / "config.json").read_text())
+    assert cfg["arch"] == "resnet18" and cfg["classes"] == ["covid", "normal", "pneumonia"]
+    assert cfg["seed"] == 0 and cfg["finished"] is True
+    assert cfg["versions"]["torch"].startswith("2.14.1")
+    assert len(cfg["data"]["manifest_sha256"]) == 64 and len(cfg["data"]["split_sha256"]) == 64
+    assert cfg["preprocess"]["clahe"] is True and cfg["preprocess"]["image_size"] == 64
+    hist = pd.read_csv(trained_run / "history.csv")
+    assert list(hist["epoch"]) == [1] and np.isfinite(hist["train_loss"][0]) and np.isfinite(hist["val_loss"][0])
+
+
+def test_finished_run_is_not_trained_again(trained_run: Path, small_data, monkeypatch, tmp_path):
+    data, split = small_data
+    cfg = TrainConfig.from_dict(json.loads((trained_run / "config.json").read_text())["training"])
+    monkeypatch.setattr(training, "train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
+    train(cfg, data, split, trained_run, log=lambda s: None)
+    with pytest.raises(CXRError, match="another configuration"):
+        train(_cfg(tmp_path, epochs=3), data, split, trained_run, log=lambda s: None)
+
+
+def test_interrupted_run_resumes_from_checkpoint(small_data, tmp_path, monkeypatch):
+    data, split = small_data
+    real = engine.train_one_epoch
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "train_one_epoch", flaky)
+    cfg = _cfg(tmp_path, epochs=2, preprocess=PreprocessConfig(image_size=48))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data, split, tmp_path / "r", log=lambda s: None)
+    assert len(pd.read_csv(tmp_path / "r" / "history.csv")) == 1
+    logs: list[str] = []
+    monkeypatch.setattr(training, "train_one_epoch", real)
+    train(cfg, data, split, tmp_path / "r", log=logs.append)
+    assert any("resuming" in s and "epoch 1" in s for s in logs)
+    assert list(pd.read_csv(tmp_path / "r" / "history.csv")["epoch"]) == [1, 2]
+
+
+def test_evaluate_json_keys_and_ci_bounds(trained_run: Path, small_data, tmp_path):
+    data, split = small_data
+    res = evaluate_run(load_run(trained_run), data, split_csv=split, subset="test", n_boot=200,
+                       cache_dir=tmp_path / "c")
+    for k in ("n", "accuracy", "macro_f1", "classes", "confusion_matrix", "covid_vs_rest", "per_source", "meta"):
+        assert k in res
+    assert res["n"] == sum(map(sum, res["confusion_matrix"]))
+    for name in ("sensitivity", "specificity", "auc"):
+        d = res["covid_vs_rest"][name]
+        if d["value"] is not None:
+            lo, hi = d["ci95"]
+            assert 0.0 <= lo <= d["value"] <= hi <= 1.0
+    assert set(res["per_source"]) <= {"cohen", "covid-cxnet", "nih", "rsna"}
+    assert set(res["classes"]["covid"]) >= {"precision", "recall", "f1", "auc"}
+
+
+def test_weights_checksum_is_enforced(trained_run: Path, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained_run, bad)
+    raw = bytearray((bad / "model.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CXRError, match="checksum mismatch"):
+        load_run(bad)
+
+
+def test_predict_cli_goes_past_a_bad_file(trained_run: Path, data_dir: Path, tmp_path):
+    good = data_dir / "images" / "cohen" / "000001-12.jpg"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    res = CliRunner().invoke(app, ["predict", str(bad), str(good), "--model", str(trained_run), "--json"])
+    assert res.exit_code == 1
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert [Path(r["path"]).name for r in rows] == ["broken.png", "000001-12.jpg"]
+    assert rows[0]["error"] and "broken.png" not in rows[0]["error"] or rows[0]["error"]
+    assert rows[1]["error"] is None and abs(sum(rows[1]["probabilities"].values()) - 1) < 1e-5
+    assert rows[1]["class"] in ("covid", "normal", "pneumonia")
+    text = CliRunner().invoke(app, ["predict", str(good), "--model", str(trained_run)])
+    assert text.exit_code == 0 and "%" in text.stdout and "covid" in text.stdout

@@ -264,6 +264,21 @@ def _load_gate(run: Any) -> Any:
 
 
 @app.command()
+def serve(
+    model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
+    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 exposes it)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+) -> None:
+    """Serve the upload page and HTTP API for one model (research use only: not a medical device)."""
+    from cxrscreen.serving import serve as serve_app
+
+    try:
+        serve_app(model, host=host, port=port)
+    except CXRError as exc:
+        _fail(exc)
+
+
+@app.command()
 def models() -> None:
     """List the registered architectures."""
     from cxrscreen.models.registry import available_models, get_spec

@@ -147,14 +147,17 @@ def train(
         _fail(exc)
 
 
+def _ci(d: dict[str, Any] | None) -> str:
+    """'0.950 [0.920, 0.970]' from {"value", "ci95"}."""
+    if not d or d["value"] is None:
+        return "n/a"
+    lo_hi = d.get("ci95")
+    return f"{d['value']:.3f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
+
+
 def _print_eval(result: dict[str, Any], title: str) -> None:
     cvr = result["covid_vs_rest"]
-
-    def ci(d: dict[str, Any]) -> str:
-        if d["value"] is None:
-            return "n/a"
-        lo_hi = d.get("ci95")
-        return f"{d['value']:.3f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
+    ci = _ci
 
     table = Table(title=title)
     for col in ("scope", "n", "accuracy", "macro-F1", "COVID sensitivity", "COVID specificity", "COVID AUC"):
@@ -194,6 +197,44 @@ def evaluate(
     _print_eval(result, f"{run.arch} on {data} ({result['meta']['subset']})")
     for p, e in result["meta"]["skipped_files"].items():
         console.print(f"[yellow]skipped[/yellow] {p}: {e}")
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Option(help="run directory to calibrate (its config.json is updated)")],
+    data: Annotated[Path, typer.Option(help="manifest folder")],
+    split: Annotated[Path, typer.Option(help="split CSV: fitted on val, reported on test")],
+    target_sensitivity: Annotated[float, typer.Option(help="COVID sensitivity to reach on val")] = 0.95,
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the test CIs")] = 1000,
+) -> None:
+    """Fit temperature scaling and the COVID operating point on val, report on test, store both in the run."""
+    from cxrscreen.calibration import calibrate_run
+
+    try:
+        result = calibrate_run(model, data, split, target_sensitivity=target_sensitivity, n_boot=n_boot)
+    except CXRError as exc:
+        _fail(exc)
+    cal, op = result["calibration"], result["operating_point"]
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    table = Table(title=f"calibration of {model} (T = {cal['temperature']:.3f}, fitted on val)")
+    for col in ("subset", "n", "ECE before", "ECE after", "NLL before", "NLL after"):
+        table.add_column(col, justify="right" if col != "subset" else "left")
+    for name in ("val", "test"):
+        r = result[name]
+        if r is not None:
+            table.add_row(name, str(r["n"]), *[num(r[k]) for k in ("ece_before", "ece_after", "nll_before",
+                                                                    "nll_after")])
+    out.print(table)
+    out.print(f"COVID called at calibrated probability >= {op['threshold']:.4f} "
+              f"(target sensitivity {op['target_sensitivity']:.2f} on val: "
+              f"sensitivity {num(op['val_sensitivity'])}, specificity {num(op['val_specificity'])}; "
+              f"{op['n_val_covid']} COVID / {op['n_val_other']} other)")
+    out.print(f"on test: sensitivity {_ci(op['test_sensitivity'])}, specificity {_ci(op['test_specificity'])}")
+    console.print(f"updated {model / 'config.json'}; wrote {model / 'eval' / 'calibration.json'} "
+                  f"and {model / 'eval' / 'reliability.png'}")
 
 
 @app.command()

@@ -34,6 +34,7 @@ class ModelSpec:
     kind: str = "classifier"
     min_size: int = 32
     build_kwargs: tuple[tuple[str, object], ...] = ()
+    bn_momentum: float | None = None
 
 
 _SPECS: dict[str, ModelSpec] = {}
@@ -58,8 +59,12 @@ for _spec in (
         build_kwargs=(("aux_logits", False), ("init_weights", True)),
     ),
     ModelSpec("efficientnet_b0", "efficientnet_b0", 224, "features.0.0", "classifier.1", "features.8"),
-    ModelSpec("mobilenet_v3_large", "mobilenet_v3_large", 224, "features.0.0", "classifier.3", "features.16"),
-    ModelSpec("mobilenet_v3_small", "mobilenet_v3_small", 224, "features.0.0", "classifier.3", "features.12"),
+    # torchvision's MobileNetV3 uses BatchNorm momentum 0.01 (ImageNet-length schedules); over a few
+    # hundred steps from scratch its running statistics lag far behind and eval mode predicts one class.
+    ModelSpec("mobilenet_v3_large", "mobilenet_v3_large", 224, "features.0.0", "classifier.3", "features.16",
+              bn_momentum=0.1),
+    ModelSpec("mobilenet_v3_small", "mobilenet_v3_small", 224, "features.0.0", "classifier.3", "features.12",
+              bn_momentum=0.1),
 ):
     register(_spec)
 
@@ -156,6 +161,10 @@ def create_model(
         raise TypeError(f"{name}: {spec.first_conv} is {type(conv).__name__}, not Conv2d")
     if conv.in_channels != in_chans:
         _set_submodule(model, spec.first_conv, _grey_first_conv(conv, in_chans))
+    if spec.bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = spec.bn_momentum
     return model
 
 

@@ -1,0 +1,84 @@
+"""Heatmaps: on the original geometry, and the hot area follows a synthetic lesion."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from cxrscreen.explain import Explainer, hot_centroid
+from cxrscreen.io import XRay
+from cxrscreen.models.registry import create_model
+from cxrscreen.predict import Predictor
+from cxrscreen.runs import LoadedRun
+from cxrscreen.transforms import PreprocessConfig, Preprocessor, to_model_tensor
+from tests.conftest import synthetic_cxr
+
+H, W = 96, 128  # non-square on purpose: the crop must be undone
+
+
+@pytest.fixture(scope="module")
+def lesion_run(tmp_path_factory) -> LoadedRun:
+    """resnet18 trained for a few seconds to call 'covid' when a bright blob is present anywhere."""
+    torch.manual_seed(0)
+    cfg = PreprocessConfig(image_size=64, clahe=False)
+    pre = Preprocessor(cfg)
+    rng = np.random.default_rng(0)
+    xs, ys = [], []
+    for i in range(192):
+        has = i % 2 == 0
+        lesion = (int(rng.integers(20, H - 20)), int(rng.integers(30, W - 30))) if has else None
+        img, _ = pre(synthetic_cxr(H, W, lesion=lesion, seed=i))
+        xs.append(to_model_tensor(img, cfg))
+        ys.append(0 if has else 1)
+    x, y = torch.stack(xs), torch.tensor(ys)
+    model = create_model("resnet18", num_classes=3)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    for _ in range(4):
+        for b in range(0, len(x), 32):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[b:b + 32]), y[b:b + 32]).backward()
+            opt.step()
+    model.eval()
+    config = {"arch": "resnet18", "kind": "classifier", "classes": ["covid", "normal", "pneumonia"],
+              "preprocess": cfg.to_dict()}
+    return LoadedRun(model=model, config=config, run_dir=tmp_path_factory.mktemp("lesion"))
+
+
+def _prepare(run: LoadedRun, lesion):
+    return Predictor(run).prepare(XRay(pixels=synthetic_cxr(H, W, lesion=lesion, seed=99), path="x.png", meta={}))
+
+
+def test_model_learned_the_lesion(lesion_run):
+    p = Predictor(lesion_run)
+    with_lesion = p.predict_xray(XRay(synthetic_cxr(H, W, lesion=(48, 40), seed=7), "a.png", {}))
+    without = p.predict_xray(XRay(synthetic_cxr(H, W, seed=8), "b.png", {}))
+    assert with_lesion["probabilities"]["covid"] > without["probabilities"]["covid"]
+
+
+def test_hot_area_moves_with_the_lesion(lesion_run):
+    ex = Explainer(lesion_run)
+    left = ex.heatmap(_prepare(lesion_run, (48, 42)), "covid")
+    right = ex.heatmap(_prepare(lesion_run, (48, 86)), "covid")
+    assert left.shape == right.shape == (H, W)
+    (lx, _), (rx, _) = hot_centroid(left), hot_centroid(right)
+    assert rx - lx > 20, (lx, rx)  # the lesions are 44 px apart
+    assert abs(lx - 42) < 20 and abs(rx - 86) < 20
+
+
+def test_overlay_png_has_the_input_size(lesion_run, tmp_path):
+    prep = _prepare(lesion_run, (48, 60))
+    res = Predictor(lesion_run).predict_prepared([prep])[0]
+    out = Explainer(lesion_run).write_overlay(prep, res, tmp_path)
+    img = cv2.imread(str(out))
+    assert img.shape == (H, W, 3)
+    assert out.name == "x_heatmap.png"
+
+
+def test_unknown_target_is_a_clear_error(lesion_run):
+    from cxrscreen.errors import CXRError
+
+    with pytest.raises(CXRError, match="unknown target"):
+        Explainer(lesion_run).cam(np.zeros((64, 64), np.uint8), "tuberculosis")

@@ -10,7 +10,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from cxrscreen.errors import CXRError
@@ -123,7 +130,8 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
 ) -> None:
     """Train a classifier (or detector) and write weights, config and per-epoch history to --out."""
-    from cxrscreen.training import TrainConfig, train as run_training
+    from cxrscreen.training import TrainConfig
+    from cxrscreen.training import train as run_training
 
     overrides: dict[str, Any] = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                                  "weights": weights, "seed": seed, "budget_minutes": budget_minutes,
@@ -197,6 +205,50 @@ def evaluate(
     _print_eval(result, f"{run.arch} on {data} ({result['meta']['subset']})")
     for p, e in result["meta"]["skipped_files"].items():
         console.print(f"[yellow]skipped[/yellow] {p}: {e}")
+
+
+@app.command()
+def audit(
+    data: Annotated[Path, typer.Option(help="manifest folder")],
+    split: Annotated[Path, typer.Option(help="split CSV of the model (its test subset is audited)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for audit.json, audit.md, plots, LOSO runs")],
+    model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
+    parts: Annotated[str, typer.Option(help="comma-separated subset of per_source,masking,probe,loso")] = (
+        "per_source,masking,probe,loso"
+    ),
+    budget_minutes: Annotated[
+        float, typer.Option(help="minutes per trained model (probe, each LOSO model); 0 = the recipe's own")
+    ] = 5.0,
+    epochs: Annotated[int | None, typer.Option(help="epochs per trained model (default: recipe)")] = None,
+    loso_source: Annotated[
+        list[str] | None,
+        typer.Option("--loso-source", help="source to hold out, repeatable (default: all with >= 50 images)"),
+    ] = None,
+    lung_boxes: Annotated[
+        Path | None, typer.Option(help="COCO lung boxes (default: DATA/annotations/lung_boxes.coco.json)")
+    ] = None,
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the CIs")] = 500,
+    seed: Annotated[int, typer.Option(help="seed of the probe / LOSO splits and of the bootstrap")] = 0,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (default: the recipe's)")] = None,
+) -> None:
+    """Shortcut audit: per-source figures, lungs masked / lungs only, source probe, leave-one-source-out."""
+    from cxrscreen.audit import run_audit
+    from cxrscreen.predict import default_model_dir
+
+    try:
+        result = run_audit(
+            model if model is not None else default_model_dir(), data, split, out_dir,
+            budget_minutes_per_model=budget_minutes or None, loso_epochs=epochs,
+            parts=[p.strip() for p in parts.split(",") if p.strip()], n_boot=n_boot, seed=seed,
+            lung_boxes=lung_boxes, loso_sources=loso_source or None, device=device,
+            log=console.print, progress_factory=_Bar,
+        )
+    except CXRError as exc:
+        _fail(exc)
+    for finding in result["findings"]:
+        out.print(f"- {finding}")
+    if result.get("masking", {}).get("shortcut_flag") or result.get("probe", {}).get("shortcut_flag"):
+        console.print("[yellow]shortcut flagged: read audit.md before trusting this model's figures[/yellow]")
 
 
 @app.command()
@@ -294,6 +346,17 @@ def predict(
     if failed:
         console.print(f"[red]{failed} file(s) failed[/red]")
         raise typer.Exit(1)
+
+
+@app.command()
+def explain(
+    paths: Annotated[list[Path], typer.Argument(help="image files or folders (searched recursively)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for the Grad-CAM overlay PNGs")] = Path("heatmaps"),
+    model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
+    target: Annotated[str | None, typer.Option(help="class the heatmap explains (default: the predicted)")] = None,
+) -> None:
+    """Write a Grad-CAM overlay per image (class and probabilities written on it); same as predict --heatmap."""
+    predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8)
 
 
 def _load_gate(run: Any) -> Any:

@@ -188,6 +188,7 @@ def evaluate(
     subset: Annotated[str, typer.Option(help="train | val | test")] = "test",
     out_json: Annotated[Path | None, typer.Option("--out", help="eval JSON to write")] = None,
     n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the CIs")] = 1000,
+    argmax: Annotated[bool, typer.Option("--argmax", help="ignore the stored COVID operating point")] = False,
 ) -> None:
     """Evaluate a model: accuracy, macro-F1, per-class figures, COVID-vs-rest with grouped 95 % CIs, per source."""
     from cxrscreen.evaluate import evaluate_run
@@ -195,7 +196,8 @@ def evaluate(
 
     try:
         run = load_model(model)
-        result = evaluate_run(run, data, split_csv=split, subset=subset, n_boot=n_boot)
+        result = evaluate_run(run, data, split_csv=split, subset=subset, n_boot=n_boot,
+                              use_operating_point=not argmax)
     except CXRError as exc:
         _fail(exc)
     if out_json is not None:

@@ -50,9 +50,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_weights(model: nn.Module, run_dir: Path) -> str:
-    """Write model.safetensors (contiguous CPU tensors) and return its sha256."""
+def save_weights(model: nn.Module, run_dir: Path, *, dtype: torch.dtype | None = None) -> str:
+    """Write model.safetensors (contiguous CPU tensors) and return its sha256.
+
+    dtype: store floating-point tensors in this type (e.g. torch.float16 to halve a bundled file);
+    load_run casts them back to the model's own type.
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     path = Path(run_dir) / WEIGHTS_FILE
     save_file(state, str(path))
     return sha256_file(path)

@@ -1,0 +1,170 @@
+"""Copy a trained, calibrated run into the package as the bundled default model, with its model card.
+
+    python scripts/bundle_model.py --run runs/default --eval docs/results/default_model/eval_test.json \
+        --eval-argmax docs/results/default_model/eval_test_argmax.json \
+        --audit docs/results/audit/audit.json --gate docs/results/gate_ood.json \
+        --command "$(cat docs/results/default_model/command.txt)"
+
+Writes src/cxrscreen/weights/{model.safetensors (float16), config.json, model_card.json, MODEL_CARD.md}.
+Every figure in the card is read from the JSON files named on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrscreen.runs import load_run, save_weights, write_config
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "cxrscreen" / "weights"
+
+
+def _load(path: Path | None) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _fmt(d: dict[str, Any] | None) -> str:
+    if not d or d.get("value") is None:
+        return "n/a"
+    ci = d.get("ci95")
+    return f"{d['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _eval_rows(ev: dict[str, Any]) -> list[str]:
+    rows = ["| scope | n | accuracy | macro-F1 | COVID sensitivity [95 % CI] | COVID specificity [95 % CI] "
+            "| COVID AUC |", "|---|---|---|---|---|---|---|"]
+    for name, r in [("all", ev), *ev.get("per_source", {}).items()]:
+        c = r["covid_vs_rest"]
+        rows.append(f"| {name} | {r['n']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {_fmt(c['sensitivity'])} | "
+                    f"{_fmt(c['specificity'])} | {_fmt(c['auc'])} |")
+    return rows
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """The human-readable model card from the machine-readable one."""
+    cfg = card["config"]
+    lines = [
+        "# Model card: cxrscreen default model",
+        "",
+        "**Research use only. Not a medical device; not for diagnosis or patient management.**",
+        "",
+        "## Model",
+        f"- Architecture: `{cfg['arch']}` (torchvision), one grey input channel, {cfg['parameters']:,} parameters, "
+        "trained from scratch (no pretrained weights could be had on the training machine).",
+        f"- Classes: {', '.join(cfg['classes'])}.",
+        f"- Weights: `model.safetensors`, stored as float16, sha256 `{cfg['weights_sha256']}` "
+        "(checked before every load).",
+        f"- Preprocessing: `{json.dumps(cfg['preprocess'])}`: CLAHE, then a centred square crop "
+        f"({cfg['preprocess']['center_fraction']:.0%} of the short side) resized to "
+        f"{cfg['preprocess']['image_size']} px; no padding bars.",
+        f"- Training: `{card['training_command']}`; seed {cfg['seed']}; recipe `{json.dumps(cfg['training'])}`; "
+        f"stopped: {cfg.get('stop_reason')}; best epoch {cfg.get('best_epoch')}; "
+        f"{cfg.get('train_seconds')} s on the CPU.",
+        f"- Package versions: `{json.dumps(cfg['versions'])}`.",
+        "",
+        "## Data",
+        f"- `../shared/data/cxr` (3,078 frontal adult chest X-rays; sources cohen, covid-cxnet, nih, rsna), "
+        f"manifest sha256 `{cfg['data']['manifest_sha256']}`.",
+        f"- Split `{cfg['data']['split']}` (grouped by `split_group`, stratified by label, seed 0), sha256 "
+        f"`{cfg['data']['split_sha256']}`: {cfg['data']['train_images']} train / {cfg['data']['val_images']} val "
+        "images; test figures below.",
+        "",
+    ]
+    for key, title in (("eval_argmax", "Internal test figures (arg-max class)"),
+                       ("eval", "Internal test figures (with the stored operating point)")):
+        ev = card.get(key)
+        if ev:
+            lines += [f"## {title}", "", *_eval_rows(ev), ""]
+    cal = cfg.get("calibration")
+    op = cfg.get("operating_point")
+    if cal:
+        lines += ["## Calibration", "",
+                  f"Temperature scaling fitted on val: T = {cal['temperature']:.3f}. Expected calibration error "
+                  f"(15 bins) on test {cal['ece_test_before']:.3f} before, {cal['ece_test_after']:.3f} after; "
+                  f"on val {cal['ece_val_before']:.3f} before, {cal['ece_val_after']:.3f} after.", ""]
+    if op:
+        lines += ["## Operating point", "",
+                  f"COVID is called when its calibrated probability is >= {op['threshold']:.4f}, the highest "
+                  f"threshold reaching sensitivity {op['target_sensitivity']} on val (val sensitivity "
+                  f"{op['val_sensitivity']:.3f}, specificity {op['val_specificity']:.3f}). On test: sensitivity "
+                  f"{_fmt(op['test_sensitivity'])}, specificity {_fmt(op['test_specificity'])}.", ""]
+    if card.get("audit_findings"):
+        lines += ["## Shortcut audit (`cxrscreen audit`)", "", *[f"- {f}" for f in card["audit_findings"]], ""]
+    if card.get("gate"):
+        g = card["gate"]
+        lines += ["## Not-a-chest-X-ray gate", "", "```json", json.dumps(g, indent=2)[:3000], "```", ""]
+    lines += ["## Intended use", "", *[f"- {s}" for s in card["intended_use"]], "",
+              "## Known limits", "", *[f"- {s}" for s in card["limits"]], "",
+              "## What was done for generalisation", "", *[f"- {s}" for s in card["generalisation"]], ""]
+    return "\n".join(lines)
+
+
+INTENDED_USE = [
+    "Research and teaching: reproducing and checking published COVID-19 chest X-ray results, and a baseline "
+    "for new work.",
+    "Not for clinical decisions. It has not been validated prospectively, on children, or in any hospital.",
+]
+LIMITS = [
+    "Source and label are confounded in the training data: every COVID image is web-collected (figures from "
+    "papers, bedside films, arrows and text burned in) and nearly every normal and pneumonia image comes from one "
+    "US hospital (NIH). High internal figures can come from recognising the source; read the audit section.",
+    "Labels are noisy (NIH labels were text-mined from reports; Cohen 'pneumonia' includes SARS).",
+    "Adults or unknown age only: no paediatric images were used for training.",
+    "Frontal views only; lateral views, CT and non-X-ray images are meant to be stopped by the gate, which has "
+    "its own limits (see above).",
+    "Trained from scratch on about 2,200 images on a CPU: it is small and not state of the art.",
+]
+GENERALISATION = [
+    "Centre crop to 90 % of the short side instead of padding: no bars that reveal the source's aspect ratio, and "
+    "less of the corners where burned-in text and markers sit.",
+    "CLAHE on every image, and augmentation of framing (rotation, shift, scale), exposure and contrast, blur and "
+    "random erased patches, aimed at what differs between hospitals rather than diseases.",
+    "Class-weighted loss so the rarer class is not ignored; early stopping on validation loss.",
+    "Per-source evaluation, lungs-masked tests, a source probe and leave-one-source-out training "
+    "(`cxrscreen audit`) to measure how much of the score is the source.",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--eval", type=Path, help="eval JSON with the operating point")
+    ap.add_argument("--eval-argmax", type=Path, help="eval JSON with arg-max decisions")
+    ap.add_argument("--audit", type=Path)
+    ap.add_argument("--gate", type=Path)
+    ap.add_argument("--command", required=True, help="the exact training command")
+    ap.add_argument("--out", type=Path, default=WEIGHTS)
+    args = ap.parse_args()
+
+    run = load_run(args.run)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sha = save_weights(run.model, args.out, dtype=torch.float16)
+    config = {**run.config, "weights_sha256": sha, "weights_dtype": "float16",
+              "bundled_from": {"run": str(args.run), "weights_sha256_float32": run.config.get("weights_sha256")}}
+    write_config(args.out, config)
+    audit = _load(args.audit)
+    card = {
+        "name": "cxrscreen default model",
+        "config": config,
+        "training_command": args.command,
+        "eval": _load(args.eval),
+        "eval_argmax": _load(args.eval_argmax),
+        "audit_findings": (audit or {}).get("findings"),
+        "audit": {k: (audit or {}).get(k) for k in ("masking", "probe", "loso")} if audit else None,
+        "gate": _load(args.gate),
+        "intended_use": INTENDED_USE,
+        "limits": LIMITS,
+        "generalisation": GENERALISATION,
+    }
+    (args.out / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
+    (args.out / "MODEL_CARD.md").write_text(card_markdown(card))
+    print(json.dumps({"out": str(args.out), "weights_sha256": sha,
+                      "bytes": (args.out / "model.safetensors").stat().st_size}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The bundled default model: loads offline, is checksum-guarded, and predicts without --model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cxrscreen.cli import app
+from cxrscreen.errors import CXRError
+from cxrscreen.predict import default_model_dir, format_probabilities, iter_image_files, load_model
+from cxrscreen.runs import load_run, sha256_file
+from tests.conftest import synthetic_cxr
+
+
+@pytest.fixture()
+def xray_png(tmp_path: Path) -> Path:
+    path = tmp_path / "chest.png"
+    cv2.imwrite(str(path), (synthetic_cxr(300, 260) * 65535).astype(np.uint16))
+    return path
+
+
+def test_bundled_model_is_small_and_matches_its_checksum():
+    d = default_model_dir()
+    cfg = json.loads((d / "config.json").read_text())
+    assert (d / "model.safetensors").stat().st_size <= 25 * 1024 * 1024
+    assert sha256_file(d / "model.safetensors") == cfg["weights_sha256"]
+    assert (d / "MODEL_CARD.md").is_file() and (d / "model_card.json").is_file()
+    run = load_model(None)
+    assert run.classes == ["covid", "normal", "pneumonia"]
+
+
+def test_corrupted_weights_are_refused(tmp_path: Path):
+    copy = tmp_path / "weights"
+    shutil.copytree(default_model_dir(), copy)
+    raw = bytearray((copy / "model.safetensors").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (copy / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CXRError, match="checksum mismatch"):
+        load_run(copy)
+
+
+def test_predict_without_model_uses_the_bundled_one(xray_png: Path, tmp_path: Path):
+    res = CliRunner().invoke(app, ["predict", str(xray_png), "--json", "--heatmap", str(tmp_path / "hm")])
+    assert res.exit_code == 0, res.output
+    row = json.loads([line for line in res.stdout.splitlines() if line.startswith("{")][0])
+    assert abs(sum(row["probabilities"].values()) - 1) < 1e-5
+    heat = cv2.imread(row["heatmap"])
+    assert heat.shape[:2] == (300, 260)  # the heatmap has the input's size
+
+
+def test_folder_walk_and_formatting(tmp_path: Path, xray_png: Path):
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in iter_image_files([tmp_path])] == ["chest.png"]
+    assert format_probabilities({"covid": 0.548, "normal": 0.27, "pneumonia": 0.182}) == (
+        "covid 54.8 %, normal 27.0 %, pneumonia 18.2 %"
+    )

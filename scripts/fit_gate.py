@@ -3,7 +3,8 @@
 Data (nothing is downloaded, nothing is copied into the repository):
 
 - real: frontal chest X-rays of ../shared/data/cxr whose ``split_group`` md5 is even (the *fit half*;
-  the benchmark evaluates on the odd half);
+  the benchmark evaluates on the odd half), each also with a random gamma / contrast / stretch re-mapping
+  (as another scanner, DICOM window or export gives), so that grey-level mapping alone does not flag;
 - other: images generated here (noise, blank, gradients, shapes, text documents, a CT-like axial slice)
   and scikit-image's bundled pictures (crops, rotations, rescales, grey or colour), written as PNG/JPEG
   files to a temporary folder and decoded with ``cxrscreen.io.read_xray`` exactly like real input.
@@ -57,6 +58,21 @@ def real_manifest(data_dir: Path = DATA_DIR, half: str | None = None) -> pd.Data
 def read_real(data_dir: Path, rows: pd.DataFrame) -> list[XRay]:
     """Decode the manifest rows' images in place."""
     return [read_xray(data_dir / p) for p in rows["image"]]
+
+
+def photometric_variant(x: XRay, rng: np.random.Generator) -> XRay:
+    """The same X-ray with another grey mapping, as another scanner, window or export would give it:
+    gamma 0.7-1.45 (40 %), reduced contrast and a shift (30 %), or a min-max stretch (30 %)."""
+    px = x.pixels.astype(np.float64)
+    r = rng.random()
+    if r < 0.4:
+        px = px ** np.exp(rng.uniform(np.log(0.7), np.log(1.45)))
+    elif r < 0.7:
+        a = rng.uniform(0.75, 1.0)
+        px = a * px + rng.uniform(0.0, 1.0 - a)
+    else:
+        px = (px - px.min()) / max(float(np.ptp(px)), 1e-6)
+    return XRay(pixels=np.clip(px, 0, 1).astype(np.float32), path=x.path, meta=dict(x.meta))
 
 
 # ------------------------------------------------------------------------------------------ generators
@@ -431,33 +447,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DATA_DIR)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-kind", type=int, default=40, help="generated images per seen kind")
-    ap.add_argument("--c", type=float, default=1.0, help="inverse L2 penalty of the logistic regression")
-    ap.add_argument("--real-accept", type=float, default=0.995,
-                    help="fraction of out-of-fold real X-rays the threshold accepts")
+    ap.add_argument("--c", type=float, default=0.1, help="inverse L2 penalty of the logistic regression")
+    ap.add_argument("--components", type=int, default=2, help="Gaussian mixture components (novelty)")
+    ap.add_argument("--real-accept", type=float, default=0.997,
+                    help="out-of-fold fraction of X-rays each score's threshold accepts")
+    ap.add_argument("--no-photometric", dest="photometric", action="store_false",
+                    help="do not add a gamma / contrast / stretch copy of each X-ray")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
 
+    from threadpoolctl import threadpool_limits
+
     from cxrscreen.gate import FEATURE_VERSION, fit_gate
 
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(1)  # a small job: one core (BLAS too, below)
+    threadpool_limits(1)
     rows = real_manifest(args.data, "fit")
     real = read_real(args.data, rows)
+    groups = list(rows["split_group"])
+    if args.photometric:  # one re-mapped copy per X-ray, in its original's group
+        rng = np.random.default_rng(args.seed)
+        real += [photometric_variant(x, rng) for x in real]
+        groups += groups
     with tempfile.TemporaryDirectory(prefix="gate_fit_") as tmp:
         pairs = list(make_others(SEEN_KINDS, args.per_kind, Path(tmp), seed=args.seed, role="fit"))
-        others = [x for _, x in pairs]
         info = {
-            "data": "real: ../shared/data/cxr rows whose md5(split_group) is even; other: generated + "
-                    "skimage.data kinds below (scripts/fit_gate.py)",
+            "data": "real: ../shared/data/cxr rows whose md5(split_group) is even (the fit half); other: "
+                    "generated and skimage.data kinds below, written as PNG/JPEG and read with read_xray "
+                    "(scripts/fit_gate.py)",
             "real_per_source": {k: int(v) for k, v in rows["source"].value_counts().sort_index().items()},
+            "real_images": len(rows),
+            "real_photometric_copies": bool(args.photometric),
             "other_kinds": sorted(SEEN_KINDS),
-            "per_kind": args.per_kind,
+            "other_per_kind": args.per_kind,
             "unseen_kinds_held_out": sorted(UNSEEN_KINDS),
             "feature_version": FEATURE_VERSION,
         }
-        gate = fit_gate(real, others, seed=args.seed, c=args.c, real_accept=args.real_accept, info=info)
+        gate = fit_gate(real, [x for _, x in pairs], seed=args.seed, groups=groups,
+                        c=args.c, components=args.components, real_accept=args.real_accept, info=info)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     gate.to_json(args.out)
-    print(f"wrote {args.out}: threshold {gate.threshold:.4f}; {gate.info}")
+    print(f"wrote {args.out}: p_threshold {gate.p_threshold:.4f}, novelty_threshold "
+          f"{gate.novelty_threshold:.2f}; {gate.info}")
     return 0
 
 

@@ -1,0 +1,202 @@
+"""The "not a frontal chest X-ray" gate: bundled parameters, generated non-X-rays, real X-rays, DICOM rules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from cxrscreen import gate as gate_mod
+from cxrscreen.errors import CXRError
+from cxrscreen.gate import FEATURE_NAMES, Gate, colour_stats, gate_features, gate_for_run, rule_flags
+from cxrscreen.io import XRay, read_xray
+from tests.conftest import synthetic_cxr
+
+
+@pytest.fixture(scope="module")
+def gate() -> Gate:
+    """The bundled gate (weights/gate.json)."""
+    found = gate_for_run(SimpleNamespace(run_dir=Path("/nonexistent-run")))
+    assert found is not None, "src/cxrscreen/weights/gate.json is missing: run scripts/fit_gate.py"
+    return found
+
+
+def _png(arr: np.ndarray, path: Path) -> XRay:
+    Image.fromarray(np.ascontiguousarray(arr)).save(path)
+    return read_xray(path)
+
+
+def _document(rng: np.random.Generator) -> np.ndarray:
+    """A white page with lines of random text."""
+    img = np.full((700, 540), 245, np.uint8)
+    for y in range(60, 660, 26):
+        words = " ".join("".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9)))
+                         for _ in range(rng.integers(3, 9)))
+        cv2.putText(img, words, (40, y), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 20, 1, cv2.LINE_AA)
+    return img
+
+
+def _dicom(path: Path, pixels: np.ndarray, *, modality: str = "DX", view: str | None = "PA") -> Path:
+    """A minimal 8-bit MONOCHROME2 DICOM file."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    if view is not None:
+        ds.ViewPosition = view
+    arr = np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8)
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = arr.tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------- non-X-rays
+
+
+@pytest.mark.parametrize("kind", ["uniform_noise", "gaussian_noise", "document", "camera", "astronaut",
+                                  "astronaut_grey", "coins"])
+def test_generated_non_xrays_are_flagged(gate: Gate, tmp_path: Path, kind: str) -> None:
+    from skimage import data
+
+    rng = np.random.default_rng(1)
+    arr = {
+        "uniform_noise": lambda: rng.integers(0, 256, (400, 400), dtype=np.uint8),
+        "gaussian_noise": lambda: np.clip(rng.normal(128, 40, (300, 360)), 0, 255).astype(np.uint8),
+        "document": lambda: _document(rng),
+        "camera": data.camera,
+        "astronaut": data.astronaut,
+        "astronaut_grey": lambda: np.asarray(Image.fromarray(data.astronaut()).convert("L")),
+        "coins": data.coins,
+    }[kind]()
+    flags = gate.flags(_png(arr, tmp_path / f"{kind}.png"), None)
+    assert flags, f"{kind} was accepted as a chest X-ray"
+
+
+def test_colour_photo_gets_the_colour_reason(gate: Gate, tmp_path: Path) -> None:
+    from skimage import data
+
+    flags = gate.flags(_png(data.coffee(), tmp_path / "coffee.png"), None)
+    assert flags and flags[0].startswith("colour picture")
+
+
+@pytest.mark.parametrize("value", [0, 128, 255])
+def test_blank_images_are_flagged_as_blank(gate: Gate, tmp_path: Path, value: int) -> None:
+    flags = gate.flags(_png(np.full((300, 300), value, np.uint8), tmp_path / "blank.png"), None)
+    assert len(flags) == 1 and flags[0].startswith("blank image")
+
+
+def test_near_blank_with_faint_noise_is_blank() -> None:
+    rng = np.random.default_rng(0)
+    px = np.clip(0.5 + rng.normal(0, 0.004, (256, 256)), 0, 1).astype(np.float32)
+    assert rule_flags(XRay(px, "x.png", {"mode": "L"}))[0].startswith("blank image")
+
+
+# ------------------------------------------------------------------------------------------ DICOM rules
+
+
+@pytest.mark.parametrize(("modality", "view", "reason"), [
+    ("CT", None, "DICOM Modality is CT"),
+    ("MR", None, "DICOM Modality is MR"),
+    ("DX", "LL", "DICOM ViewPosition is LL"),
+    ("CR", "LATERAL", "DICOM ViewPosition is LATERAL"),
+])
+def test_dicom_tags_flag_with_specific_reason(gate: Gate, tmp_path: Path, modality: str, view: str | None,
+                                              reason: str) -> None:
+    x = read_xray(_dicom(tmp_path / "a.dcm", synthetic_cxr(256, 256), modality=modality, view=view))
+    flags = gate.flags(x, None)
+    assert any(reason in f for f in flags), flags
+
+
+# --------------------------------------------------------------------------------------- real X-rays
+
+
+def _eval_half_sample(data_dir: Path, per_source: int = 10) -> list[Path]:
+    """A fixed sample of the evaluation half (md5(split_group) odd), first ``per_source`` per source."""
+    m = pd.read_csv(data_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    odd = m["split_group"].map(lambda g: int(hashlib.md5(g.encode()).hexdigest(), 16) % 2 == 1)
+    ev = m[odd].sort_values("image")
+    return [data_dir / p for _, g in ev.groupby("source") for p in g["image"].head(per_source)]
+
+
+def test_real_xrays_are_accepted(gate: Gate, data_dir: Path) -> None:
+    paths = _eval_half_sample(data_dir)
+    assert len(paths) == 40
+    flagged = {p.name: f for p in paths if (f := gate.flags(read_xray(p), None))}
+    assert len(flagged) <= 1, flagged  # the benchmark accepts > 99 % of the evaluation half
+
+
+def test_real_xray_as_rgb_dicom_pa_is_accepted(gate: Gate, data_dir: Path, tmp_path: Path) -> None:
+    x = read_xray(_eval_half_sample(data_dir, per_source=1)[2])
+    rgb = np.repeat(np.rint(x.pixels * 255).astype(np.uint8)[..., None], 3, axis=2)
+    as_rgb = read_xray(_jpeg(rgb, tmp_path / "rgb.jpg"))
+    assert as_rgb.meta["mode"] == "RGB" and colour_stats(as_rgb)[1] < 0.01
+    assert gate.flags(as_rgb, None) == []
+    assert gate.flags(read_xray(_dicom(tmp_path / "pa.dcm", x.pixels)), None) == []
+
+
+def _jpeg(arr: np.ndarray, path: Path) -> Path:
+    Image.fromarray(arr).save(path, quality=90)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- features, io
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (40, 900), (1024, 300), (300, 300)])
+def test_features_are_finite_for_odd_sizes(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    for px in (np.zeros(shape, np.float32), rng.random(shape, dtype=np.float32)):
+        f = gate_features(XRay(px, "x.png", {"mode": "L"}))
+        assert f.shape == (len(FEATURE_NAMES),) and np.all(np.isfinite(f))
+
+
+def test_json_round_trip_gives_same_scores(gate: Gate, tmp_path: Path) -> None:
+    path = tmp_path / "gate.json"
+    gate.to_json(path)
+    back = Gate.from_json(path)
+    assert back.to_dict() == gate.to_dict()
+    feats = np.stack([gate_features(XRay(synthetic_cxr(200, 240, seed=s), "x.png", {"mode": "L"}))
+                      for s in range(4)] + [np.zeros(len(FEATURE_NAMES))])
+    for a, b in zip(gate.score_features(feats), back.score_features(feats), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_other_feature_version_is_refused(gate: Gate) -> None:
+    d = json.loads(gate.to_json())
+    d["feature_version"] = "gate-features-v0"
+    with pytest.raises(ValueError, match="refit"):
+        Gate.from_dict(d)
+
+
+def test_gate_for_run_prefers_run_dir_then_bundled(gate: Gate, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    d = gate.to_dict()
+    d["p_threshold"] = 0.123
+    (tmp_path / "gate.json").write_text(json.dumps(d))
+    assert gate_for_run(SimpleNamespace(run_dir=tmp_path)).p_threshold == 0.123
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert gate_for_run(SimpleNamespace(run_dir=empty)).p_threshold == gate.p_threshold
+    monkeypatch.setattr(gate_mod, "bundled_gate_path", lambda: None)
+    assert gate_for_run(SimpleNamespace(run_dir=empty)) is None
+    d["feature_version"] = "gate-features-v0"
+    (tmp_path / "gate.json").write_text(json.dumps(d))
+    with pytest.raises(CXRError, match="cannot load the input gate"):
+        gate_for_run(SimpleNamespace(run_dir=tmp_path))

@@ -1,7 +1,9 @@
 """Prediction on files, folders or uploaded bytes, with the bundled model or a run directory.
 
 Each input yields one result dict: `path`, `class`, `probabilities{class: p}`, and where they apply
-`error`, `flags`, `heatmap`. A bad file yields a result with `error` set and the batch goes on.
+`error`, `flags`, `heatmap`, and for detectors `boxes` (list of {box: [x0, y0, x1, y1] in original
+image pixels, label, class, score}; see `models.detection.result_boxes`). A bad file yields a result
+with `error` set and the batch goes on.
 """
 
 from __future__ import annotations
@@ -75,9 +77,20 @@ class Predictor:
         img, geom = self.preprocess(xray.pixels)
         return Prepared(path=xray.path, xray=xray, image=img, geometry=geom)
 
+    @property
+    def is_detector(self) -> bool:
+        return self.run.config.get("kind") == "detector"
+
     @torch.no_grad()
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, C) calibrated probabilities of preprocessed uint8 images."""
+        """(N, C) calibrated probabilities of preprocessed uint8 images (detectors: their image rule)."""
+        # --- detector dispatch ---
+        if self.is_detector:
+            from cxrscreen.models.detection import detector_probabilities
+
+            return detector_probabilities(self.run.model, np.stack(images), len(self.run.classes),
+                                          batch_size=self.batch_size)
+        # --- end detector dispatch ---
         x = torch.stack([to_model_tensor(im, self.run.preprocess) for im in images]).to(self.device)
         logits = self.run.model(x).float().cpu()
         return torch.softmax(logits / self.run.temperature, 1).numpy()
@@ -112,6 +125,18 @@ class Predictor:
     def predict_prepared(self, preps: Sequence[Prepared]) -> list[dict[str, Any]]:
         if not preps:
             return []
+        # --- detector dispatch: one detection pass gives the probabilities and the boxes ---
+        if self.is_detector:
+            from cxrscreen.models.detection import detect, image_probabilities, result_boxes
+
+            dets = detect(self.run.model, [p.image for p in preps], batch_size=self.batch_size)
+            results = []
+            for p, pr, d in zip(preps, image_probabilities(dets, len(self.run.classes)), dets, strict=True):
+                res = self._result(p, pr)
+                res["boxes"] = result_boxes(d, p.geometry, self.run.classes)  # original image pixels
+                results.append(res)
+            return results
+        # --- end detector dispatch ---
         probs = self.probabilities([p.image for p in preps])
         return [self._result(p, pr) for p, pr in zip(preps, probs, strict=True)]
 

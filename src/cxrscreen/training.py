@@ -216,7 +216,7 @@ def train(
     if spec.kind != "classifier":
         from cxrscreen.detection_training import train_detector
 
-        return train_detector(cfg, data_dir, split_csv, out_dir, log=log)
+        return train_detector(cfg, data_dir, split_csv, out_dir, log=log, progress_factory=progress_factory)
     if cfg.preprocess.image_size < spec.min_size:
         raise CXRError(f"{cfg.arch} needs image_size >= {spec.min_size}, got {cfg.preprocess.image_size}")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,6 @@ def test_imagenet_weights_folded_to_grey_and_clear_error():
     assert m.fc.out_features == 3
 
     def offline(tv_name, **kw):
-        from cxrscreen.models.registry import load_imagenet
 
         raise CXRError("ImageNet weights for resnet18 could not be loaded (offline)")
 

@@ -210,6 +210,8 @@ def calibrate_run(
     """
     run_dir, data_dir, split_csv = Path(run_dir), Path(data_dir), Path(split_csv)
     run = load_run(run_dir)
+    if run.config.get("kind", "classifier") != "classifier":
+        raise CXRError(f"calibration fits classifier logits; {run.arch} is a {run.config.get('kind')}", run_dir)
     if "covid" not in run.classes:
         raise CXRError(f"the run's classes {run.classes} have no 'covid' class", run_dir)
     covid = run.classes.index("covid")

@@ -140,10 +140,13 @@ def train(
         if config is not None:
             cfg = TrainConfig.from_yaml(config, **overrides)
         else:
+            from cxrscreen.models.registry import get_spec
             from cxrscreen.transforms import PreprocessConfig
 
             size = overrides.pop("image_size")
             cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+            if size is None:
+                size = get_spec(cfg.arch).default_size
             if size is not None:
                 cfg.preprocess = PreprocessConfig(**{**cfg.preprocess.to_dict(), "image_size": size})
         if no_clahe:
@@ -360,11 +363,13 @@ def predict(
     gate = _load_gate(run)
     predictor = Predictor(run, batch_size=batch_size, gate=gate)
     explainer = None
+    is_detector = run.config.get("kind") == "detector"
     if heatmap is not None:
-        from cxrscreen.explain import Explainer
-
-        explainer = Explainer(run)
         heatmap.mkdir(parents=True, exist_ok=True)
+        if not is_detector:
+            from cxrscreen.explain import Explainer
+
+            explainer = Explainer(run)
     writer = None
     if as_csv:
         writer = csv.writer(sys.stdout)
@@ -373,9 +378,15 @@ def predict(
     for res, prep in predictor.predict_files(iter_image_files(paths)):
         if res["error"]:
             failed += 1
-        elif explainer is not None and prep is not None:
+        elif heatmap is not None and prep is not None:
             try:
-                res["heatmap"] = str(explainer.write_overlay(prep, res, heatmap, target=target))
+                if is_detector:
+                    from cxrscreen.models.detection import draw_boxes
+
+                    res["heatmap"] = str(draw_boxes(prep.xray.pixels, res.get("boxes", []),
+                                                    heatmap / f"{Path(prep.path).stem}_boxes.png"))
+                elif explainer is not None:
+                    res["heatmap"] = str(explainer.write_overlay(prep, res, heatmap, target=target))
             except CXRError as exc:
                 res["error"] = f"heatmap failed: {exc.problem}"
                 failed += 1
@@ -431,6 +442,69 @@ def serve(
         serve_app(model, host=host, port=port)
     except CXRError as exc:
         _fail(exc)
+
+
+localize_app = typer.Typer(help="The lung localizer that labels lung boxes for the SSD detector.", no_args_is_help=True)
+app.add_typer(localize_app, name="localize")
+
+
+@localize_app.command("cv")
+def localize_cv(
+    data: Annotated[Path, typer.Option(help="manifest folder with annotations/lung_boxes.coco.json")],
+    out_json: Annotated[Path, typer.Option("--out", help="JSON with mAP@0.5 and mean IoU per fold")],
+    k: Annotated[int, typer.Option(help="folds, grouped by split_group")] = 5,
+    epochs: Annotated[int, typer.Option()] = 20,
+    budget_minutes_per_fold: Annotated[float | None, typer.Option(help="training minutes per fold")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Grouped k-fold cross-validation of the lung localizer against the real lung boxes."""
+    from cxrscreen.localizer import crossval_localizer
+
+    try:
+        result = crossval_localizer(data, k=k, epochs=epochs, seed=seed,
+                                    budget_minutes_per_fold=budget_minutes_per_fold, log=console.print)
+    except CXRError as exc:
+        _fail(exc)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=2, default=str))
+    out.print(f"localizer mAP@0.5 {result['map50']:.3f}, mean IoU {result['mean_iou']:.3f} "
+              f"(atlas: {result['atlas']['map50']:.3f}, {result['atlas']['mean_iou']:.3f}); wrote {out_json}")
+
+
+@localize_app.command("fit")
+def localize_fit(
+    data: Annotated[Path, typer.Option(help="manifest folder with annotations/lung_boxes.coco.json")],
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory for the localizer")],
+    epochs: Annotated[int, typer.Option()] = 20,
+    budget_minutes: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train the lung localizer on every annotated image."""
+    from cxrscreen.localizer import fit_localizer
+
+    try:
+        fit_localizer(data, out_dir, epochs=epochs, seed=seed, budget_minutes=budget_minutes, log=console.print)
+    except CXRError as exc:
+        _fail(exc)
+
+
+@localize_app.command("label")
+def localize_label(
+    data: Annotated[Path, typer.Option(help="manifest folder")],
+    out_csv: Annotated[Path, typer.Option("--out", help="boxes CSV (put it in the detector's run dir as boxes.csv)")],
+    localizer: Annotated[Path | None, typer.Option(help="localizer run dir (default: atlas boxes)")] = None,
+    min_score: Annotated[float, typer.Option(help="below this a lung falls back to the atlas box")] = 0.3,
+) -> None:
+    """Write lung boxes with scores for every image: annotations, else the localizer, else the atlas."""
+    from cxrscreen.localizer import label_boxes
+    from cxrscreen.runs import load_run
+
+    try:
+        summary = label_boxes(load_run(localizer) if localizer else None, data, out_csv, min_score=min_score,
+                              log=console.print)
+    except CXRError as exc:
+        _fail(exc)
+    out.print_json(json.dumps(summary, default=str))
 
 
 @app.command()

@@ -96,7 +96,13 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines += ["## Shortcut audit (`cxrscreen audit`)", "", *[f"- {f}" for f in card["audit_findings"]], ""]
     if card.get("gate"):
         g = card["gate"]
-        lines += ["## Not-a-chest-X-ray gate", "", "```json", json.dumps(g, indent=2)[:3000], "```", ""]
+        lines += ["## Not-a-chest-X-ray gate (`python benchmarks/gate_ood.py`)", "",
+                  f"- Real X-rays it was not fitted on, accepted: {g['real_eval_half']['accepted']['fraction']:.4f} "
+                  f"of {g['real_eval_half']['accepted']['n']}.",
+                  f"- Non-X-ray kinds used in fitting, flagged: {g['seen_kinds']['flagged']['fraction']:.4f} "
+                  f"of {g['seen_kinds']['flagged']['n']}; kinds never shown to it: "
+                  f"{g['unseen_kinds']['flagged']['fraction']:.4f} of {g['unseen_kinds']['flagged']['n']}.",
+                  "- What it cannot catch: " + " ".join(GATE_LIMITS), ""]
     lines += ["## Intended use", "", *[f"- {s}" for s in card["intended_use"]], "",
               "## Known limits", "", *[f"- {s}" for s in card["limits"]], "",
               "## What was done for generalisation", "", *[f"- {s}" for s in card["generalisation"]], ""]
@@ -117,6 +123,13 @@ LIMITS = [
     "Frontal views only; lateral views, CT and non-X-ray images are meant to be stopped by the gate, which has "
     "its own limits (see above).",
     "Trained from scratch on about 2,200 images on a CPU: it is small and not state of the art.",
+]
+GATE_LIMITS = [
+    "real lateral films without DICOM tags (only a synthetic lateral-like drawing was tested);",
+    "other radiographs (abdomen, limbs, skull, children) and figure crops that are mostly chest;",
+    "smooth or blurry low-detail pictures (some flagged only 70-92 % of the time);",
+    "rotated or upside-down X-rays (flagged 76 % / 67 %);",
+    "colour is only judged on files, not on web uploads or colour DICOMs.",
 ]
 GENERALISATION = [
     "Centre crop to 90 % of the short side instead of padding: no bars that reveal the source's aspect ratio, and "

@@ -48,7 +48,7 @@ def test_cohen_real_metadata(cxr_dir: Path) -> None:
     }
     assert set(df.loc[df["label"] == "covid", "original_label"]) == {"COVID-19", "COVID-19, ARDS"}
     # Resolved through <csv dir>/../images/cohen/<filename>.
-    assert Path(df["image"].iloc[0]) == (cxr_dir / "images" / "cohen" / "000001-12.jpg").resolve()
+    assert Path(df["image"].iloc[0]).resolve() == (cxr_dir / "images" / "cohen" / "000001-12.jpg").resolve()
 
 
 @pytest.mark.parametrize(

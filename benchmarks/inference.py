@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,15 +56,26 @@ def measure(run: LoadedRun, paths: list[Path], batch: int, n_latency: int) -> di
 
 
 def peak_rss_mb(model: str | None, paths: list[Path], threads: int) -> float:
-    """Peak resident memory (MB) of a `cxrscreen predict` process over `paths`."""
+    """Peak resident memory (MB) of a `cxrscreen predict` process over `paths`.
+
+    Read from the child's /proc/<pid>/status VmHWM while it runs: getrusage's ru_maxrss of children
+    would count the moment after fork, when the child still shares this (large) process's pages.
+    """
     cmd = [sys.executable, "-m", "cxrscreen.cli", "predict", *map(str, paths), "--json"]
     if model is not None:
         cmd += ["--model", model]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, env=env)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(before, after) / 1024, 1)  # ru_maxrss is KiB on Linux
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+    peak_kb = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak_kb = max(peak_kb, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    return round(peak_kb / 1024, 1)
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from cxrscreen.data.dataset import PreprocessedCache, default_cache_dir
 from cxrscreen.data.manifest import file_sha256, manifest_csv, read_manifest
 from cxrscreen.data.splits import PAPER_COUNTS, read_split
 from cxrscreen.errors import CXRError
-from cxrscreen.evaluate import report_for, run_probabilities
+from cxrscreen.evaluate import evaluate_subset, run_probabilities
 from cxrscreen.metrics import grouped_bootstrap_ci
 from cxrscreen.models.registry import count_parameters, get_spec
 from cxrscreen.report import read_history
@@ -303,28 +303,11 @@ def evaluate_test(
 ) -> tuple[dict[str, Any], SubsetData, np.ndarray]:
     """`evaluate_run(run, data_dir, split_csv=..., subset="test")`'s JSON, plus the test images and the
     probabilities it was computed from, in one pass of the model (the same figures, bootstrap and meta)."""
-    cache = PreprocessedCache(run.preprocess, cache_dir if cache_dir is not None else default_cache_dir())
-    data = load_subset(Path(data_dir), split_csv, "test", cache, run.classes)
-    probs = run_probabilities(run, data.images)
-    threshold = run.covid_threshold
-    out: dict[str, Any] = report_for(data, probs, run.classes, threshold=threshold, n_boot=n_boot, seed=seed)
-    out["meta"] = {
-        "model": str(run.run_dir),
-        "arch": run.arch,
-        "weights_sha256": run.config.get("weights_sha256"),
-        "data": str(data_dir),
-        "manifest_sha256": file_sha256(manifest_csv(data_dir)),
-        "split": str(split_csv),
-        "split_sha256": file_sha256(split_csv),
-        "subset": "test",
-        "temperature": run.temperature,
-        "covid_threshold": threshold,
-        "bootstrap": {"n": n_boot, "seed": seed, "unit": "split_group"},
-        "skipped_files": data.errors,
-        "versions": package_versions(),
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "written_by": "cxrscreen.compare.evaluate_test (evaluate_run's figures; probabilities in test_probs.csv)",
-    }
+    out, data, probs = evaluate_subset(run, data_dir, split_csv=split_csv, subset="test", n_boot=n_boot, seed=seed,
+                                       cache_dir=cache_dir)
+    out["meta"]["written_by"] = (
+        "cxrscreen.compare.evaluate_test (evaluate_run's figures; probabilities in test_probs.csv)"
+    )
     return out, data, probs
 
 

@@ -60,7 +60,7 @@ def report_for(
     return out
 
 
-def evaluate_run(
+def evaluate_subset(
     run: LoadedRun,
     data_dir: Path,
     *,
@@ -71,8 +71,8 @@ def evaluate_run(
     use_operating_point: bool = True,
     cache_dir: Path | None = None,
     progress: Any = None,
-) -> dict[str, Any]:
-    """Evaluate a loaded run on a data directory. Returns the eval JSON (dict)."""
+) -> tuple[dict[str, Any], SubsetData, np.ndarray]:
+    """The eval JSON of `evaluate_run`, plus the images and probabilities it came from (one model pass)."""
     cache = PreprocessedCache(run.preprocess, cache_dir if cache_dir is not None else default_cache_dir())
     data = load_subset(Path(data_dir), split_csv, subset if split_csv else None, cache, run.classes, progress)
     probs = run_probabilities(run, data.images)
@@ -94,4 +94,9 @@ def evaluate_run(
         "versions": package_versions(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    return out
+    return out, data, probs
+
+
+def evaluate_run(run: LoadedRun, data_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    """Evaluate a loaded run on a data directory (keywords as `evaluate_subset`). Returns the eval JSON."""
+    return evaluate_subset(run, data_dir, **kwargs)[0]

@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from cxrscreen import CLASSES
 from cxrscreen.data.dataset import PreprocessedCache, default_cache_dir
-from cxrscreen.data.manifest import file_sha256
 from cxrscreen.data.splits import read_split
 from cxrscreen.errors import CXRError
 from cxrscreen.localizer import BoxSource, geometry_for, image_sizes, size_of
@@ -53,7 +52,7 @@ from cxrscreen.models.detection import (
     train_one_epoch,
 )
 from cxrscreen.models.registry import count_parameters, get_spec
-from cxrscreen.runs import CHECKPOINT_FILE, HISTORY_FILE, package_versions, read_config, save_weights, write_config
+from cxrscreen.runs import CHECKPOINT_FILE, HISTORY_FILE, read_config, save_weights, write_config
 from cxrscreen.training import (
     HISTORY_COLUMNS,
     SubsetData,
@@ -62,6 +61,7 @@ from cxrscreen.training import (
     _val_figures,
     load_subset,
     pick_device,
+    run_base_config,
     seed_everything,
 )
 from cxrscreen.transforms import PreprocessConfig
@@ -185,22 +185,7 @@ def train_detector(
         log(f"resuming {out_dir} after epoch {ck['epoch']}")
 
     base_config: dict[str, Any] = {
-        "arch": cfg.arch,
-        "kind": "detector",
-        "classes": classes,
-        "preprocess": cfg.preprocess.to_dict(),
-        "training": cfg.to_dict(),
-        "seed": cfg.seed,
-        "versions": package_versions(),
-        "data": {
-            "manifest": str(data_dir),
-            "manifest_sha256": file_sha256(data_dir / "manifest.csv" if data_dir.is_dir() else data_dir),
-            "split": str(split_csv),
-            "split_sha256": file_sha256(split_csv),
-            "train_images": int(len(tr.labels)),
-            "val_images": int(len(va.labels)),
-            "skipped_files": {**tr.errors, **va.errors},
-        },
+        **run_base_config(cfg, "detector", classes, data_dir, split_csv, tr, va),
         "image_rule": IMAGE_RULE,
         "boxes_source": {**source.describe(), "train_images_by_source": tr_src, "val_images_by_source": va_src},
         "detector": {

@@ -198,6 +198,31 @@ def _val_figures(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> d
     }
 
 
+def run_base_config(
+    cfg: TrainConfig, kind: str, classes: list[str], data_dir: Path, split_csv: Path, tr: SubsetData, va: SubsetData
+) -> dict[str, Any]:
+    """The config.json fields every trained run shares: arch, kind, classes, preprocessing, training
+    arguments, seed, package versions, and the data (manifest and split hashes, image counts, skipped files)."""
+    return {
+        "arch": cfg.arch,
+        "kind": kind,
+        "classes": classes,
+        "preprocess": cfg.preprocess.to_dict(),
+        "training": cfg.to_dict(),
+        "seed": cfg.seed,
+        "versions": package_versions(),
+        "data": {
+            "manifest": str(data_dir),
+            "manifest_sha256": file_sha256(data_dir / "manifest.csv" if data_dir.is_dir() else data_dir),
+            "split": str(split_csv),
+            "split_sha256": file_sha256(split_csv),
+            "train_images": int(len(tr.labels)),
+            "val_images": int(len(va.labels)),
+            "skipped_files": {**tr.errors, **va.errors},
+        },
+    }
+
+
 def train(
     cfg: TrainConfig,
     data_dir: Path,
@@ -291,22 +316,7 @@ def train(
         log(f"resuming {out_dir} after epoch {ck['epoch']}")
 
     base_config: dict[str, Any] = {
-        "arch": cfg.arch,
-        "kind": "classifier",
-        "classes": classes,
-        "preprocess": cfg.preprocess.to_dict(),
-        "training": cfg.to_dict(),
-        "seed": cfg.seed,
-        "versions": package_versions(),
-        "data": {
-            "manifest": str(data_dir),
-            "manifest_sha256": file_sha256(data_dir / "manifest.csv" if data_dir.is_dir() else data_dir),
-            "split": str(split_csv),
-            "split_sha256": file_sha256(split_csv),
-            "train_images": int(len(tr.labels)),
-            "val_images": int(len(va.labels)),
-            "skipped_files": {**tr.errors, **va.errors},
-        },
+        **run_base_config(cfg, "classifier", classes, data_dir, split_csv, tr, va),
         "parameters": count_parameters(model),
         "finished": False,
     }

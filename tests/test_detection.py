@@ -229,6 +229,13 @@ def test_train_detector_writes_run_dir(detector_run: Path):
     assert np.isfinite(hist["train_loss"][0]) and np.isfinite(hist["val_loss"][0])
 
 
+def test_train_detector_refuses_a_missing_boxes_file_before_loading_images(tmp_path: Path):
+    cfg = TrainConfig(arch=TINY, boxes=str(tmp_path / "nope.csv"), preprocess=PreprocessConfig(image_size=64))
+    with pytest.raises(CXRError, match="boxes file not found") as err:
+        train(cfg, tmp_path / "no_data", tmp_path / "no_split.csv", tmp_path / "run", log=lambda s: None)
+    assert "nope.csv" in str(err.value)
+
+
 @pytest.mark.slow
 def test_evaluate_and_predict_accept_a_detector_run(detector_run: Path, small_data, data_dir: Path, tmp_path):
     data, split = small_data

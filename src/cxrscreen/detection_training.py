@@ -6,10 +6,10 @@
 checkpoint and does not train a finished run again, like ``training.train``.
 
 Targets. Every image gets its two lung boxes, each labelled with the image's class (detector label
-class index + 1): annotated boxes where the COCO file covers the image, else the rows of
-``<out_dir>/boxes.csv`` if that file exists (written beforehand by ``localizer.label_boxes``), else the
-atlas (``localizer.BoxSource``). Boxes are mapped into the preprocessed square with the image's
-``Geometry`` and clipped; a box cut away by the centre crop is dropped.
+class index + 1): annotated boxes where the COCO file covers the image, else the rows of the boxes
+file ``cfg.boxes`` (or ``<out_dir>/boxes.csv`` if that exists; written beforehand by
+``localizer.label_boxes``), else the atlas (``localizer.BoxSource``). Boxes are mapped into the
+preprocessed square with the image's ``Geometry`` and clipped; a box cut away by the centre crop is dropped.
 
 Recipe. AdamW (``cfg.lr``, ``cfg.weight_decay``) with a linear warm-up over the first epoch (at most
 500 iterations) and the SSD paper's steps (x0.1 after 2/3 and after 5/6 of the epochs); the SSD
@@ -114,11 +114,14 @@ def train_detector(
     if get_spec(cfg.arch).kind != "detector":
         raise CXRError(f"{cfg.arch} is not a detector")
     check_input_size(cfg.arch, cfg.preprocess.image_size)
+    boxes_file = Path(cfg.boxes) if cfg.boxes else out_dir / BOXES_FILE
+    if cfg.boxes and not boxes_file.is_file():
+        raise CXRError("boxes file not found (write it with `cxrscreen localize label`)", boxes_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_FILE
     if (out_dir / "config.json").is_file():
         old = read_config(out_dir)
-        if old.get("training") != cfg.to_dict():
+        if TrainConfig.from_dict(old.get("training") or {}).to_dict() != cfg.to_dict():
             raise CXRError("run directory holds a run with another configuration; choose a new --out", out_dir)
         if old.get("finished"):
             log(f"{out_dir}: finished run found, not training again")
@@ -146,7 +149,7 @@ def train_detector(
     if len(tr.labels) == 0:
         raise CXRError("the split has no usable train images", split_csv)
 
-    source = BoxSource.for_data(data_dir, out_dir / BOXES_FILE)
+    source = BoxSource.for_data(data_dir, boxes_file)
     sizes = image_sizes(data_dir)
     tr_boxes, tr_lbls, tr_src = subset_targets(tr, source, cfg.preprocess, sizes)
     va_boxes, va_lbls, va_src = subset_targets(va, source, cfg.preprocess, sizes)

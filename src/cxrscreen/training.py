@@ -68,6 +68,7 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"
     cache_dir: str | None = None
+    boxes: str | None = None  # detectors: lung boxes CSV (`cxrscreen localize label`); default <out>/boxes.csv
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

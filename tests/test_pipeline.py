@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,19 @@ def test_finished_run_is_not_trained_again(trained_run: Path, small_data, monkey
         train(_cfg(tmp_path, epochs=3), data, split, trained_run, log=lambda s: None)
 
 
+def test_run_stored_before_a_training_option_existed_is_still_found(trained_run: Path, small_data, monkeypatch,
+                                                                     tmp_path):
+    data, split = small_data
+    run = tmp_path / "old"
+    shutil.copytree(trained_run, run)
+    stored = json.loads((run / "config.json").read_text())
+    cfg = TrainConfig.from_dict(stored["training"])
+    del stored["training"]["boxes"]  # as written before TrainConfig had the field
+    (run / "config.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(training, "train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
+    assert train(cfg, data, split, run, log=lambda s: None)["finished"] is True
+
+
 def test_interrupted_run_resumes_from_checkpoint(small_data, tmp_path, monkeypatch):
     data, split = small_data
     real = engine.train_one_epoch
@@ -113,8 +127,6 @@ def test_evaluate_json_keys_and_ci_bounds(trained_run: Path, small_data, tmp_pat
 
 
 def test_weights_checksum_is_enforced(trained_run: Path, tmp_path):
-    import shutil
-
     bad = tmp_path / "bad"
     shutil.copytree(trained_run, bad)
     raw = bytearray((bad / "model.safetensors").read_bytes())

@@ -21,20 +21,16 @@ of ``training`` and val_map50 (boxes labelled by class, mAP@0.5).
 
 from __future__ import annotations
 
-import csv
-import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
 from cxrscreen import CLASSES
 from cxrscreen.data.dataset import PreprocessedCache, default_cache_dir
-from cxrscreen.data.splits import read_split
 from cxrscreen.errors import CXRError
 from cxrscreen.localizer import BoxSource, geometry_for, image_sizes, size_of
 from cxrscreen.models.detection import (
@@ -52,30 +48,24 @@ from cxrscreen.models.detection import (
     train_one_epoch,
 )
 from cxrscreen.models.registry import count_parameters, get_spec
-from cxrscreen.runs import CHECKPOINT_FILE, HISTORY_FILE, read_config, save_weights, write_config
+from cxrscreen.runs import read_config, write_config
 from cxrscreen.training import (
     HISTORY_COLUMNS,
+    EpochLoop,
     SubsetData,
     TrainConfig,
-    _history_rows,
-    _val_figures,
-    load_subset,
+    epoch_sampler,
+    load_train_val,
     pick_device,
     run_base_config,
     seed_everything,
+    stored_run,
+    val_figures,
 )
 from cxrscreen.transforms import PreprocessConfig
 
 BOXES_FILE = "boxes.csv"
 DET_HISTORY_COLUMNS = [*HISTORY_COLUMNS, "val_map50"]
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=DET_HISTORY_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in DET_HISTORY_COLUMNS})
 
 
 def subset_targets(
@@ -118,14 +108,8 @@ def train_detector(
     if cfg.boxes and not boxes_file.is_file():
         raise CXRError("boxes file not found (write it with `cxrscreen localize label`)", boxes_file)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_FILE
-    if (out_dir / "config.json").is_file():
-        old = read_config(out_dir)
-        if TrainConfig.from_dict(old.get("training") or {}).to_dict() != cfg.to_dict():
-            raise CXRError("run directory holds a run with another configuration; choose a new --out", out_dir)
-        if old.get("finished"):
-            log(f"{out_dir}: finished run found, not training again")
-            return old
+    if (old := stored_run(cfg, out_dir, log)) is not None:
+        return old
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -136,18 +120,7 @@ def train_detector(
     def bar(desc: str, total: int) -> Any:
         return progress_factory(desc, total) if progress_factory else None
 
-    subsets: dict[str, SubsetData] = {}
-    split_df = read_split(split_csv)
-    for name in ("train", "val"):
-        b = bar(f"loading {name} images", int((split_df["subset"] == name).sum()))
-        subsets[name] = load_subset(data_dir, split_csv, name, cache, classes, b.update if b else None)
-        if b:
-            b.close()
-        for p, e in subsets[name].errors.items():
-            log(f"skipped {p}: {e}")
-    tr, va = subsets["train"], subsets["val"]
-    if len(tr.labels) == 0:
-        raise CXRError("the split has no usable train images", split_csv)
+    tr, va = load_train_val(data_dir, split_csv, cache, classes, bar=bar, log=log)
 
     source = BoxSource.for_data(data_dir, boxes_file)
     sizes = image_sizes(data_dir)
@@ -163,29 +136,16 @@ def train_detector(
     size = cfg.preprocess.image_size
     generator = torch.Generator().manual_seed(cfg.seed)
     train_ds = DetectionDataset(tr.images, tr_boxes, tr_lbls, DetectionAugment(size))
-    n_per_epoch = min(cfg.max_train_images_per_epoch or len(train_ds), len(train_ds))
-    if cfg.balance == "sampler":
-        w = 1.0 / np.bincount(tr.labels, minlength=len(classes))[tr.labels]
-        sampler: Any = WeightedRandomSampler(w.tolist(), n_per_epoch, replacement=True, generator=generator)
-    else:
-        sampler = RandomSampler(train_ds, num_samples=n_per_epoch, generator=generator)
+    sampler = epoch_sampler(cfg, tr.labels, len(classes), generator)
+    n_per_epoch = len(sampler)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                               collate_fn=collate, drop_last=n_per_epoch > cfg.batch_size)
     val_loader = DataLoader(DetectionDataset(va.images, va_boxes, va_lbls), batch_size=cfg.batch_size,
                             collate_fn=collate)
     warmup = min(len(train_loader), 500)
 
-    start_epoch, best, bad_epochs, step = 1, None, 0, 0
-    history = _history_rows(out_dir / HISTORY_FILE)
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        start_epoch, best, bad_epochs, step = ck["epoch"] + 1, ck["best"], ck["bad_epochs"], ck["step"]
-        history = history[: ck["epoch"]]
-        log(f"resuming {out_dir} after epoch {ck['epoch']}")
+    loop = EpochLoop(cfg, out_dir, model, optimizer, generator, history_columns=DET_HISTORY_COLUMNS, log=log)
+    loop.resume(device)
 
     base_config: dict[str, Any] = {
         **run_base_config(cfg, "detector", classes, data_dir, split_csv, tr, va),
@@ -205,60 +165,26 @@ def train_detector(
     }
     if cfg.balance == "loss":
         log("balance 'loss': the SSD loss has no class weights; training unweighted (use 'sampler' to balance)")
-    write_config(out_dir, {**read_config(out_dir), **base_config} if ckpt_path.is_file() else base_config)
+    write_config(out_dir, {**read_config(out_dir), **base_config} if loop.ckpt_path.is_file() else base_config)
 
     val_truths = [(b, lb) for b, lb in zip(va_boxes, va_lbls, strict=True)]
-    t_start = time.monotonic()
-    deadline_s = cfg.budget_minutes * 60 if cfg.budget_minutes else None
-    stop_reason = "completed all epochs"
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.monotonic()
+
+    def run_epoch(epoch: int, out_of_time: Callable[[], bool] | None) -> dict[str, Any]:
+        def lr_at(s: int) -> float:
+            return cfg.lr * lr_factor(s, epoch, epochs=cfg.epochs, warmup_steps=warmup)
+
         b = bar(f"epoch {epoch}/{cfg.epochs}", n_per_epoch)
-        out_of_time = (lambda: time.monotonic() - t_start > deadline_s) if deadline_s else None
-
-        def lr_at(s: int, e: int = epoch) -> float:
-            return cfg.lr * lr_factor(s, e, epochs=cfg.epochs, warmup_steps=warmup)
-
-        train_loss, seen, step = train_one_epoch(model, train_loader, optimizer, device=device, lr_at=lr_at,
-                                                 step=step, on_batch=b.update if b else None, deadline=out_of_time)
+        train_loss, seen, loop.extra["step"] = train_one_epoch(
+            model, train_loader, optimizer, device=device, lr_at=lr_at, step=loop.extra.get("step", 0),
+            on_batch=b.update if b else None, deadline=out_of_time)
         if b:
             b.close()
         val_loss, dets = evaluate(model, val_loader, device=device)
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.monotonic() - t0, 1),
-                               "train_images": seen}
+        row: dict[str, Any] = {"train_loss": train_loss, "val_loss": val_loss,
+                               "lr": optimizer.param_groups[0]["lr"], "train_images": seen}
         if len(va.labels):
-            row.update(_val_figures(image_probabilities(dets, len(classes)), va.labels, classes))
+            row.update(val_figures(image_probabilities(dets, len(classes)), va.labels, classes))
             row["val_map50"] = mean_average_precision(dets, val_truths, range(1, len(classes) + 1))
-        history.append(row)
-        _write_history(out_dir / HISTORY_FILE, history)
-        score = -val_loss if cfg.monitor == "val_loss" else row.get("val_macro_f1", 0.0)
-        if len(va.labels) == 0 or best is None or score > best:
-            best, bad_epochs = score, 0
-            sha = save_weights(model, out_dir)
-            write_config(out_dir, {**read_config(out_dir), "weights_sha256": sha, "best_epoch": epoch})
-        else:
-            bad_epochs += 1
-        log(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-            f"val acc {row.get('val_accuracy', float('nan')):.3f}, val macro-F1 {row.get('val_macro_f1', 0):.3f}, "
-            f"val mAP@0.5 {row.get('val_map50') or 0:.3f} ({row['seconds']} s)")
-        torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-             "torch_rng": torch.get_rng_state(), "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
-             "step": step},
-            ckpt_path,
-        )
-        if bad_epochs >= cfg.patience:
-            stop_reason = f"early stop: {cfg.monitor} did not improve for {cfg.patience} epochs"
-            break
-        if deadline_s and time.monotonic() - t_start > deadline_s:
-            stop_reason = f"time budget of {cfg.budget_minutes} min reached"
-            break
-    final = read_config(out_dir)
-    final.update({"finished": True, "stop_reason": stop_reason,
-                  "train_seconds": round(time.monotonic() - t_start, 1) + float(final.get("train_seconds", 0))})
-    write_config(out_dir, final)
-    log(f"{out_dir}: {stop_reason}; best epoch {final.get('best_epoch')}")
-    (out_dir / "train_summary.json").write_text(json.dumps({"stop_reason": stop_reason,
-                                                            "epochs_run": len(history)}, indent=2))
-    return final
+        return row
+
+    return loop.run(run_epoch, has_val=len(va.labels) > 0)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from cxrscreen import CLASSES
 from cxrscreen.data.dataset import PreprocessedCache, XRayTensorDataset, default_cache_dir, load_images
@@ -169,22 +169,43 @@ def load_subset(
     )
 
 
-def _history_rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def load_train_val(
+    data_dir: Path,
+    split_csv: Path,
+    cache: PreprocessedCache,
+    classes: list[str],
+    *,
+    bar: Callable[[str, int], Any],
+    log: Callable[[str], None],
+) -> tuple[SubsetData, SubsetData]:
+    """The train and val subsets of a split, with a progress bar each; unreadable files are logged and
+    skipped. CXRError when no train image is left."""
+    split_df = read_split(split_csv)
+    subsets = {}
+    for name in ("train", "val"):
+        b = bar(f"loading {name} images", int((split_df["subset"] == name).sum()))
+        subsets[name] = load_subset(data_dir, split_csv, name, cache, classes, b.update if b else None)
+        if b:
+            b.close()
+        for p, e in subsets[name].errors.items():
+            log(f"skipped {p}: {e}")
+    if len(subsets["train"].labels) == 0:
+        raise CXRError("the split has no usable train images", split_csv)
+    return subsets["train"], subsets["val"]
 
 
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in HISTORY_COLUMNS})
+def epoch_sampler(cfg: TrainConfig, labels: np.ndarray, n_classes: int, generator: torch.Generator) -> Sampler[int]:
+    """The images one epoch draws: min(cfg.max_train_images_per_epoch, all) of them, classes drawn evenly
+    (with replacement) when cfg.balance is "sampler", else a random order without replacement."""
+    n = min(cfg.max_train_images_per_epoch or len(labels), len(labels))
+    if cfg.balance == "sampler":
+        w = 1.0 / np.bincount(labels, minlength=n_classes)[labels]
+        return WeightedRandomSampler(w.tolist(), n, replacement=True, generator=generator)
+    return RandomSampler(range(len(labels)), num_samples=n, generator=generator)
 
 
-def _val_figures(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, float | None]:
+def val_figures(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, float | None]:
+    """Validation accuracy, macro-F1 and COVID sensitivity / specificity of arg-max predictions."""
     from sklearn.metrics import f1_score
 
     pred = probs.argmax(1)
@@ -197,6 +218,134 @@ def _val_figures(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> d
         "val_covid_sensitivity": sens,
         "val_covid_specificity": spec,
     }
+
+
+def stored_run(cfg: TrainConfig, out_dir: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The config of a finished run of `cfg` in out_dir, or None when there is none (or it is unfinished).
+
+    A run directory that holds a run of another configuration is refused (CXRError). Stored training
+    options are read through TrainConfig, so a field added since the run was made takes its default.
+    """
+    if not (out_dir / "config.json").is_file():
+        return None
+    old = read_config(out_dir)
+    if TrainConfig.from_dict(old.get("training") or {}).to_dict() != cfg.to_dict():
+        raise CXRError("run directory holds a run with another configuration; choose a new --out", out_dir)
+    if old.get("finished"):
+        log(f"{out_dir}: finished run found, not training again")
+        return old
+    return None
+
+
+@dataclass
+class EpochLoop:
+    """The epoch loop every recipe shares, around a recipe's own `run_epoch`.
+
+    After each epoch: the row goes to history.csv, the weights are saved when `cfg.monitor` improves,
+    checkpoint.pt gets model, optimiser, scheduler, RNG state, loop state and `extra` (recipe state such as
+    the step count); then early stopping and the time budget. `resume` restores all of it from checkpoint.pt.
+    """
+
+    cfg: TrainConfig
+    out_dir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    scheduler: Any | None = None
+    history_columns: list[str] = field(default_factory=lambda: list(HISTORY_COLUMNS))
+    log: Callable[[str], None] = print
+    start_epoch: int = 1
+    best: float | None = None
+    bad_epochs: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_FILE
+
+    def resume(self, device: torch.device) -> None:
+        """Read history.csv and, when checkpoint.pt exists, restore the state saved after its epoch."""
+        path = self.out_dir / HISTORY_FILE
+        if path.is_file():
+            with open(path, newline="") as f:
+                self.history = list(csv.DictReader(f))
+        if not self.ckpt_path.is_file():
+            return
+        ck = torch.load(self.ckpt_path, map_location=device, weights_only=False)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(ck["scheduler"])
+        self.generator.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        self.start_epoch, self.best, self.bad_epochs = ck["epoch"] + 1, ck["best"], ck["bad_epochs"]
+        self.extra = dict(ck.get("extra") or ({"step": ck["step"]} if "step" in ck else {}))  # older checkpoints
+        self.history = self.history[: ck["epoch"]]
+        self.log(f"resuming {self.out_dir} after epoch {ck['epoch']}")
+
+    def _write_history(self) -> None:
+        with open(self.out_dir / HISTORY_FILE, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.history_columns)
+            w.writeheader()
+            for r in self.history:
+                w.writerow({k: r.get(k, "") for k in self.history_columns})
+
+    def run(
+        self,
+        run_epoch: Callable[[int, Callable[[], bool] | None], dict[str, Any]],
+        *,
+        has_val: bool,
+    ) -> dict[str, Any]:
+        """Run the remaining epochs; returns the final config dict (also written to config.json).
+
+        run_epoch(epoch, out_of_time) trains one epoch (stopping early when out_of_time() is true),
+        validates, and returns the history row: train_loss, val_loss, lr, train_images and val_* figures.
+        Without validation images (has_val False) every epoch's weights are kept.
+        """
+        cfg = self.cfg
+        t_start = time.monotonic()
+        deadline_s = cfg.budget_minutes * 60 if cfg.budget_minutes else None
+        out_of_time = (lambda: time.monotonic() - t_start > deadline_s) if deadline_s else None
+        stop_reason = "completed all epochs"
+        for epoch in range(self.start_epoch, cfg.epochs + 1):
+            t0 = time.monotonic()
+            row = {"epoch": epoch, **run_epoch(epoch, out_of_time)}
+            row["seconds"] = round(time.monotonic() - t0, 1)
+            self.history.append(row)
+            self._write_history()
+            score = -row["val_loss"] if cfg.monitor == "val_loss" else row.get("val_macro_f1", 0.0)
+            if not has_val or self.best is None or score > self.best:
+                self.best, self.bad_epochs = score, 0
+                sha = save_weights(self.model, self.out_dir)
+                write_config(self.out_dir, {**read_config(self.out_dir), "weights_sha256": sha, "best_epoch": epoch})
+            else:
+                self.bad_epochs += 1
+            extra = f", val mAP@0.5 {row['val_map50'] or 0:.3f}" if "val_map50" in row else ""
+            self.log(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+                     f"val acc {row.get('val_accuracy', float('nan')):.3f}, "
+                     f"val macro-F1 {row.get('val_macro_f1', 0):.3f}{extra} ({row['seconds']} s)")
+            torch.save(
+                {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
+                 "best": self.best, "bad_epochs": self.bad_epochs, "extra": self.extra},
+                self.ckpt_path,
+            )
+            if self.bad_epochs >= cfg.patience:
+                stop_reason = f"early stop: {cfg.monitor} did not improve for {cfg.patience} epochs"
+                break
+            if out_of_time is not None and out_of_time():
+                stop_reason = f"time budget of {cfg.budget_minutes} min reached"
+                break
+        final = read_config(self.out_dir)
+        final.update({"finished": True, "stop_reason": stop_reason,
+                      "train_seconds": round(time.monotonic() - t_start, 1) + float(final.get("train_seconds", 0))})
+        write_config(self.out_dir, final)
+        self.log(f"{self.out_dir}: {stop_reason}; best epoch {final.get('best_epoch')}")
+        (self.out_dir / "train_summary.json").write_text(
+            json.dumps({"stop_reason": stop_reason, "epochs_run": len(self.history)}, indent=2))
+        return final
 
 
 def run_base_config(
@@ -246,14 +395,8 @@ def train(
     if cfg.preprocess.image_size < spec.min_size:
         raise CXRError(f"{cfg.arch} needs image_size >= {spec.min_size}, got {cfg.preprocess.image_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_FILE
-    if (out_dir / "config.json").is_file():
-        old = read_config(out_dir)
-        if old.get("training") != cfg.to_dict():
-            raise CXRError("run directory holds a run with another configuration; choose a new --out", out_dir)
-        if old.get("finished"):
-            log(f"{out_dir}: finished run found, not training again")
-            return old
+    if (old := stored_run(cfg, out_dir, log)) is not None:
+        return old
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -264,19 +407,7 @@ def train(
     def bar(desc: str, total: int) -> Any:
         return progress_factory(desc, total) if progress_factory else None
 
-    subsets = {}
-    for name in ("train", "val"):
-        df_split = read_split(split_csv)
-        total = int((df_split["subset"] == name).sum())
-        b = bar(f"loading {name} images", total)
-        subsets[name] = load_subset(data_dir, split_csv, name, cache, classes, b.update if b else None)
-        if b:
-            b.close()
-        for p, e in subsets[name].errors.items():
-            log(f"skipped {p}: {e}")
-    tr, va = subsets["train"], subsets["val"]
-    if len(tr.labels) == 0:
-        raise CXRError("the split has no usable train images", split_csv)
+    tr, va = load_train_val(data_dir, split_csv, cache, classes, bar=bar, log=log)
     log(f"train {len(tr.labels)} images {np.bincount(tr.labels, minlength=3).tolist()}, "
         f"val {len(va.labels)} images {np.bincount(va.labels, minlength=3).tolist()} ({', '.join(classes)}); "
         f"cache hits {cache.hits}, decoded {cache.misses}")
@@ -292,84 +423,32 @@ def train(
 
     generator = torch.Generator().manual_seed(cfg.seed)
     train_ds = XRayTensorDataset(tr.images, tr.labels, train_transform(cfg.preprocess, cfg.augment))
-    n_per_epoch = min(cfg.max_train_images_per_epoch or len(train_ds), len(train_ds))
-    if cfg.balance == "sampler":
-        w = 1.0 / np.bincount(tr.labels, minlength=len(classes))[tr.labels]
-        sampler = WeightedRandomSampler(w.tolist(), n_per_epoch, replacement=True, generator=generator)
-    else:
-        sampler = torch.utils.data.RandomSampler(train_ds, num_samples=n_per_epoch, generator=generator)
+    sampler = epoch_sampler(cfg, tr.labels, len(classes), generator)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                               drop_last=len(train_ds) > cfg.batch_size)
     val_loader = DataLoader(XRayTensorDataset(va.images, va.labels, eval_transform(cfg.preprocess)),
                             batch_size=max(cfg.batch_size, 64))
 
-    start_epoch, best, bad_epochs = 1, None, 0
-    history = _history_rows(out_dir / HISTORY_FILE)
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        start_epoch, best, bad_epochs = ck["epoch"] + 1, ck["best"], ck["bad_epochs"]
-        history = history[: ck["epoch"]]
-        log(f"resuming {out_dir} after epoch {ck['epoch']}")
+    loop = EpochLoop(cfg, out_dir, model, optimizer, generator, scheduler, log=log)
+    loop.resume(device)
 
     base_config: dict[str, Any] = {
         **run_base_config(cfg, "classifier", classes, data_dir, split_csv, tr, va),
         "parameters": count_parameters(model),
         "finished": False,
     }
-    write_config(out_dir, {**read_config(out_dir), **base_config} if ckpt_path.is_file() else base_config)
+    write_config(out_dir, {**read_config(out_dir), **base_config} if loop.ckpt_path.is_file() else base_config)
 
-    t_start = time.monotonic()
-    deadline_s = cfg.budget_minutes * 60 if cfg.budget_minutes else None
-    stop_reason = "completed all epochs"
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.monotonic()
+    def run_epoch(epoch: int, out_of_time: Callable[[], bool] | None) -> dict[str, Any]:
         b = bar(f"epoch {epoch}/{cfg.epochs}", len(train_loader) * cfg.batch_size)
-        out_of_time = (lambda: time.monotonic() - t_start > deadline_s) if deadline_s else None
         train_loss, seen = train_one_epoch(model, train_loader, criterion, optimizer, device=device,
                                            on_batch=b.update if b else None, deadline=out_of_time)
         if b:
             b.close()
         val_loss, probs, labels = evaluate_epoch(model, val_loader, val_criterion, device=device)
-        lr = optimizer.param_groups[0]["lr"]
+        row = {"train_loss": train_loss, "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"],
+               "train_images": seen}
         scheduler.step()
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-               "seconds": round(time.monotonic() - t0, 1), "train_images": seen}
-        if len(labels):
-            row.update(_val_figures(probs, labels, classes))
-        history.append(row)
-        _write_history(out_dir / HISTORY_FILE, history)
-        score = -val_loss if cfg.monitor == "val_loss" else row.get("val_macro_f1", 0.0)
-        if len(labels) == 0 or best is None or score > best:
-            best, bad_epochs = score, 0
-            sha = save_weights(model, out_dir)
-            write_config(out_dir, {**read_config(out_dir), "weights_sha256": sha, "best_epoch": epoch})
-        else:
-            bad_epochs += 1
-        log(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-            f"val acc {row.get('val_accuracy', float('nan')):.3f}, val macro-F1 {row.get('val_macro_f1', 0):.3f} "
-            f"({row['seconds']} s)")
-        torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
-             "best": best, "bad_epochs": bad_epochs},
-            ckpt_path,
-        )
-        if bad_epochs >= cfg.patience:
-            stop_reason = f"early stop: {cfg.monitor} did not improve for {cfg.patience} epochs"
-            break
-        if deadline_s and time.monotonic() - t_start > deadline_s:
-            stop_reason = f"time budget of {cfg.budget_minutes} min reached"
-            break
-    final = read_config(out_dir)
-    final.update({"finished": True, "stop_reason": stop_reason,
-                  "train_seconds": round(time.monotonic() - t_start, 1) + float(final.get("train_seconds", 0))})
-    write_config(out_dir, final)
-    log(f"{out_dir}: {stop_reason}; best epoch {final.get('best_epoch')}")
-    (out_dir / "train_summary.json").write_text(json.dumps({"stop_reason": stop_reason,
-                                                            "epochs_run": len(history)}, indent=2))
-    return final
+        return {**row, **(val_figures(probs, labels, classes) if len(labels) else {})}
+
+    return loop.run(run_epoch, has_val=len(va.labels) > 0)

@@ -34,6 +34,7 @@ import fit_gate as recipe  # noqa: E402  (the data recipe shared with the fit sc
 
 from cxrscreen.gate import Gate, bundled_gate_path  # noqa: E402
 from cxrscreen.io import XRay, read_xray, read_xray_bytes  # noqa: E402
+from cxrscreen.synthetic import to_uint8, write_dicom  # noqa: E402
 
 
 def _reason(flags: list[str]) -> str:
@@ -100,32 +101,8 @@ def bench_kinds(gate: Gate, kinds: dict[str, recipe.Generator], n: int, seed: in
 
 
 def _dicom(path: Path, x: XRay, *, modality: str = "DX", view: str | None = "PA") -> Path:
-    """Write ``x`` as a minimal 8-bit MONOCHROME2 DICOM with the given tags."""
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
-    if view:
-        ds.ViewPosition = view
-    arr = np.clip(np.rint(x.pixels * 255), 0, 255).astype(np.uint8)
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = arr.tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
-
-
-def _u8(px: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(px * 255), 0, 255).astype(np.uint8)
+    """``x`` as an 8-bit DICOM file with the given modality and view (None: no ViewPosition)."""
+    return write_dicom(path, to_uint8(x.pixels), Modality=modality, **({"ViewPosition": view} if view else {}))
 
 
 def _save(arr: np.ndarray, path: Path) -> Path:
@@ -141,15 +118,15 @@ def bench_transforms(gate: Gate, xrays: list[XRay], n: int, seed: int, folder: P
     casts = {"mild_tint": np.array([1.0, 0.96, 0.88]), "sepia": np.array([1.0, 0.8, 0.55])}
     out: dict[str, list[list[str]]] = {}
     for i, x in enumerate(sample):
-        g = _u8(x.pixels)
+        g = to_uint8(x.pixels)
         made = {
             "grey_as_rgb_jpeg": _save(np.repeat(g[..., None], 3, axis=2), folder / f"{i}_rgb.jpg"),
             "rotated_90": _save(np.rot90(g), folder / f"{i}_rot.png"),
             "upside_down": _save(g[::-1], folder / f"{i}_ud.png"),
             "inverted": _save(255 - g, folder / f"{i}_inv.png"),
-            "gamma_0.7": _save(_u8(x.pixels ** 0.7), folder / f"{i}_g07.png"),
-            "gamma_1.4": _save(_u8(x.pixels ** 1.4), folder / f"{i}_g14.png"),
-            "low_contrast_0.8": _save(_u8(0.1 + 0.8 * x.pixels), folder / f"{i}_c08.png"),
+            "gamma_0.7": _save(to_uint8(x.pixels ** 0.7), folder / f"{i}_g07.png"),
+            "gamma_1.4": _save(to_uint8(x.pixels ** 1.4), folder / f"{i}_g14.png"),
+            "low_contrast_0.8": _save(to_uint8(0.1 + 0.8 * x.pixels), folder / f"{i}_c08.png"),
             "dicom_dx_pa": _dicom(folder / f"{i}_pa.dcm", x),
             "dicom_view_ll": _dicom(folder / f"{i}_ll.dcm", x, view="LL"),
             "dicom_modality_ct": _dicom(folder / f"{i}_ct.dcm", x, modality="CT", view=None),

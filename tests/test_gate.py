@@ -10,16 +10,14 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxrscreen import gate as gate_mod
 from cxrscreen.errors import CXRError
 from cxrscreen.gate import FEATURE_NAMES, Gate, colour_stats, gate_features, gate_for_run, rule_flags
 from cxrscreen.io import XRay, read_xray
+from cxrscreen.synthetic import to_uint8, write_dicom
 from tests.conftest import synthetic_cxr
 
 
@@ -47,24 +45,8 @@ def _document(rng: np.random.Generator) -> np.ndarray:
 
 
 def _dicom(path: Path, pixels: np.ndarray, *, modality: str = "DX", view: str | None = "PA") -> Path:
-    """A minimal 8-bit MONOCHROME2 DICOM file."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
-    if view is not None:
-        ds.ViewPosition = view
-    arr = np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8)
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = arr.tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
+    """An 8-bit DICOM file of float pixels with the given modality and view (None: no ViewPosition)."""
+    return write_dicom(path, to_uint8(pixels), Modality=modality, **({"ViewPosition": view} if view else {}))
 
 
 # --------------------------------------------------------------------------------------- non-X-rays

@@ -11,8 +11,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 
 from cxrscreen.errors import CXRError
 from cxrscreen.io import (
@@ -23,9 +22,7 @@ from cxrscreen.io import (
     read_xray,
     read_xray_bytes,
 )
-
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-
+from cxrscreen.synthetic import write_dicom
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -56,44 +53,9 @@ def _shipped(name: str) -> str:
     return str(found)
 
 
-def _dicom(
-    path: Path,
-    stored: np.ndarray,
-    *,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int = 12,
-    frames: int = 1,
-    pixel_data: bool = True,
-    **attrs: object,
-) -> Path:
-    """Write an uncompressed (Explicit VR Little Endian) DICOM file holding `stored`."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = DX_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    rows, cols = stored.shape[-3:-1] if stored.ndim == 3 and stored.shape[-1] == 3 else stored.shape[-2:]
-    ds.Rows, ds.Columns = int(rows), int(cols)
-    ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
-    if photometric == "RGB":
-        ds.PlanarConfiguration = 0
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = stored.dtype.itemsize * 8
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    if pixel_data:
-        ds.PixelData = np.ascontiguousarray(stored).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
+def _dicom(path: Path, stored: np.ndarray, *, bits_stored: int = 12, **kw: object) -> Path:
+    """A DICOM file of `stored`; 12 bits stored unless told, like most DX detectors."""
+    return write_dicom(path, stored, bits_stored=bits_stored, **kw)
 
 
 # ----------------------------------------------------------------------------------------------- PNG / JPEG

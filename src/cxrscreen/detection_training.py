@@ -30,7 +30,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxrscreen import CLASSES
-from cxrscreen.data.dataset import PreprocessedCache, default_cache_dir
 from cxrscreen.errors import CXRError
 from cxrscreen.localizer import BoxSource, geometry_for, image_sizes, size_of
 from cxrscreen.models.detection import (
@@ -56,9 +55,8 @@ from cxrscreen.training import (
     TrainConfig,
     epoch_sampler,
     load_train_val,
-    pick_device,
     run_base_config,
-    seed_everything,
+    setup_run,
     stored_run,
     val_figures,
 )
@@ -110,12 +108,8 @@ def train_detector(
     out_dir.mkdir(parents=True, exist_ok=True)
     if (old := stored_run(cfg, out_dir, log)) is not None:
         return old
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device, cache = setup_run(cfg)
     classes = list(CLASSES)
-    cache = PreprocessedCache(cfg.preprocess, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
 
     def bar(desc: str, total: int) -> Any:
         return progress_factory(desc, total) if progress_factory else None

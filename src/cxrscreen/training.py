@@ -125,6 +125,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def setup_run(cfg: TrainConfig) -> tuple[torch.device, PreprocessedCache]:
+    """Before a run: torch threads, every seed, the device and the preprocessed-image cache of cfg."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    cache = PreprocessedCache(cfg.preprocess, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+    return pick_device(cfg.device), cache
+
+
 @dataclass
 class SubsetData:
     """One subset's images in memory with labels, groups and sources, aligned."""
@@ -397,12 +406,8 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     if (old := stored_run(cfg, out_dir, log)) is not None:
         return old
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device, cache = setup_run(cfg)
     classes = list(CLASSES)
-    cache = PreprocessedCache(cfg.preprocess, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
 
     def bar(desc: str, total: int) -> Any:
         return progress_factory(desc, total) if progress_factory else None

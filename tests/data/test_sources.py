@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from cxrscreen.data.manifest import REQUIRED_COLUMNS
 from cxrscreen.data.sources import ADAPTERS, SourceRecords
 from cxrscreen.data.sources.cohen import map_finding
 from cxrscreen.errors import CXRError
+from cxrscreen.synthetic import write_dicom
 
 FRONTAL = {"PA", "AP", "AP Supine", "AP Erect"}
 
@@ -146,30 +146,12 @@ def test_cohen_bad_input(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- rsna
-def write_dicom(path: Path, patient_id: str, view: str, seed: int) -> Path:
-    """Write a small real DICOM file (8-bit grey, 16 x 16) with ViewPosition, sex and age."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientID = patient_id
-    ds.PatientSex = "M"
-    ds.PatientAge = "051Y"  # DICOM AS; the real RSNA files hold plain "51"
-    ds.ViewPosition = view
-    ds.Modality = "CR"
-    ds.Rows = ds.Columns = 16
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.random.default_rng(seed).integers(0, 256, (16, 16), dtype=np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+def rsna_dicom(path: Path, patient_id: str, view: str, seed: int) -> Path:
+    """A small DICOM file (8-bit grey, 16 x 16, CR) with ViewPosition, sex and age, like RSNA's."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16), dtype=np.uint8)
+    # PatientAge in DICOM AS form; the real RSNA files hold plain "51"
+    return write_dicom(path, pixels, sop_class_uid=SecondaryCaptureImageStorage, Modality="CR", PatientID=patient_id,
+                       PatientSex="M", PatientAge="051Y", ViewPosition=view)
 
 
 def write_rsna(root: Path) -> Path:
@@ -197,7 +179,7 @@ def write_rsna(root: Path) -> Path:
         root / "stage_2_detailed_class_info.csv", index=False
     )
     for i, (pid, view) in enumerate([("pneu-1", "AP"), ("norm-1", "PA"), ("notnorm-1", "PA")]):
-        write_dicom(root / "stage_2_train_images" / f"{pid}.dcm", pid, view, i)
+        rsna_dicom(root / "stage_2_train_images" / f"{pid}.dcm", pid, view, i)
     return root
 
 

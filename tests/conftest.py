@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
+
+from cxrscreen.data.splits import split_grouped, write_split
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = (REPO / ".." / "shared" / "data" / "cxr").resolve()
@@ -17,6 +21,36 @@ def data_dir() -> Path:
     if not (DATA_DIR / "manifest.csv").is_file():
         pytest.skip(f"real data not found at {DATA_DIR}")
     return DATA_DIR
+
+
+def read_real_manifest(data_dir: Path) -> pd.DataFrame:
+    """The real manifest as strings (paths relative to data_dir)."""
+    return pd.read_csv(data_dir / "manifest.csv", dtype=str, keep_default_na=False)
+
+
+def write_real_subset(data_dir: Path, rows: pd.DataFrame, root: Path, *, test_frac: float, val_frac: float,
+                      link_annotations: bool = False) -> tuple[Path, Path]:
+    """Write rows of the real manifest as root/manifest.csv with absolute image paths (the images stay
+    where they are) and a grouped split (seed 0) as root/split.csv; returns (root, split_csv).
+    link_annotations links root/annotations to the real folder."""
+    sub = rows.drop_duplicates("image").reset_index(drop=True)
+    sub["image"] = [str(data_dir / p) for p in sub["image"]]
+    root.mkdir(parents=True, exist_ok=True)
+    sub.to_csv(root / "manifest.csv", index=False)
+    if link_annotations:
+        (root / "annotations").symlink_to(data_dir / "annotations")
+    split = write_split(split_grouped(sub, seed=0, test_frac=test_frac, val_frac=val_frac), root / "split.csv")
+    return root, Path(split)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (use with pytest.mark.usefixtures: a model may be training
+    beside the tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()

@@ -9,18 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from cxrscreen import audit, engine
 from cxrscreen.audit import LungBoxes, boxes_to_model, lung_mask, mask_image, masking_set, run_audit
-from cxrscreen.data.splits import split_grouped, write_split
 from cxrscreen.errors import CXRError
 from cxrscreen.runs import load_run
 from cxrscreen.training import TrainConfig, train
 from cxrscreen.transforms import PreprocessConfig, Preprocessor
-from tests.conftest import synthetic_cxr
+from tests.conftest import read_real_manifest, synthetic_cxr, write_real_subset
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 COCO = Path("annotations") / "lung_boxes.coco.json"
 
@@ -29,19 +27,10 @@ def _quiet(_: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Keep CPU use small (a model may be training beside the tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(data_dir: Path, tmp_path_factory) -> dict[str, Path]:
     """80 real images (20 per source, all labels, 10 Cohen images with lung boxes), split, trained run."""
-    df = pd.read_csv(data_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    df = read_real_manifest(data_dir)
     annotated = {im["file_name"] for im in json.loads((data_dir / COCO).read_text())["images"]}
     cohen = df[df["source"] == "cohen"]
     parts = [
@@ -53,11 +42,8 @@ def tiny(data_dir: Path, tmp_path_factory) -> dict[str, Path]:
         df[(df["source"] == "nih") & (df["label"] == "pneumonia")].sample(10, random_state=0),
         df[df["source"] == "rsna"].sample(20, random_state=0),
     ]
-    sub = pd.concat(parts).drop_duplicates("image").reset_index(drop=True)
-    sub["image"] = [str(data_dir / p) for p in sub["image"]]
-    root = tmp_path_factory.mktemp("audit")
-    sub.to_csv(root / "manifest.csv", index=False)
-    split = write_split(split_grouped(sub, seed=0, test_frac=0.3, val_frac=0.2), root / "split.csv")
+    root, split = write_real_subset(data_dir, pd.concat(parts), tmp_path_factory.mktemp("audit"),
+                                    test_frac=0.3, val_frac=0.2)
     cfg = TrainConfig(
         arch="resnet18",
         epochs=1,

@@ -9,21 +9,23 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from cxrscreen import training
 from cxrscreen.compare import STUDY_REFERENCE, CompareConfig, run_compare, train_config_for
-from cxrscreen.data.splits import split_grouped, write_split
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluate import evaluate_run
 from cxrscreen.report import RERUN
 from cxrscreen.runs import load_run
+from tests.conftest import read_real_manifest, write_real_subset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "compare_tiny.yaml"
 PAPER = REPO / "configs" / "compare_paper.yaml"
 RUNS = ["resnet18_48_clahe-on", "resnet18_48_clahe-off", "mobilenet_v3_small_64_clahe-on",
         "mobilenet_v3_small_64_clahe-off"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quiet(_: str) -> None:
@@ -34,26 +36,13 @@ def _fail_epoch(*args: object, **kwargs: object) -> None:
     raise RuntimeError("train_one_epoch must not run")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Keep CPU use small (a model may be training beside the tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_data(data_dir: Path, tmp_path_factory) -> dict[str, Path]:
     """45 real images (15 per label, absolute paths) and a grouped split of them."""
-    df = pd.read_csv(data_dir / "manifest.csv", dtype=str, keep_default_na=False)
-    sub = pd.concat([df[df["label"] == c].sample(15, random_state=0) for c in ("covid", "normal", "pneumonia")])
-    sub = sub.reset_index(drop=True)
-    sub["image"] = [str(data_dir / p) for p in sub["image"]]
+    df = read_real_manifest(data_dir)
+    rows = pd.concat([df[df["label"] == c].sample(15, random_state=0) for c in ("covid", "normal", "pneumonia")])
     root = tmp_path_factory.mktemp("compare")
-    (root / "data").mkdir()
-    sub.to_csv(root / "data" / "manifest.csv", index=False)
-    split = write_split(split_grouped(sub, seed=0, test_frac=0.3, val_frac=0.2), root / "split.csv")
+    _, split = write_real_subset(data_dir, rows, root / "data", test_frac=0.3, val_frac=0.2)
     return {"root": root, "data": root / "data", "split": split, "cache": root / "cache"}
 
 

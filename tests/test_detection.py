@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrscreen.data.splits import split_grouped, write_split
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluate import evaluate_run, run_probabilities
 from cxrscreen.localizer import (
@@ -34,17 +33,12 @@ from cxrscreen.predict import Predictor
 from cxrscreen.runs import load_run
 from cxrscreen.training import TrainConfig, train
 from cxrscreen.transforms import Geometry, PreprocessConfig, Preprocessor
+from tests.conftest import read_real_manifest, write_real_subset
 
 TINY = "ssdlite320_mobilenet_v3_large"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine a second thread mostly waits at barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ boxes / flip
@@ -189,18 +183,13 @@ def test_result_boxes_are_in_original_pixels():
 def small_data(data_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
     """24 real images (8 annotated Cohen covid, 8 normal, 8 pneumonia) and a grouped split; the
     manifest lists absolute paths, annotations/ links to the real folder (nothing is copied)."""
-    df = pd.read_csv(data_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    df = read_real_manifest(data_dir)
     ann = LungAnnotations.from_coco(default_annotations_path(data_dir))
     annotated = df["image"].map(lambda p: ann.index.get(p) is not None)
     parts = [df[annotated & (df["label"] == "covid")].head(8)]
     parts += [df[df["label"] == c].sample(8, random_state=0) for c in ("normal", "pneumonia")]
-    sub = pd.concat(parts).drop_duplicates("image").reset_index(drop=True)
-    sub["image"] = [str(data_dir / p) for p in sub["image"]]
-    out = tmp_path_factory.mktemp("detdata")
-    sub.to_csv(out / "manifest.csv", index=False)
-    (out / "annotations").symlink_to(data_dir / "annotations")
-    write_split(split_grouped(sub, seed=0, test_frac=0.25, val_frac=0.25), out / "split.csv")
-    return out, out / "split.csv"
+    return write_real_subset(data_dir, pd.concat(parts), tmp_path_factory.mktemp("detdata"), test_frac=0.25,
+                             val_frac=0.25, link_annotations=True)
 
 
 @pytest.fixture(scope="module")

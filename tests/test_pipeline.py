@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 
 from cxrscreen import engine, training
 from cxrscreen.cli import app
-from cxrscreen.data.splits import split_grouped, write_split
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluate import evaluate_run
 from cxrscreen.runs import load_run
 from cxrscreen.training import TrainConfig, train
 from cxrscreen.transforms import PreprocessConfig
+from tests.conftest import read_real_manifest, write_real_subset
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +26,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def small_data(data_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
     """A 90-image manifest (30 per class, several sources) pointing at the real files, and its split."""
-    df = pd.read_csv(data_dir / "manifest.csv", dtype=str, keep_default_na=False)
-    parts = [g.sample(30, random_state=0) for _, g in df.groupby("label")]
-    sub = pd.concat(parts).reset_index(drop=True)
-    sub["image"] = [str(data_dir / p) for p in sub["image"]]
-    out = tmp_path_factory.mktemp("small")
-    sub.to_csv(out / "manifest.csv", index=False)
-    split = split_grouped(sub, seed=0, test_frac=0.3, val_frac=0.2)
-    write_split(split, out / "split.csv")
-    return out, out / "split.csv"
+    df = read_real_manifest(data_dir)
+    rows = pd.concat([g.sample(30, random_state=0) for _, g in df.groupby("label")])
+    return write_real_subset(data_dir, rows, tmp_path_factory.mktemp("small"), test_frac=0.3, val_frac=0.2)
 
 
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:

@@ -17,7 +17,7 @@ def test_write_dicom_round_trips_pixels_and_tags(tmp_path: Path) -> None:
     ds = pydicom.dcmread(path)
     np.testing.assert_array_equal(ds.pixel_array, stored)
     assert (ds.Modality, ds.ViewPosition, ds.PatientID, ds.BitsStored, ds.HighBit) == ("DX", "AP", "p7", 12, 11)
-    assert open(path, "rb").read()[128:132] == b"DICM"  # preamble + prefix: a conformant file
+    assert path.read_bytes()[128:132] == b"DICM"  # preamble + prefix: a conformant file
 
 
 def test_write_dicom_without_pixel_data_and_wrong_dtype(tmp_path: Path) -> None:

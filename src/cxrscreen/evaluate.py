@@ -31,12 +31,10 @@ def run_probabilities(
 
     Detectors (config kind "detector") give probabilities by their image rule; no temperature applies.
     """
-    # --- detector dispatch ---
     if run.config.get("kind") == "detector":
         from cxrscreen.models.detection import detector_probabilities
 
         return detector_probabilities(run.model, images, len(run.classes), batch_size=min(batch_size, 16))
-    # --- end detector dispatch ---
     ds = XRayTensorDataset(images, np.zeros(len(images), dtype=np.int64), eval_transform(run.preprocess))
     device = next(run.model.parameters()).device
     logits, _ = predict_logits(run.model, DataLoader(ds, batch_size=batch_size), device=device)

@@ -84,13 +84,11 @@ class Predictor:
     @torch.no_grad()
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(N, C) calibrated probabilities of preprocessed uint8 images (detectors: their image rule)."""
-        # --- detector dispatch ---
         if self.is_detector:
             from cxrscreen.models.detection import detector_probabilities
 
             return detector_probabilities(self.run.model, np.stack(images), len(self.run.classes),
                                           batch_size=self.batch_size)
-        # --- end detector dispatch ---
         x = torch.stack([to_model_tensor(im, self.run.preprocess) for im in images]).to(self.device)
         logits = self.run.model(x).float().cpu()
         return torch.softmax(logits / self.run.temperature, 1).numpy()
@@ -125,7 +123,7 @@ class Predictor:
     def predict_prepared(self, preps: Sequence[Prepared]) -> list[dict[str, Any]]:
         if not preps:
             return []
-        # --- detector dispatch: one detection pass gives the probabilities and the boxes ---
+        # detectors: one detection pass gives the probabilities and the boxes
         if self.is_detector:
             from cxrscreen.models.detection import detect, image_probabilities, result_boxes
 
@@ -136,7 +134,6 @@ class Predictor:
                 res["boxes"] = result_boxes(d, p.geometry, self.run.classes)  # original image pixels
                 results.append(res)
             return results
-        # --- end detector dispatch ---
         probs = self.probabilities([p.image for p in preps])
         return [self._result(p, pr) for p, pr in zip(preps, probs, strict=True)]
 

@@ -65,12 +65,11 @@ for _spec in (
               bn_momentum=0.1),
     ModelSpec("mobilenet_v3_small", "mobilenet_v3_small", 224, "features.0.0", "classifier.3", "features.12",
               bn_momentum=0.1),
-    # --- detectors (cxrscreen.models.detection builds them; create_model dispatches on kind) ---
+    # detectors (cxrscreen.models.detection builds them; create_model dispatches on kind)
     ModelSpec("ssd300_vgg16", "ssd300_vgg16", 300, "backbone.features.0", "head", "backbone.features.21",
               kind="detector", min_size=300),
     ModelSpec("ssdlite320_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large", 320, "backbone.features.0.0.0",
               "head", "backbone.features.1", kind="detector", min_size=64),
-    # --- end detectors ---
 ):
     register(_spec)
 

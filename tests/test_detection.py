@@ -225,6 +225,17 @@ def test_train_detector_refuses_a_missing_boxes_file_before_loading_images(tmp_p
     assert "nope.csv" in str(err.value)
 
 
+def test_train_cli_passes_boxes_and_names_a_missing_file(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from cxrscreen.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--arch", TINY, "--image-size", "64", "--data", str(tmp_path),
+                                   "--split", str(tmp_path / "s.csv"), "--out", str(tmp_path / "run"),
+                                   "--boxes", str(tmp_path / "lungs.csv")])
+    assert res.exit_code != 0 and "boxes file not found" in res.output and "lungs.csv" in res.output
+
+
 @pytest.mark.slow
 def test_evaluate_and_predict_accept_a_detector_run(detector_run: Path, small_data, data_dir: Path, tmp_path):
     data, split = small_data

@@ -128,6 +128,7 @@ def train(
     no_clahe: Annotated[bool, typer.Option("--no-clahe", help="switch CLAHE off (ablation)")] = False,
     budget_minutes: Annotated[float | None, typer.Option(help="stop training after this many minutes")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    boxes: Annotated[Path | None, typer.Option(help="detectors: lung boxes CSV (`cxrscreen localize label`)")] = None,
 ) -> None:
     """Train a classifier (or detector) and write weights, config and per-epoch history to --out."""
     from cxrscreen.training import TrainConfig
@@ -135,7 +136,8 @@ def train(
 
     overrides: dict[str, Any] = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                                  "weights": weights, "seed": seed, "budget_minutes": budget_minutes,
-                                 "device": device, "image_size": image_size}
+                                 "device": device, "image_size": image_size,
+                                 "boxes": None if boxes is None else str(boxes)}
     try:
         if config is not None:
             cfg = TrainConfig.from_yaml(config, **overrides)

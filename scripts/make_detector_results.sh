@@ -11,6 +11,7 @@ mkdir -p "$RES" runs
 if [ ! -f runs/localizer/model.safetensors ]; then
   cxrscreen localize fit --data "$DATA" --out runs/localizer --epochs 20 --budget-minutes 4
 fi
+cp runs/localizer/config.json "$RES/localizer_config.json"
 if [ ! -f "$RES/lung_boxes.csv" ]; then
   cxrscreen localize label --data "$DATA" --localizer runs/localizer --out "$RES/lung_boxes.csv"
 fi
@@ -25,3 +26,4 @@ for protocol in grouped paper; do
   cxrscreen evaluate --model "$RUN" --data "$DATA" --split "$SPLIT" --subset test --out "$RES/$protocol/eval_test.json"
   cp "$RUN/history.csv" "$RUN/config.json" "$RES/$protocol/"
 done
+python scripts/eval_table.py "$RES"/grouped/eval_test.json "$RES"/paper/eval_test.json --per-source

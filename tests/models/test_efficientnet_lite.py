@@ -6,8 +6,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from skimage import data as skdata
+from torch.nn import functional
 
 from cxrscreen.errors import CXRError
 from cxrscreen.models import efficientnet_lite as lite
@@ -17,7 +17,7 @@ from cxrscreen.models.registry import create_model, get_spec
 def _photo(size: int = 224) -> torch.Tensor:
     """scikit-image's cat photo as a (1, 3, size, size) tensor normalised as the Lite models expect."""
     x = torch.from_numpy(np.ascontiguousarray(skdata.chelsea())).permute(2, 0, 1).float()[None] / 255
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return (x - 0.5) / 0.5
 
 

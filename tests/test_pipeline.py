@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -143,3 +144,65 @@ def test_predict_cli_goes_past_a_bad_file(trained_run: Path, data_dir: Path, tmp
     assert rows[1]["class"] in ("covid", "normal", "pneumonia")
     text = CliRunner().invoke(app, ["predict", str(good), "--model", str(trained_run)])
     assert text.exit_code == 0 and "%" in text.stdout and "covid" in text.stdout
+
+
+def test_predict_and_evaluate_agree_on_every_image(trained_run: Path, small_data, tmp_path):
+    """Under the stored operating point, the class predict prints is the class evaluate counts."""
+    from cxrscreen.decision import decide_names
+    from cxrscreen.evaluate import evaluate_subset
+    from cxrscreen.predict import Predictor
+
+    data, split = small_data
+    run_dir = tmp_path / "op"
+    shutil.copytree(trained_run, run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    run = load_run(run_dir)
+    _, sub, probs = evaluate_subset(run, data, split_csv=split, subset="test", n_boot=10, cache_dir=tmp_path / "c")
+    s = np.sort(probs[:, 0])
+    k = len(s) // 2  # between two images' p(covid), away from either: float noise cannot flip a class
+    thr = float((s[k - 1] + s[k]) / 2)
+    cfg["operating_point"] = {"class": "covid", "threshold": thr}
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    run = load_run(run_dir)
+    res, sub, probs = evaluate_subset(run, data, split_csv=split, subset="test", n_boot=10, cache_dir=tmp_path / "c")
+    predicted = {r["path"]: r["class"] for r, _ in Predictor(run).predict_files(sub.paths)}
+    assert list(predicted) == sub.paths
+    classes = run.classes
+    counted = decide_names(probs, classes, run.decision_rule())
+    assert [predicted[p] for p in sub.paths] == counted
+    assert counted != decide_names(probs, classes, run.decision_rule(argmax=True))  # the rule mattered here
+    cm = np.zeros((3, 3), int)
+    for y, c in zip(sub.labels, counted, strict=True):
+        cm[y, classes.index(c)] += 1
+    assert res["confusion_matrix"] == cm.tolist()
+    assert res["decision"] == {"rule": "operating_point", "class": "covid", "threshold": thr}
+    assert all(r["decision"]["threshold"] == thr for r, _ in Predictor(run).predict_files(sub.paths[:2]))
+
+
+def test_linear_probe_then_fine_tune_moves_only_what_it_should(small_data, tmp_path):
+    """Probe epochs change the head only (BatchNorm statistics included); frozen prefixes never change;
+    the checkpoint is chosen by the worst source."""
+    import torch
+
+    from cxrscreen.models.registry import create_model
+
+    data, split = small_data
+    cfg = _cfg(tmp_path, arch="tf_efficientnet_lite0", weights="imagenet", epochs=2, linear_probe_epochs=1,
+               linear_probe_lr=1e-2, backbone_lr_scale=0.5, frozen=["conv_stem", "bn1", "blocks.0"],
+               monitor="val_worst_source_loss", preprocess=PreprocessConfig(image_size=64, mean=0.5, std=0.5))
+    start = create_model("tf_efficientnet_lite0", num_classes=3, weights="imagenet").state_dict()
+    probe_only = dataclasses.replace(cfg, epochs=1)
+    train(probe_only, data, split, tmp_path / "lp", log=lambda s: None)
+    after_lp = torch.load(tmp_path / "lp" / "checkpoint.pt", weights_only=False)["model"]
+    changed = {k for k, v in after_lp.items() if v.dtype.is_floating_point and not torch.equal(v, start[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+
+    train(cfg, data, split, tmp_path / "ft", log=lambda s: None)
+    after_ft = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=False)["model"]
+    moved = {k for k, v in after_ft.items() if v.dtype.is_floating_point and not torch.equal(v, start[k])}
+    assert not any(k.startswith(("conv_stem.", "bn1.", "blocks.0.")) for k in moved)
+    assert any(k.startswith("blocks.6.") for k in moved)
+    hist = pd.read_csv(tmp_path / "ft" / "history.csv")
+    assert list(hist["stage"]) == ["linear_probe", "fine_tune"]
+    best = int(hist["val_worst_source_loss"].idxmin())
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["best_epoch"] == int(hist["epoch"][best])

@@ -39,6 +39,7 @@ from cxrscreen import CLASSES
 from cxrscreen.data.dataset import PreprocessedCache, XRayTensorDataset, default_cache_dir
 from cxrscreen.data.manifest import file_sha256, manifest_csv, manifest_root, read_manifest
 from cxrscreen.data.splits import read_split, split_grouped, split_source, write_split
+from cxrscreen.decision import DecisionRule, decide
 from cxrscreen.engine import class_weights, evaluate_epoch, train_one_epoch
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluate import evaluate_run, run_probabilities
@@ -247,10 +248,12 @@ def _figures(
     *,
     n_boot: int,
     seed: int,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
-    rep = classification_report(labels, probs, groups, classes, n_boot=n_boot, seed=seed)
+    """Summary figures of one condition; classes decided as `predict` decides them (threshold: the run's)."""
+    rep = classification_report(labels, probs, groups, classes, threshold=threshold, n_boot=n_boot, seed=seed)
     out = _summary(rep)
-    pred = probs.argmax(1)
+    pred = decide(probs, classes, DecisionRule(threshold=threshold))
     src = np.asarray(sources)
     out["per_source_accuracy"] = {s: float((pred[src == s] == labels[src == s]).mean()) for s in sorted(set(sources))}
     out["predicted"] = {c: int((pred == k).sum()) for k, c in enumerate(classes)}
@@ -331,7 +334,8 @@ def masking_report(run: LoadedRun, ms: MaskingSet, *, n_boot: int, seed: int) ->
             "sources": {s: sources.count(s) for s in sorted(set(sources))},
         }
         for c in CONDITIONS:
-            entry[c] = _figures(d.labels[m], probs[c][m], groups, sources, run.classes, n_boot=n_boot, seed=seed)
+            entry[c] = _figures(d.labels[m], probs[c][m], groups, sources, run.classes, n_boot=n_boot, seed=seed,
+                                threshold=run.covid_threshold)
         flag, why = shortcut_verdict(
             entry["original"]["accuracy"], entry["lungs_masked"]["accuracy"], entry["chance"], entry["n"]
         )

@@ -194,6 +194,17 @@ def _subset_figures(data: SubsetData, logits: np.ndarray, temperature: float) ->
     }
 
 
+def specificity_per_source(data: SubsetData, p_covid: np.ndarray, threshold: float, covid: int) -> dict[str, Any]:
+    """COVID specificity at `threshold` per source among its non-COVID images ({n, specificity}; None if none)."""
+    src = np.asarray(data.sources)
+    out = {}
+    for s in sorted(set(data.sources)):
+        neg = (src == s) & (data.labels != covid)
+        out[s] = {"n_non_covid": int(neg.sum()),
+                  "specificity": float((p_covid[neg] < threshold).mean()) if neg.any() else None}
+    return out
+
+
 def calibrate_run(
     run_dir: Path,
     data_dir: Path,
@@ -226,6 +237,8 @@ def calibrate_run(
     op = choose_threshold(softmax(val_logits, temperature)[:, covid], val.labels == covid, target_sensitivity)
     threshold = op["threshold"]
     val_fig = _subset_figures(val, val_logits, temperature)
+    val_spec = specificity_per_source(val, softmax(val_logits, temperature)[:, covid], threshold, covid)
+    test_spec = None
 
     test_fig: dict[str, Any] | None = None
     if len(test.labels):
@@ -235,6 +248,7 @@ def calibrate_run(
             test.labels, softmax(test_logits, temperature), test.groups,
             positive=covid, threshold=threshold, n_boot=n_boot, seed=seed,
         )
+        test_spec = specificity_per_source(test, softmax(test_logits, temperature)[:, covid], threshold, covid)
 
     calibration = {
         "method": "temperature",
@@ -252,10 +266,13 @@ def calibrate_run(
         "threshold": threshold,
         "target_sensitivity": op["target_sensitivity"],
         "chosen_on": "val",
+        "val_sources": sorted(set(val.sources)),
         "val_sensitivity": op["val_sensitivity"],
         "val_specificity": op["val_specificity"],
         "test_sensitivity": cvr["sensitivity"] if cvr else None,
         "test_specificity": cvr["specificity"] if cvr else None,
+        "val_specificity_per_source": val_spec,
+        "test_specificity_per_source": test_spec,
     }
     config = read_config(run_dir)
     config["calibration"] = calibration

@@ -20,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cxrscreen.decision import DecisionRule
 from cxrscreen.errors import CXRError
 
 app = typer.Typer(help="Screen chest X-rays for COVID-19 and other pneumonia.", no_args_is_help=True,
@@ -73,15 +74,17 @@ def data_build(
 def data_split(
     data_dir: Annotated[Path, typer.Argument(help="manifest folder (or manifest.csv)")],
     out_csv: Annotated[Path, typer.Option("--out", help="split CSV to write (image,subset)")],
-    protocol: Annotated[str, typer.Option(help="grouped | paper | source")] = "grouped",
+    protocol: Annotated[str, typer.Option(help="grouped | paper | source | combine")] = "grouped",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     test_frac: Annotated[float, typer.Option(help="grouped: fraction of groups for test")] = 0.2,
     val_frac: Annotated[float, typer.Option(help="fraction of the rest (grouped) or of train (paper) for val")] = 0.1,
     holdout_source: Annotated[str | None, typer.Option(help="source: the source that goes to test")] = None,
+    part: Annotated[list[str] | None, typer.Option(
+        help="combine: SPLIT_CSV=DATA_DIR of one merged source; every image keeps that split's subset")] = None,
 ) -> None:
     """Split a manifest into train / val / test, grouped by split_group so no patient crosses subsets."""
     from cxrscreen.data.manifest import read_manifest
-    from cxrscreen.data.splits import split_grouped, split_paper, split_source, write_split
+    from cxrscreen.data.splits import combine_splits, read_split, split_grouped, split_paper, split_source, write_split
 
     try:
         df = read_manifest(data_dir)
@@ -95,8 +98,13 @@ def data_split(
             if not holdout_source:
                 raise CXRError("--protocol source needs --holdout-source NAME")
             split = split_source(df, holdout_source=holdout_source, seed=seed, val_frac=val_frac)
+        elif protocol == "combine":
+            pairs = [p.split("=", 1) for p in part or []]
+            if not pairs or any(len(p) != 2 for p in pairs):
+                raise CXRError("--protocol combine needs --part SPLIT_CSV=DATA_DIR for each merged source")
+            split = combine_splits(df, [(read_split(csv), read_manifest(d)) for csv, d in pairs])
         else:
-            raise CXRError(f"unknown protocol {protocol!r}; use grouped, paper or source")
+            raise CXRError(f"unknown protocol {protocol!r}; use grouped, paper, source or combine")
         write_split(split, out_csv)
     except CXRError as exc:
         _fail(exc)
@@ -169,7 +177,6 @@ def _ci(d: dict[str, Any] | None) -> str:
 
 
 def _print_eval(result: dict[str, Any], title: str) -> None:
-    cvr = result["covid_vs_rest"]
     ci = _ci
 
     table = Table(title=title)
@@ -181,8 +188,7 @@ def _print_eval(result: dict[str, Any], title: str) -> None:
         table.add_row(name, str(r["n"]), f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}",
                       ci(c["sensitivity"]), ci(c["specificity"]), ci(c["auc"]))
     out.print(table)
-    if cvr.get("threshold") is not None:
-        out.print(f"COVID called at probability >= {cvr['threshold']:.3f} (stored operating point)")
+    out.print(f"decision rule: {DecisionRule.from_dict(result.get('decision')).describe()}")
 
 
 @app.command()
@@ -194,6 +200,7 @@ def evaluate(
     out_json: Annotated[Path | None, typer.Option("--out", help="eval JSON to write")] = None,
     n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the CIs")] = 1000,
     argmax: Annotated[bool, typer.Option("--argmax", help="ignore the stored COVID operating point")] = False,
+    threshold: Annotated[float | None, typer.Option(help="call COVID at p(covid) >= this instead")] = None,
 ) -> None:
     """Evaluate a model: accuracy, macro-F1, per-class figures, COVID-vs-rest with grouped 95 % CIs, per source."""
     from cxrscreen.evaluate import evaluate_run
@@ -202,7 +209,7 @@ def evaluate(
     try:
         run = load_model(model)
         result = evaluate_run(run, data, split_csv=split, subset=subset, n_boot=n_boot,
-                              use_operating_point=not argmax)
+                              use_operating_point=not argmax, threshold=threshold)
     except CXRError as exc:
         _fail(exc)
     if out_json is not None:
@@ -354,6 +361,9 @@ def predict(
     heatmap: Annotated[Path | None, typer.Option(help="folder for Grad-CAM overlay PNGs")] = None,
     target: Annotated[str | None, typer.Option(help="class the heatmap explains (default: the predicted)")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
+    argmax: Annotated[bool, typer.Option("--argmax", help="the most probable class, not the stored operating point")
+                      ] = False,
+    threshold: Annotated[float | None, typer.Option(help="call COVID at p(covid) >= this instead")] = None,
 ) -> None:
     """Class and probability of each class for every image; bad files are reported and skipped."""
     from cxrscreen.predict import Predictor, format_probabilities, iter_image_files, load_model
@@ -363,7 +373,13 @@ def predict(
     except CXRError as exc:
         _fail(exc)
     gate = _load_gate(run)
-    predictor = Predictor(run, batch_size=batch_size, gate=gate)
+    try:
+        rule = run.decision_rule(argmax=argmax, threshold=threshold)
+    except CXRError as exc:
+        _fail(exc)
+    predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule)
+    if not (as_json or as_csv):
+        console.print(f"decision rule: {rule.describe()}")
     explainer = None
     is_detector = run.config.get("kind") == "detector"
     if heatmap is not None:
@@ -420,7 +436,8 @@ def explain(
     target: Annotated[str | None, typer.Option(help="class the heatmap explains (default: the predicted)")] = None,
 ) -> None:
     """Write a Grad-CAM overlay per image (class and probabilities written on it); same as predict --heatmap."""
-    predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8)
+    predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8,
+            argmax=False, threshold=None)
 
 
 def _load_gate(run: Any) -> Any:

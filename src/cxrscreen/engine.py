@@ -18,12 +18,16 @@ def train_one_epoch(
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
     deadline: Callable[[], bool] | None = None,
+    keep_eval: Iterable[nn.Module] = (),
 ) -> tuple[float, int]:
     """Train over `loader` once. Returns (mean loss per image, images seen).
 
     deadline: called after each batch; when it returns True the epoch stops early (time budgets).
+    keep_eval: modules that stay in eval mode (frozen parts: their BatchNorm statistics do not move).
     """
     model.train()
+    for m in keep_eval:
+        m.eval()
     total, seen = 0.0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -67,14 +67,19 @@ def evaluate_subset(
     n_boot: int = 1000,
     seed: int = 0,
     use_operating_point: bool = True,
+    threshold: float | None = None,
     cache_dir: Path | None = None,
     progress: Any = None,
 ) -> tuple[dict[str, Any], SubsetData, np.ndarray]:
-    """The eval JSON of `evaluate_run`, plus the images and probabilities it came from (one model pass)."""
+    """The eval JSON of `evaluate_run`, plus the images and probabilities it came from (one model pass).
+
+    The classes are decided by `run.decision_rule` (the stored operating point; arg-max when
+    use_operating_point is False; `threshold` when given), the rule `predict` applies by default.
+    """
     cache = PreprocessedCache(run.preprocess, cache_dir if cache_dir is not None else default_cache_dir())
     data = load_subset(Path(data_dir), split_csv, subset if split_csv else None, cache, run.classes, progress)
     probs = run_probabilities(run, data.images)
-    threshold = run.covid_threshold if use_operating_point else None
+    threshold = run.decision_rule(argmax=not use_operating_point, threshold=threshold).threshold
     out: dict[str, Any] = report_for(data, probs, run.classes, threshold=threshold, n_boot=n_boot, seed=seed)
     out["meta"] = {
         "model": str(run.run_dir),

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
+from cxrscreen.decision import DecisionRule, decide
+
 
 def safe_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
     """ROC AUC, or None when only one class is present."""
@@ -77,13 +79,14 @@ def covid_vs_rest(
 ) -> dict[str, Any]:
     """Sensitivity, specificity and AUC of one class against the rest, each with a grouped 95 % CI.
 
-    A case is called positive when its probability of `positive` is >= threshold, or, with no
-    threshold, when `positive` is the arg-max class.
+    A case is called positive when `decision.decide` calls it `positive`: its probability is >= threshold,
+    or, with no threshold, `positive` is the arg-max class.
     """
     y = np.asarray(y)
     p = np.asarray(p)
     score = p[:, positive]
-    pred = score >= threshold if threshold is not None else p.argmax(1) == positive
+    names = [str(k) for k in range(p.shape[1])]
+    pred = decide(p, names, DecisionRule(threshold=threshold, positive=names[positive])) == positive
     y_pos = y == positive
 
     def sens(i: np.ndarray) -> float | None:
@@ -115,11 +118,13 @@ def classification_report(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The evaluation JSON body: n, accuracy, macro_f1, per-class figures, confusion matrix, covid_vs_rest."""
+    """The evaluation JSON body: n, accuracy, macro_f1, per-class figures, confusion matrix, covid_vs_rest,
+    and `decision`: every figure counts the classes `decision.decide` gives under threshold (None: arg-max)."""
     y = np.asarray(y)
     p = np.asarray(p)
     labels = list(range(len(classes)))
-    pred = p.argmax(1)
+    rule = DecisionRule(threshold=threshold)
+    pred = decide(p, classes, rule) if len(y) else np.zeros(0, dtype=int)
     prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     per_class = {
         c: {
@@ -133,6 +138,7 @@ def classification_report(
     }
     return {
         "n": int(len(y)),
+        "decision": rule.to_dict(),
         "accuracy": float((pred == y).mean()) if len(y) else None,
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "classes": per_class,

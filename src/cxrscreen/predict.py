@@ -1,6 +1,7 @@
 """Prediction on files, folders or uploaded bytes, with the bundled model or a run directory.
 
-Each input yields one result dict: `path`, `class`, `probabilities{class: p}`, and where they apply
+Each input yields one result dict: `path`, `class`, `probabilities{class: p}`, `decision` (the rule that
+chose the class, see `cxrscreen.decision`), and where they apply
 `error`, `flags`, `heatmap`, and for detectors `boxes` (list of {box: [x0, y0, x1, y1] in original
 image pixels, label, class, score}; see `models.detection.result_boxes`). A bad file yields a result
 with `error` set and the batch goes on.
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrscreen.decision import DecisionRule, decide_names
 from cxrscreen.errors import CXRError
 from cxrscreen.io import XRay, is_supported_file, read_xray
 from cxrscreen.runs import LoadedRun, load_run
@@ -66,8 +68,10 @@ class Prepared:
 class Predictor:
     """Runs a loaded model on X-rays: decode -> preprocess (the run's config) -> model -> probabilities."""
 
-    def __init__(self, run: LoadedRun, *, batch_size: int = 32, gate: Any = None) -> None:
+    def __init__(self, run: LoadedRun, *, batch_size: int = 32, gate: Any = None,
+                 rule: DecisionRule | None = None) -> None:
         self.run = run
+        self.rule = rule if rule is not None else run.decision_rule()
         self.batch_size = batch_size
         self.preprocess = Preprocessor(run.preprocess)
         self.gate = gate
@@ -94,22 +98,15 @@ class Predictor:
         return torch.softmax(logits / self.run.temperature, 1).numpy()
 
     def decide(self, probs: np.ndarray) -> str:
-        """The predicted class: covid when its probability reaches the stored operating point, else arg-max."""
-        classes = self.run.classes
-        thr = self.run.covid_threshold
-        if thr is not None:
-            c = classes.index("covid")
-            if probs[c] >= thr:
-                return "covid"
-            rest = [k for k in range(len(classes)) if k != c]
-            return classes[max(rest, key=lambda k: probs[k])]
-        return classes[int(np.argmax(probs))]
+        """The predicted class of one probability row under this predictor's decision rule."""
+        return decide_names(probs[None], self.run.classes, self.rule)[0]
 
     def _result(self, prep: Prepared, probs: np.ndarray) -> dict[str, Any]:
         res: dict[str, Any] = {
             "path": prep.path,
             "class": self.decide(probs),
             "probabilities": {c: float(p) for c, p in zip(self.run.classes, probs, strict=True)},
+            "decision": self.rule.to_dict(),
             "error": None,
             "flags": [],
         }

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cxrscreen.decision import DecisionRule
 from cxrscreen.errors import CXRError
 from cxrscreen.models.registry import create_model
 from cxrscreen.transforms import PreprocessConfig
@@ -111,6 +112,13 @@ class LoadedRun:
     def covid_threshold(self) -> float | None:
         op = self.config.get("operating_point") or {}
         return op.get("threshold")
+
+    def decision_rule(self, *, argmax: bool = False, threshold: float | None = None) -> DecisionRule:
+        """The rule that turns this model's probabilities into a class: `threshold` when given, arg-max when
+        asked, else the stored COVID operating point (arg-max when the run has none)."""
+        if threshold is not None:
+            return DecisionRule(threshold=threshold)
+        return DecisionRule(threshold=None if argmax else self.covid_threshold)
 
 
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> LoadedRun:

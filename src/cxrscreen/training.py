@@ -43,7 +43,8 @@ from cxrscreen.transforms import AugmentConfig, PreprocessConfig, eval_transform
 
 HISTORY_COLUMNS = [
     "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1",
-    "val_covid_sensitivity", "val_covid_specificity", "lr", "seconds", "train_images",
+    "val_covid_sensitivity", "val_covid_specificity", "val_worst_source_loss", "val_worst_source_accuracy",
+    "stage", "lr", "seconds", "train_images",
 ]
 
 
@@ -61,7 +62,11 @@ class TrainConfig:
     balance: str = "loss"  # "loss": class-weighted cross-entropy; "sampler": balanced sampling; "none"
     label_smoothing: float = 0.0
     patience: int = 5
-    monitor: str = "val_loss"  # or "val_macro_f1"
+    monitor: str = "val_loss"  # or "val_macro_f1", or "val_worst_source_loss" (the highest per-source val loss)
+    linear_probe_epochs: int = 0  # first epochs train the head only (backbone frozen, in eval mode)
+    linear_probe_lr: float | None = None  # the head's learning rate in those epochs (default: lr)
+    backbone_lr_scale: float = 1.0  # after them, the backbone learns at lr * this, the head at lr
+    frozen: list[str] = field(default_factory=list)  # parameter-name prefixes that never train ("blocks.0")
     max_train_images_per_epoch: int | None = None
     budget_minutes: float | None = None
     threads: int | None = None
@@ -229,6 +234,80 @@ def val_figures(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> di
     }
 
 
+def per_source_val(
+    probs: np.ndarray, labels: np.ndarray, sources: list[str], weight: torch.Tensor | None
+) -> dict[str, float]:
+    """The worst source on validation: the highest mean cross-entropy and the lowest arg-max accuracy
+    over the sources of the val images (what a checkpoint is chosen by when generalisation matters)."""
+    src = np.asarray(sources)
+    nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0))
+    if weight is not None:
+        nll = nll * weight.numpy()[labels]
+    pred = probs.argmax(1)
+    groups = [src == s for s in sorted(set(sources))]
+    return {
+        "val_worst_source_loss": float(max(nll[m].mean() for m in groups)),
+        "val_worst_source_accuracy": float(min((pred[m] == labels[m]).mean() for m in groups)),
+    }
+
+
+def monitor_score(row: dict[str, Any], monitor: str) -> float:
+    """Higher is better: minus the loss for loss monitors, the figure itself otherwise."""
+    value = float(row.get(monitor) or 0.0)
+    return -value if monitor.endswith("loss") else value
+
+
+class Stages:
+    """Linear probing, then fine-tuning (Kumar et al., ICLR 2022): which parameters learn in which epoch.
+
+    Parameters under `cfg.frozen` prefixes never learn; in the first `cfg.linear_probe_epochs` epochs only the
+    head (`head` attribute path) learns, at `cfg.linear_probe_lr`; after them the backbone learns at
+    `cfg.lr * cfg.backbone_lr_scale` and the head at `cfg.lr`, both on one cosine schedule.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, head: str) -> None:
+        self.cfg = cfg
+        self.model = model
+        named = list(model.named_parameters())
+        self.never = [p for n, p in named if any(n.startswith(f) for f in cfg.frozen)]
+        never_ids = {id(p) for p in self.never}
+        self.head = [p for n, p in named if n.startswith(head + ".") and id(p) not in never_ids]
+        head_ids = {id(p) for p in self.head}
+        self.backbone = [p for _, p in named if id(p) not in head_ids | never_ids]
+        if not self.head:
+            raise CXRError(f"{cfg.arch}: no trainable parameters under its head {head!r}")
+        self.frozen_modules = [m for n, m in model.named_modules()
+                               if n and any(n == f or n.startswith(f + ".") for f in cfg.frozen)]
+        for p in self.never:
+            p.requires_grad_(False)
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        groups = [{"params": self.backbone, "lr": self.cfg.lr * self.cfg.backbone_lr_scale},
+                  {"params": self.head, "lr": self.cfg.lr}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.lr,
+                                 weight_decay=self.cfg.weight_decay)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """Per-epoch factors: the probe's lr ratio in the probe epochs, then cosine over the rest."""
+        lp, total = self.cfg.linear_probe_epochs, max(self.cfg.epochs, 1)
+        probe = (self.cfg.linear_probe_lr or self.cfg.lr) / self.cfg.lr
+        rest = max(total - lp, 1)
+
+        def factor(e: int) -> float:  # e: epochs done so far (0 before the first)
+            return probe if e < lp else 0.5 * (1 + np.cos(np.pi * min(e - lp, rest) / rest))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def begin_epoch(self, epoch: int) -> tuple[str, list[nn.Module]]:
+        """Set requires_grad for `epoch` (1-based); returns its stage name and the modules kept in eval mode."""
+        probing = epoch <= self.cfg.linear_probe_epochs
+        for p in self.backbone:
+            p.requires_grad_(not probing)
+        if probing:  # the whole network in eval mode: the head is the only thing that learns
+            return "linear_probe", [self.model]
+        return "fine_tune", self.frozen_modules
+
+
 def stored_run(cfg: TrainConfig, out_dir: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
     """The config of a finished run of `cfg` in out_dir, or None when there is none (or it is unfinished).
 
@@ -323,7 +402,7 @@ class EpochLoop:
             row["seconds"] = round(time.monotonic() - t0, 1)
             self.history.append(row)
             self._write_history()
-            score = -row["val_loss"] if cfg.monitor == "val_loss" else row.get("val_macro_f1", 0.0)
+            score = monitor_score(row, cfg.monitor)
             if not has_val or self.best is None or score > self.best:
                 self.best, self.bad_epochs = score, 0
                 sha = save_weights(self.model, self.out_dir)
@@ -423,8 +502,14 @@ def train(
         weight=None if weight is None else weight.to(device), label_smoothing=cfg.label_smoothing
     )
     val_criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    staged = cfg.linear_probe_epochs > 0 or cfg.frozen or cfg.backbone_lr_scale != 1.0
+    stages = Stages(cfg, model, spec.head) if staged else None
+    if stages is not None:
+        optimizer = stages.optimizer()
+        scheduler = stages.scheduler(optimizer)
+    else:  # the recipe of runs made before staged training existed, unchanged
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
 
     generator = torch.Generator().manual_seed(cfg.seed)
     train_ds = XRayTensorDataset(tr.images, tr.labels, train_transform(cfg.preprocess, cfg.augment))
@@ -445,15 +530,19 @@ def train(
     write_config(out_dir, {**read_config(out_dir), **base_config} if loop.ckpt_path.is_file() else base_config)
 
     def run_epoch(epoch: int, out_of_time: Callable[[], bool] | None) -> dict[str, Any]:
+        stage, keep_eval = stages.begin_epoch(epoch) if stages is not None else ("train", [])
         b = bar(f"epoch {epoch}/{cfg.epochs}", len(train_loader) * cfg.batch_size)
         train_loss, seen = train_one_epoch(model, train_loader, criterion, optimizer, device=device,
-                                           on_batch=b.update if b else None, deadline=out_of_time)
+                                           on_batch=b.update if b else None, deadline=out_of_time,
+                                           keep_eval=keep_eval)
         if b:
             b.close()
         val_loss, probs, labels = evaluate_epoch(model, val_loader, val_criterion, device=device)
-        row = {"train_loss": train_loss, "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"],
-               "train_images": seen}
+        row = {"train_loss": train_loss, "val_loss": val_loss, "lr": optimizer.param_groups[-1]["lr"],
+               "train_images": seen, "stage": stage}
         scheduler.step()
-        return {**row, **(val_figures(probs, labels, classes) if len(labels) else {})}
+        if not len(labels):
+            return row
+        return {**row, **val_figures(probs, labels, classes), **per_source_val(probs, labels, va.sources, weight)}
 
     return loop.run(run_epoch, has_val=len(va.labels) > 0)

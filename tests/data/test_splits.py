@@ -113,3 +113,22 @@ def test_split_files(tmp_path: Path) -> None:
         read_split(tmp_path / "nosubset.csv")
     with pytest.raises(CXRError, match="listed twice"):
         write_split(pd.concat([split, split]), tmp_path / "dup.csv")
+
+
+def test_combine_keeps_each_source_split_by_content():
+
+    from cxrscreen.data.splits import combine_splits
+
+    a = pd.DataFrame({"image": ["x/1.jpg", "x/2.jpg"], "sha1": ["h1", "h2"]})
+    b = pd.DataFrame({"image": ["y/3.jpg"], "sha1": ["h3"]})
+    merged = pd.DataFrame({"image": ["../a/x/1.jpg", "../a/x/2.jpg", "../b/y/3.jpg"], "sha1": ["h1", "h2", "h3"],
+                           "split_group": ["g1", "g2", "g3"]})
+    parts = [(pd.DataFrame({"image": ["x/1.jpg", "x/2.jpg"], "subset": ["test", "train"]}), a),
+             (pd.DataFrame({"image": ["y/3.jpg"], "subset": ["val"]}), b)]
+    out = combine_splits(merged, parts)
+    assert list(out["image"]) == list(merged["image"]) and list(out["subset"]) == ["test", "train", "val"]
+    with pytest.raises(CXRError, match="none of the splits"):
+        combine_splits(merged, parts[:1])
+    linked = merged.assign(split_group=["g1", "g1", "g3"])
+    with pytest.raises(CXRError, match="two subsets"):
+        combine_splits(linked, parts)

@@ -332,6 +332,34 @@ def join_split(manifest: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def combine_splits(manifest: pd.DataFrame, parts: Sequence[tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFrame:
+    """The split of a merged manifest that keeps every image in the subset its own source's split gives it.
+
+    Input: the merged manifest (with ``sha1``) and, per part, ``(split, that part's manifest)``. Images are
+    matched by file content (``sha1``), so the paths may differ between the manifests. Output: ``image,
+    subset`` in manifest order. CXRError when a merged image is in no part, a file gets two subsets, or a
+    ``split_group`` of the merged manifest would fall in two subsets.
+    """
+    check_columns(manifest, ("image", "sha1", "split_group"), None)
+    by_sha: dict[str, str] = {}
+    for split, part in parts:
+        check_columns(part, ("image", "sha1"), None)
+        sub = dict(zip(split["image"], split["subset"], strict=True))
+        for image, sha in zip(part["image"], part["sha1"], strict=True):
+            if image not in sub:
+                continue
+            if by_sha.setdefault(sha, sub[image]) != sub[image]:
+                raise CXRError(f"file {image!r} is in two subsets of the parts' splits")
+    subset = manifest["sha1"].map(by_sha)
+    if subset.isna().any():
+        missing = manifest["image"][subset.isna()]
+        raise CXRError(f"{len(missing)} image(s) of the manifest are in none of the splits, e.g. {missing.iloc[0]!r}")
+    per_group = subset.groupby(manifest["split_group"]).nunique()
+    if (per_group > 1).any():
+        raise CXRError(f"split_group {per_group[per_group > 1].index[0]!r} would fall in two subsets")
+    return pd.DataFrame({"image": manifest["image"].to_numpy(), "subset": subset.to_numpy()})
+
+
 PROTOCOLS: dict[str, Callable[..., Any]] = {
     "grouped": split_grouped,
     "paper": split_paper,

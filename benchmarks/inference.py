@@ -1,13 +1,22 @@
-"""End-to-end prediction speed and memory of the default model against a DenseNet121 at 224 px.
+"""End-to-end prediction speed and memory of our model against torchxrayvision's own pipeline.
 
-One run, 2 threads, models warmed up. Prints JSON:
-- images/s of `Predictor.predict_files` over 256 images of ../shared/data/cxr (decode + CLAHE + resize
-  + model, batch 32), and single-image latency (median, p95), for the model under test and for a
-  DenseNet121 at 224 px with random weights (torchxrayvision's architecture; timing only);
-- the ratio of the two throughputs (target: >= 5);
-- peak RSS of a `cxrscreen predict` process over the same 256 images (target: <= 1.5 GB).
+One run, same image files, same torch threads, both sides warmed up, batch 32. Prints one JSON object:
 
-    python benchmarks/inference.py [--model RUN_DIR] [--images 256] [--threads 2]
+- ours: images/s of `Predictor.predict_files` (our reader + CLAHE + resize + model + probabilities) of the
+  bundled model or `--model RUN_DIR`, over `--images` images of ../shared/data/cxr (shuffled, seed 1);
+- torchxrayvision: images/s of its own pipeline on the same files, as its datasets read them:
+  `skimage.io.imread`, first channel if RGB, `xrv.datasets.normalize(img, 255)`, channel axis,
+  `Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)])`, then
+  `xrv.models.DenseNet(weights=None)` (DenseNet-121, random init, nothing downloaded; timing only) + sigmoid;
+- for both, single-image latency (median, p95) over the first `--latency-images` files, batch 1;
+- the throughput ratio ours / torchxrayvision (target >= 5) and the peak RSS of a `cxrscreen predict`
+  subprocess over the same files (target <= 1.5 GB), each with whether it is met;
+- threads, load average before and after, versions, and the socket connections attempted by this process
+  (expected 0: the machine is offline and nothing may be fetched).
+
+torchxrayvision is a benchmark-only dependency: `pip install -e '.[bench]'`.
+
+    python benchmarks/inference.py [--model RUN_DIR] [--images 256] [--threads 2] [--latency-images 40]
 """
 
 from __future__ import annotations
@@ -15,44 +24,118 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from cxrscreen.data.manifest import manifest_root, read_manifest, resolve_image_paths
-from cxrscreen.models.registry import create_model
 from cxrscreen.predict import Predictor, load_model
-from cxrscreen.runs import LoadedRun, package_versions
-from cxrscreen.transforms import PreprocessConfig
+from cxrscreen.runs import package_versions
+
+BATCH = 32
+XRV_SIZE = 224
+TARGET_RATIO = 5.0
+TARGET_PEAK_RSS_MB = 1536.0  # 1.5 GB
+NETWORK_EVENTS = ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.sendto",
+                  "socket.sendmsg", "urllib.Request")
+
+network_attempts: list[str] = []
 
 
-def densenet121_run() -> LoadedRun:
-    config = {"arch": "densenet121", "kind": "classifier", "classes": ["covid", "normal", "pneumonia"],
-              "preprocess": PreprocessConfig(image_size=224).to_dict()}
-    return LoadedRun(model=create_model("densenet121").eval(), config=config, run_dir=Path("."))
+def _audit(event: str, args: tuple) -> None:
+    if event in NETWORK_EVENTS:
+        shown = [a for a in args if not isinstance(a, socket.socket)][:2]  # host/address, port
+        network_attempts.append(f"{event} {shown!r}")
 
 
-def measure(run: LoadedRun, paths: list[Path], batch: int, n_latency: int) -> dict[str, float]:
-    pred = Predictor(run, batch_size=batch)
-    for _ in pred.predict_files(paths[:batch]):  # warm-up
+def import_xrv() -> Any:
+    try:
+        import torchxrayvision as xrv
+    except ImportError as exc:
+        raise SystemExit("benchmarks/inference.py needs torchxrayvision (a benchmark-only dependency): "
+                         "pip install -e '.[bench]'") from exc
+    return xrv
+
+
+def latency_stats(ms: Iterable[float]) -> dict[str, float]:
+    """Median and p95 (nearest rank below) of latencies in ms, rounded to 0.1 ms."""
+    lat = sorted(ms)
+    return {"latency_ms_median": round(statistics.median(lat), 1),
+            "latency_ms_p95": round(lat[int(0.95 * (len(lat) - 1))], 1)}
+
+
+# A side is `make(batch_size) -> run(paths) -> iterator of one bool (ok) per file`.
+Side = Callable[[int], Callable[[list[Path]], Iterator[bool]]]
+
+
+def measure(make: Side, paths: list[Path], n_latency: int) -> dict[str, float]:
+    """Same protocol for both sides: warm up on one batch, time all files at batch 32, then batch-1 latency."""
+    run = make(BATCH)
+    for _ in run(paths[:BATCH]):  # warm-up
         pass
     t0 = time.perf_counter()
-    n = sum(1 for res, _ in pred.predict_files(paths) if res["error"] is None)
+    n = sum(run(paths))
     rate = n / (time.perf_counter() - t0)
-    single = Predictor(run, batch_size=1)
+    single = make(1)
     lat = []
     for p in paths[:n_latency]:
         t = time.perf_counter()
-        for _ in single.predict_files([p]):
+        for _ in single([p]):
             pass
         lat.append(1000 * (time.perf_counter() - t))
-    lat.sort()
-    return {"images_per_s": round(rate, 1), "latency_ms_median": round(statistics.median(lat), 1),
-            "latency_ms_p95": round(lat[int(0.95 * (len(lat) - 1))], 1), "images": n}
+    return {"images_per_s": round(rate, 1), **latency_stats(lat), "images": n}
+
+
+def ours_side(run: Any) -> Side:
+    def make(batch_size: int) -> Callable[[list[Path]], Iterator[bool]]:
+        pred = Predictor(run, batch_size=batch_size)
+        return lambda paths: (res["error"] is None for res, _ in pred.predict_files(paths))
+    return make
+
+
+def xrv_read(path: str | Path, transform: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """One file as torchxrayvision's datasets read it: (1, 224, 224) float32 in about [-1024, 1024]."""
+    import skimage.io
+
+    xrv = import_xrv()
+    img = skimage.io.imread(path)
+    img = xrv.datasets.normalize(img, 255, reshape=True)  # first channel if RGB, channel axis added
+    return transform(img)
+
+
+def xrv_side(model: torch.nn.Module, transform: Callable[[np.ndarray], np.ndarray]) -> Side:
+    @torch.no_grad()
+    def flush(batch: list[np.ndarray]) -> None:
+        if batch:
+            torch.sigmoid(model(torch.from_numpy(np.stack(batch)))).numpy()
+
+    def make(batch_size: int) -> Callable[[list[Path]], Iterator[bool]]:
+        def run(paths: list[Path]) -> Iterator[bool]:
+            batch: list[np.ndarray] = []
+            pending: list[bool] = []
+            for p in paths:
+                try:
+                    batch.append(xrv_read(p, transform))
+                    pending.append(True)
+                except Exception:  # a bad file counts as an error, like ours
+                    pending.append(False)
+                if len(batch) >= batch_size:
+                    flush(batch)
+                    yield from pending
+                    batch, pending = [], []
+            flush(batch)
+            yield from pending
+        return run
+    return make
 
 
 def peak_rss_mb(model: str | None, paths: list[Path], threads: int) -> float:
@@ -75,33 +158,79 @@ def peak_rss_mb(model: str | None, paths: list[Path], threads: int) -> float:
         except (OSError, ValueError):
             pass
         time.sleep(0.02)
+    if proc.returncode != 0:
+        raise SystemExit(f"cxrscreen predict exited with {proc.returncode}")
     return round(peak_kb / 1024, 1)
 
 
+def versions() -> dict[str, str]:
+    out = package_versions()
+    for name in ("timm", "torchxrayvision", "scikit-image", "imageio"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="run directory (default: the bundled model)")
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared/data/cxr")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--latency-images", type=int, default=40)
     args = ap.parse_args()
+    sys.addaudithook(_audit)
+    load_before = [round(x, 2) for x in os.getloadavg()]
     torch.set_num_threads(args.threads)
+    xrv = import_xrv()
+    import torchvision
+
     df = read_manifest(args.data).sample(frac=1.0, random_state=1).head(args.images)
     paths = resolve_image_paths(df, manifest_root(args.data))
+
     run = load_model(args.model)
-    ours = measure(run, paths, 32, args.latency_images)
-    dense = measure(densenet121_run(), paths, 32, args.latency_images)
+    ours_info = {"model": str(args.model or "bundled"), "arch": run.arch, "image_size": run.preprocess.image_size,
+                 "params": sum(p.numel() for p in run.model.parameters()),
+                 "pipeline": "cxrscreen Predictor.predict_files: read_xray -> preprocess (run config) -> model "
+                             "-> calibrated softmax"}
+    ours = measure(ours_side(run), paths, args.latency_images)
+    del run
+
+    transform = torchvision.transforms.Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(XRV_SIZE)])
+    dense = xrv.models.DenseNet(weights=None).eval()  # random init; weights=None downloads nothing
+    peer = measure(xrv_side(dense, transform), paths, args.latency_images)
+    peer_info = {
+        "pipeline": "skimage.io.imread -> first channel if RGB -> xrv.datasets.normalize(img, 255) -> channel axis "
+                    f"-> Compose([XRayCenterCrop(), XRayResizer({XRV_SIZE})]) -> xrv.models.DenseNet(weights=None) "
+                    "-> sigmoid",
+        "arch": "densenet121 (torchxrayvision DenseNet, random weights, timing only)",
+        "image_size": XRV_SIZE,
+        "outputs": dense.classifier.out_features,
+        "params": sum(p.numel() for p in dense.parameters()),
+    }
+    del dense
+
+    peak = peak_rss_mb(args.model, paths, args.threads)
+    ratio = round(ours["images_per_s"] / peer["images_per_s"], 2)
     print(json.dumps({
         "benchmark": "inference",
         "threads": args.threads,
-        "model": {"arch": run.arch, "image_size": run.preprocess.image_size, **ours},
-        "densenet121_224": dense,
-        "throughput_ratio": round(ours["images_per_s"] / dense["images_per_s"], 2),
-        "target_ratio": 5.0,
-        "predict_peak_rss_mb": peak_rss_mb(args.model, paths, args.threads),
-        "target_peak_rss_mb": 1536,
-        "versions": package_versions(),
+        "batch_size": BATCH,
+        "ours": {**ours_info, **ours},
+        "torchxrayvision": {**peer_info, **peer},
+        "throughput_ratio": ratio,
+        "predict_peak_rss_mb": peak,
+        "targets": {
+            "throughput_ratio": {"target": f">= {TARGET_RATIO}", "value": ratio, "met": ratio >= TARGET_RATIO},
+            "predict_peak_rss_mb": {"target": f"<= {TARGET_PEAK_RSS_MB}", "value": peak,
+                                    "met": peak <= TARGET_PEAK_RSS_MB},
+        },
+        "network_attempts": network_attempts,
+        "conditions": {"loadavg_before": load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                       "cpu_count": os.cpu_count(), "data": str(args.data.resolve())},
+        "versions": versions(),
     }, indent=2))
 
 

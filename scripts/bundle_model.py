@@ -1,7 +1,9 @@
 """Copy a trained, calibrated run into the package as the bundled default model, with its model card.
 
-    python scripts/bundle_model.py --run runs/default --eval docs/results/default_model/eval_test.json \
-        --eval-argmax docs/results/default_model/eval_test_argmax.json \
+    python scripts/bundle_model.py --run runs/default --eval docs/results/default_model/eval_cxr_test.json \
+        --eval-argmax docs/results/default_model/eval_cxr_test_argmax.json \
+        --eval-siim docs/results/default_model/eval_siim_test.json \
+        --probe docs/results/data_choice/frozen_probe.json \
         --audit docs/results/audit/audit.json --gate docs/results/gate_ood.json \
         --command "$(cat docs/results/default_model/command.txt)"
 
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 
+from cxrscreen.decision import DecisionRule
+from cxrscreen.models.registry import get_spec
 from cxrscreen.runs import load_run, save_weights, write_config
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "cxrscreen" / "weights"
@@ -44,17 +48,50 @@ def _eval_rows(ev: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _weights_text(cfg: dict[str, Any]) -> str:
+    tr = cfg["training"]
+    if tr.get("weights") == "imagenet":
+        text = "ImageNet weights (offline, see `cxrscreen.models.efficientnet_lite`)"
+        if tr.get("linear_probe_epochs"):
+            text += (f", {tr['linear_probe_epochs']} epochs of linear probing, then fine-tuning with the backbone at "
+                     f"{tr['backbone_lr_scale']} x the head's learning rate")
+        if tr.get("frozen"):
+            text += f" and `{', '.join(tr['frozen'])}` frozen"
+        return text
+    return "trained from scratch"
+
+
+def _loso_rows(audit: dict[str, Any] | None) -> list[str]:
+    loso = ((audit or {}).get("loso") or {}).get("sources") or {}
+    if not loso:
+        return []
+    rows = ["| held-out source | train images | accuracy inside (trained with it) | accuracy held out | gap "
+            "| recall held out |", "|---|---|---|---|---|---|"]
+    for src, e in loso.items():
+        if "held_out" not in e:
+            continue
+        inner, gap = (e.get("internal") or {}).get("accuracy"), e.get("gap")
+        rec = ", ".join(f"{c} {v:.2f}" for c, v in e["held_out"]["recall"].items())
+        inner_s = "n/a" if inner is None else f"{inner:.3f}"
+        gap_s = "n/a" if gap is None else f"{gap:+.3f}"
+        rows.append(f"| {src} | {e['train_images']} | {inner_s} | {e['held_out']['accuracy']:.3f} | {gap_s} "
+                    f"| {rec} |")
+    return rows
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """The human-readable model card from the machine-readable one."""
     cfg = card["config"]
+    spec = get_spec(cfg["arch"])
+    rule = DecisionRule(threshold=(cfg.get("operating_point") or {}).get("threshold"))
     lines = [
         "# Model card: cxrscreen default model",
         "",
         "**Research use only. Not a medical device; not for diagnosis or patient management.**",
         "",
         "## Model",
-        f"- Architecture: `{cfg['arch']}` (torchvision), one grey input channel, {cfg['parameters']:,} parameters, "
-        "trained from scratch (no pretrained weights could be had on the training machine).",
+        f"- Architecture: `{cfg['arch']}` ({spec.library}), one grey input channel, {cfg['parameters']:,} "
+        f"parameters, {_weights_text(cfg)}.",
         f"- Classes: {', '.join(cfg['classes'])}.",
         f"- Weights: `model.safetensors`, stored as float16, sha256 `{cfg['weights_sha256']}` "
         "(checked before every load).",
@@ -67,15 +104,19 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"- Package versions: `{json.dumps(cfg['versions'])}`.",
         "",
         "## Data",
-        f"- `../shared/data/cxr` (3,078 frontal adult chest X-rays; sources cohen, covid-cxnet, nih, rsna), "
-        f"manifest sha256 `{cfg['data']['manifest_sha256']}`.",
+        f"- Manifest `{cfg['data']['manifest']}`, sha256 `{cfg['data']['manifest_sha256']}`: "
+        + card["data_text"],
         f"- Split `{cfg['data']['split']}` (grouped by `split_group`, stratified by label, seed 0), sha256 "
         f"`{cfg['data']['split_sha256']}`: {cfg['data']['train_images']} train / {cfg['data']['val_images']} val "
         "images; test figures below.",
         "",
     ]
-    for key, title in (("eval_argmax", "Internal test figures (arg-max class)"),
-                       ("eval", "Internal test figures (with the stored operating point)")):
+    lines += ["## Decision rule", "", f"The class every output shows and every figure counts: {rule.describe()} "
+              "(`cxrscreen.decision`; `predict --argmax` or `--threshold X` change it).", ""]
+    for key, title in (("eval", "Internal test of ../shared/data/cxr (the shipped decision rule)"),
+                       ("eval_argmax", "Internal test of ../shared/data/cxr (arg-max class)"),
+                       ("eval_siim", "Grouped test of ../shared/data/siim (same hospitals for both classes; "
+                                     "the shipped decision rule)")):
         ev = card.get(key)
         if ev:
             lines += [f"## {title}", "", *_eval_rows(ev), ""]
@@ -90,10 +131,19 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines += ["## Operating point", "",
                   f"COVID is called when its calibrated probability is >= {op['threshold']:.4f}, the highest "
                   f"threshold reaching sensitivity {op['target_sensitivity']} on val (val sensitivity "
-                  f"{op['val_sensitivity']:.3f}, specificity {op['val_specificity']:.3f}). On test: sensitivity "
+                  f"{op['val_sensitivity']:.3f}, specificity {op['val_specificity']:.3f}; val holds "
+                  f"{', '.join(op.get('val_sources') or [])}). On the merged test: sensitivity "
                   f"{_fmt(op['test_sensitivity'])}, specificity {_fmt(op['test_specificity'])}.", ""]
+        per = op.get("test_specificity_per_source") or {}
+        if per:
+            lines += ["COVID specificity at this threshold per source (merged test, non-COVID images):", "",
+                      *[f"- {s}: {v['specificity']:.3f} of {v['n_non_covid']}" for s, v in per.items()
+                        if v["specificity"] is not None], ""]
     if card.get("audit_findings"):
         lines += ["## Shortcut audit (`cxrscreen audit`)", "", *[f"- {f}" for f in card["audit_findings"]], ""]
+        loso = _loso_rows(card.get("audit"))
+        if loso:
+            lines += ["Leave-one-source-out (each model trained without the source, tested on it):", "", *loso, ""]
     if card.get("gate"):
         g = card["gate"]
         lines += ["## Not-a-chest-X-ray gate (`python benchmarks/gate_ood.py`)", "",
@@ -109,6 +159,12 @@ def card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+DATA_TEXT = (
+    "the merge (`cxrscreen data build`) of `../shared/data/cxr` (3,078 frontal adult chest X-rays; sources cohen, "
+    "covid-cxnet, nih, rsna: COVID web-collected, normal and pneumonia from one US hospital) and "
+    "`../shared/data/siim` (4,666 films of COVID and pneumonia-free patients from the same Spanish and US hospital "
+    "cohorts). Every cxr image keeps its subset of `configs/splits/cxr_grouped_seed0.csv`."
+)
 INTENDED_USE = [
     "Research and teaching: reproducing and checking published COVID-19 chest X-ray results, and a baseline "
     "for new work.",
@@ -119,10 +175,14 @@ LIMITS = [
     "papers, bedside films, arrows and text burned in) and nearly every normal and pneumonia image comes from one "
     "US hospital (NIH). High internal figures can come from recognising the source; read the audit section.",
     "Labels are noisy (NIH labels were text-mined from reports; Cohen 'pneumonia' includes SARS).",
-    "Adults or unknown age only: no paediatric images were used for training.",
+    "Adults or unknown age only: no paediatric images were used for training; nothing is known of how it does on "
+    "children.",
+    "siim's 'normal' films are of patients from COVID cohorts (most PCR positive): the model learns what a COVID film "
+    "shows, and a COVID patient with a clear film is called normal.",
     "Frontal views only; lateral views, CT and non-X-ray images are meant to be stopped by the gate, which has "
     "its own limits (see above).",
-    "Trained from scratch on about 2,200 images on a CPU: it is small and not state of the art.",
+    "A small network (EfficientNet-Lite0, 192 px) fine-tuned for under an hour on a 2-core CPU: not state of the "
+    "art, and the leave-one-source-out figures show how far its figures fall on a source it never saw.",
 ]
 GATE_LIMITS = [
     "real lateral films without DICOM tags (only a synthetic lateral-like drawing was tested);",
@@ -136,7 +196,13 @@ GENERALISATION = [
     "less of the corners where burned-in text and markers sit.",
     "CLAHE on every image, and augmentation of framing (rotation, shift, scale), exposure and contrast, blur and "
     "random erased patches, aimed at what differs between hospitals rather than diseases.",
-    "Class-weighted loss so the rarer class is not ignored; early stopping on validation loss.",
+    "Class-weighted loss so the rarer class is not ignored.",
+    "Data: siim adds COVID and clear films from the same hospitals, so the hospital no longer gives the answer; "
+    "the merge was chosen over cxr alone by leave-one-source-out figures of a frozen-feature probe "
+    "(`scripts/frozen_probe.py`, docs/results/data_choice/).",
+    "ImageNet features, linear probing before fine-tuning, a lower backbone learning rate and frozen early stages "
+    "(features that generalise are distorted less), and the checkpoint with the lowest worst-source val loss "
+    "rather than the best pooled figure.",
     "Per-source evaluation, lungs-masked tests, a source probe and leave-one-source-out training "
     "(`cxrscreen audit`) to measure how much of the score is the source.",
 ]
@@ -147,6 +213,8 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--eval", type=Path, help="eval JSON with the operating point")
     ap.add_argument("--eval-argmax", type=Path, help="eval JSON with arg-max decisions")
+    ap.add_argument("--eval-siim", type=Path, help="eval JSON of the siim grouped test")
+    ap.add_argument("--probe", type=Path, help="frozen_probe.py JSON (the data choice)")
     ap.add_argument("--audit", type=Path)
     ap.add_argument("--gate", type=Path)
     ap.add_argument("--command", required=True, help="the exact training command")
@@ -166,6 +234,9 @@ def main() -> None:
         "training_command": args.command,
         "eval": _load(args.eval),
         "eval_argmax": _load(args.eval_argmax),
+        "eval_siim": _load(args.eval_siim),
+        "data_choice": _load(args.probe),
+        "data_text": DATA_TEXT,
         "audit_findings": (audit or {}).get("findings"),
         "audit": {k: (audit or {}).get(k) for k in ("masking", "probe", "loso")} if audit else None,
         "gate": _load(args.gate),

@@ -158,3 +158,32 @@ def test_parse_source_arg() -> None:
         parse_source_arg("kaggle:/x")
     with pytest.raises(CXRError, match="not KIND:PATH"):
         parse_source_arg("/just/a/path")
+
+
+def test_merge_of_cxr_and_siim_reproduces_the_committed_split(cxr_dir: Path, tmp_path: Path):
+    """The documented merge (cxrscreen data build + split --protocol combine) gives the committed merged split:
+    every cxr image in its cxr subset, every siim image in its siim subset, no split_group in two subsets."""
+    from cxrscreen.data.splits import combine_splits, read_split
+
+    siim = cxr_dir.parent / "siim"
+    if not (siim / "manifest.csv").is_file():
+        pytest.skip(f"siim data not found at {siim}")
+    summary = build_dataset([("manifest", cxr_dir), ("manifest", siim)], tmp_path / "merged")
+    assert summary["n_images"] == 3078 + 4666 and summary["by_source"]["siim"] == {
+        "covid": 2956, "normal": 1710, "pneumonia": 0}
+    merged = read_manifest(tmp_path / "merged")
+    repo = Path(__file__).resolve().parents[2]
+    cxr_split = read_split(repo / "configs/splits/cxr_grouped_seed0.csv")
+    siim_split = read_split(repo / "configs/splits/siim_grouped_seed0.csv")
+    split = combine_splits(merged, [(cxr_split, read_manifest(cxr_dir)), (siim_split, read_manifest(siim))])
+    committed = read_split(repo / "configs/splits/merged_grouped_seed0.csv")
+    # the committed split names images relative to data/merged (where the README builds the merge)
+    where = {str((tmp_path / "merged" / i).resolve()): sub for i, sub in zip(split["image"], split["subset"],
+                                                                              strict=True)}
+    assert where == {str((repo / "data" / "merged" / i).resolve()): sub
+                     for i, sub in zip(committed["image"], committed["subset"], strict=True)}
+    by_sha = dict(zip(merged["sha1"], split["subset"], strict=True))
+    cxr = read_manifest(cxr_dir)
+    cxr_sub = dict(zip(cxr_split["image"], cxr_split["subset"], strict=True))
+    assert all(by_sha[sha] == cxr_sub[image] for image, sha in zip(cxr["image"], cxr["sha1"], strict=True))
+    assert split.merge(merged, on="image").groupby("split_group")["subset"].nunique().max() == 1

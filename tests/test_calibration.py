@@ -130,6 +130,12 @@ def test_calibrate_run_end_to_end(tiny_run):
     for k in ("test_sensitivity", "test_specificity"):
         assert set(op[k]) == {"value", "ci95"}
     assert res["test"]["covid_vs_rest"]["threshold"] == op["threshold"]
+    # specificity per source at the threshold: every val source listed, counts and rates consistent
+    per = op["val_specificity_per_source"]
+    assert set(per) == set(op["val_sources"])
+    n_neg = sum(v["n_non_covid"] for v in per.values())
+    pooled = sum(v["specificity"] * v["n_non_covid"] for v in per.values() if v["specificity"] is not None)
+    assert n_neg > 0 and pooled / n_neg == pytest.approx(op["val_specificity"])
     assert (run_dir / "eval" / "reliability.png").stat().st_size > 1000
     assert json.loads((run_dir / "eval" / "calibration.json").read_text())["calibration"] == cal
 

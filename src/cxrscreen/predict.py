@@ -172,6 +172,10 @@ class Predictor:
                 res["probabilities"] = None  # nor the model's probabilities, which would read as one
         return res
 
+    def result(self, prep: Prepared, probs: np.ndarray) -> dict[str, Any]:
+        """The result dict of one prepared input from its probabilities (class, flags; see the module)."""
+        return self._result(prep, probs)
+
     def predict_prepared(self, preps: Sequence[Prepared]) -> list[dict[str, Any]]:
         if not preps:
             return []

@@ -487,12 +487,14 @@ def serve(
     model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
     host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 exposes it)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    threads: Annotated[int | None, typer.Option(help="torch threads for the forward passes (default: one per "
+                                                     "core; 1 is faster on a machine busy with other work)")] = None,
 ) -> None:
     """Serve the upload page and HTTP API for one model (research use only: not a medical device)."""
     from cxrscreen.serving import serve as serve_app
 
     try:
-        serve_app(model, host=host, port=port)
+        serve_app(model, host=host, port=port, torch_threads=threads)
     except CXRError as exc:
         _fail(exc)
 

@@ -341,9 +341,15 @@ def _default_gate(run: LoadedRun) -> Any:
     return gate_for_run(run)
 
 
-def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Load a run directory (or the bundled model when None) and serve the app with uvicorn."""
+def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
+          torch_threads: int | None = None) -> None:
+    """Load a run directory (or the bundled model when None) and serve the app with uvicorn.
+    `torch_threads`: intra-op threads of the forward passes (None: torch's default, one per core)."""
     import uvicorn
 
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
     run = load_model(model)
     uvicorn.run(create_app(run, gate=_default_gate(run)), host=host, port=port)

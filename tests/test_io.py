@@ -503,3 +503,28 @@ def test_integer_images_convert_exactly_as_before(tmp_path: Path) -> None:
     np.testing.assert_array_equal(x16.pixels, (g16 / 65535.0).astype(np.float32))
     lum = np.clip((rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])) / 255.0, 0, 1)
     np.testing.assert_array_equal(xrgb.pixels, lum.astype(np.float32))
+
+
+def test_reduced_jpeg_with_exif_rotation_records_the_upright_original_size() -> None:
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 256, (3000, 4000), dtype=np.uint8))  # stored 4000 wide, 3000 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated by 90 degrees: upright it is 3000 wide, 4000 high
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    x = read_xray_bytes(buf.getvalue(), name="rot.jpg", max_side=1000)
+    assert x.meta["exif_transposed"] and x.pixels.shape[0] > x.pixels.shape[1] and max(x.pixels.shape) <= 1000
+    assert (x.meta["original_width"], x.meta["original_height"]) == (3000, 4000)
+
+
+def test_dicom_reduced_while_decoding(tmp_path: Path) -> None:
+    yy, xx = np.mgrid[0:1200, 0:900]
+    stored = ((xx + yy) % 4096).astype(np.uint16)
+    path = _dicom(tmp_path / "big.dcm", stored, WindowCenter=2048, WindowWidth=4096)
+    full = read_xray(path)
+    small = read_xray(path, max_side=300)
+    assert small.pixels.shape == (300, 225) and small.pixels.dtype == np.float32
+    assert (small.meta["original_width"], small.meta["original_height"]) == (900, 1200)
+    assert (small.meta["width"], small.meta["height"]) == (225, 300)
+    assert full.meta["grey_levels"] == small.meta["grey_levels"] == 256  # counted before the reduction
+    assert "original_width" not in full.meta

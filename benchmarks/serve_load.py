@@ -1,12 +1,14 @@
 """Load benchmark of `cxrscreen serve`; prints one JSON object.
 
 Starts the server (bundled model and gate, this checkout's sources) on 127.0.0.1 at a free port, sends
-each of a fixed sample of real X-rays of ../shared/data/cxr once, one at a time (the sequential
-reference), then a bounded load: `--clients` concurrent clients sending `--requests` requests without
-heatmap, then `--heatmap-requests` with heatmap, and stops the server. Reports per phase p50 / p95
-latency, requests/s, errors, whether every response equals the sequential one for the same image (class
-and flags exactly, probabilities within 1e-5), the server's peak RSS (VmHWM), and the load conditions
-(CPUs, load average before and after).
+each of a fixed sample of real X-rays of ../shared/data/cxr once, one at a time, with and without heatmap
+(the sequential references), then a bounded load: `--clients` concurrent clients sending `--requests`
+requests each without heatmap, then `--heatmap-requests` each with heatmap, and stops the server. Reports
+per phase p50 / p95 latency, requests/s, errors, whether every response equals the sequential one for the
+same image (class and flags exactly, probabilities within 1e-5), the server's peak RSS (VmHWM), and the
+load conditions (CPUs, load average before and after). By default it does this twice: with torch's own
+thread count (one per core) and with one torch thread (`cxrscreen serve --threads 1`), which is faster
+when the CPUs are shared (here: with the clients themselves).
 
     python benchmarks/serve_load.py > docs/results/serve_load.json
 """
@@ -141,26 +143,15 @@ def _phase(base: str, images: list[tuple[str, bytes]], refs: list[dict], n_reque
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DATA_DIR)
-    ap.add_argument("--images", type=int, default=64, help="distinct real X-rays sent")
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=200, help="requests without heatmap")
-    ap.add_argument("--heatmap-requests", type=int, default=50)
-    ap.add_argument("--torch-threads", type=int, default=None,
-                    help="torch intra-op threads in the server (default: torch's own, one per core)")
-    args = ap.parse_args(argv)
-
+def run_server_load(images: list[tuple[str, bytes]], *, clients: int, per_client: int, heatmap_per_client: int,
+                    torch_threads: int | None) -> dict[str, Any]:
+    """Start a server, take the sequential references, run both load phases, stop it; the report."""
     import httpx
 
-    if not (args.data / "manifest.csv").is_file():
-        raise SystemExit(f"real data not found at {args.data}")
-    images = [(p.name, p.read_bytes()) for p in _sample(args.data, args.images)]
     load_before = os.getloadavg()
     port = _free_port()
     base = f"http://127.0.0.1:{port}/"
-    proc = _start_server(port, args.torch_threads)
+    proc = _start_server(port, torch_threads)
     try:
         with httpx.Client() as client:
             _wait_ready(client, base, proc)
@@ -172,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"sequential request for {name} failed: HTTP {status}")
                 refs.append(body)
                 seq_lat.append(dt * 1000)
-            for name, data in images[: min(len(images), args.heatmap_requests)]:
+            for name, data in images:
                 _, status, body = _post(client, base, name, data, heatmap=True)
                 refs_hm.append(body if status == 200 and body is not None else {})
             rss_after_warmup = _peak_rss_mb(proc.pid)
-        plain = _phase(base, images, refs, args.requests, args.clients, heatmap=False)
-        heat = _phase(base, images[: len(refs_hm)], refs_hm, args.heatmap_requests, args.clients, heatmap=True)
+        plain = _phase(base, images, refs, clients * per_client, clients, heatmap=False)
+        heat = _phase(base, images, refs_hm, clients * heatmap_per_client, clients, heatmap=True)
         peak = _peak_rss_mb(proc.pid)
     finally:
         proc.terminate()
@@ -185,22 +176,14 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    flagged = sum(r["class"] is None for r in refs)
-    report = {
-        "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "conditions": {
-            "cpus": os.cpu_count(),
-            "load_average_1_5_15_before": [round(v, 2) for v in load_before],
-            "load_average_1_5_15_after": [round(v, 2) for v in os.getloadavg()],
-            "python": platform.python_version(),
-            "server_torch_threads": args.torch_threads or "torch default (one per core)",
-            "model": {"arch": model.get("arch"), "weights_sha256": (model.get("weights_sha256") or "")[:12],
-                      "image_size": model.get("preprocess", {}).get("image_size")},
-            "server": "uvicorn, one process, bundled model and gate; forward passes batched by the server",
-        },
-        "images": {"distinct_real_xrays": len(images), "flagged_by_gate": flagged,
-                   "sequential_latency_ms_p50": round(float(np.percentile(seq_lat, 50)), 1)},
-        "equality": f"class and flags exactly, probabilities within {TOLERANCE:g}, against one-at-a-time requests",
+    return {
+        "server_torch_threads": torch_threads or "torch default (one per core)",
+        "load_average_1_5_15_before": [round(v, 2) for v in load_before],
+        "load_average_1_5_15_after": [round(v, 2) for v in os.getloadavg()],
+        "model": {"arch": model.get("arch"), "weights_sha256": (model.get("weights_sha256") or "")[:12],
+                  "image_size": model.get("preprocess", {}).get("image_size")},
+        "flagged_by_gate": sum(r["class"] is None for r in refs),
+        "sequential_latency_ms_p50": round(float(np.percentile(seq_lat, 50)), 1),
         "without_heatmap": plain,
         "with_heatmap": heat,
         "server_peak_rss_mb": peak,
@@ -212,6 +195,41 @@ def main(argv: list[str] | None = None) -> int:
             "p50_le_200_ms": plain["latency_ms_p50"] <= 200,
             "peak_rss_le_2_gb": peak is not None and peak <= 2048,
         },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DATA_DIR)
+    ap.add_argument("--images", type=int, default=64, help="distinct real X-rays sent")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=200, help="requests per client without heatmap")
+    ap.add_argument("--heatmap-requests", type=int, default=50, help="requests per client with heatmap")
+    ap.add_argument("--torch-threads", type=int, action="append", default=None,
+                    help="torch intra-op threads in the server, repeatable: one server run per value "
+                         "(default: torch's own, one per core, then 1)")
+    ap.add_argument("--note", default=None, help="free text about the machine's load, kept in the JSON")
+    args = ap.parse_args(argv)
+
+    if not (args.data / "manifest.csv").is_file():
+        raise SystemExit(f"real data not found at {args.data}")
+    images = [(p.name, p.read_bytes()) for p in _sample(args.data, args.images)]
+    settings = args.torch_threads or [None, 1]
+    runs = [run_server_load(images, clients=args.clients, per_client=args.requests,
+                            heatmap_per_client=args.heatmap_requests, torch_threads=t) for t in settings]
+    report = {
+        "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "conditions": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "note": args.note,
+            "server": "uvicorn, one process, bundled model and gate, forward passes batched by the server; "
+                      "the clients run on the same machine",
+            "load": f"{args.clients} concurrent clients x {args.requests} requests without heatmap, then "
+                    f"{args.clients} x {args.heatmap_requests} with heatmap, over {len(images)} real X-rays",
+        },
+        "equality": f"class and flags exactly, probabilities within {TOLERANCE:g}, against one-at-a-time requests",
+        "runs": runs,
     }
     print(json.dumps(report, indent=1))
     return 0

@@ -225,16 +225,23 @@ def _decode_pil(data: bytes, name: str, max_pixels: int, max_side: int | None = 
                 draft_scale = int(round(width / img.size[0]))
         try:
             img.load()
-            transposed = ImageOps.exif_transpose(img)
+            orientation = img.getexif().get(0x0112)
+            oriented = orientation in (2, 3, 4, 5, 6, 7, 8)
+            if oriented:  # exif_transpose copies even an upright image: only call it when it turns one
+                img = ImageOps.exif_transpose(img)
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise CXRError(f"truncated or corrupt {fmt.upper()} file ({exc})", name) from exc
-        oriented = transposed is not None and transposed is not img
-        swapped = oriented and img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that transpose
-        img = transposed if transposed is not None else img
+        swapped = orientation in (5, 6, 7, 8)  # EXIF orientations that transpose
+        levels = None
+        if max_side is not None and max(img.size) >= 2 * max_side:
+            img, levels = _reduce_in_pil(img, max_side, fmt, bits_hint)
         raw, to_grey, dtype, bits = _pil_samples(img, fmt, bits_hint)
+        if mode == "1":
+            dtype, bits = "bool", 1
         del img
 
-    levels = _grey_levels(to_grey(_subsample(raw)))
+    if levels is None:
+        levels = _grey_levels(to_grey(_subsample(raw)))
     colour = _chroma_stats(raw) if raw.ndim == 3 else None
     decoded_hw = raw.shape[:2]
     if max_side is not None and max(decoded_hw) > max_side:
@@ -263,6 +270,32 @@ def _decode_pil(data: bytes, name: str, max_pixels: int, max_side: int | None = 
     if oriented:
         meta["exif_transposed"] = True
     return XRay(pixels=pixels, path=name, meta=meta)
+
+
+_PIL_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBX")
+
+
+def _reduce_in_pil(img: Image.Image, max_side: int, fmt: str, bits_hint: int | None) -> tuple[Image.Image, int | None]:
+    """(the image box-reduced by an integer factor to a long side of at least ``max_side``, its grey levels
+    counted before the reduction); other modes than 8-bit grey / colour come back unchanged, levels None.
+
+    Reducing inside Pillow avoids a full-size numpy copy of the decoded samples."""
+    if img.mode == "1":
+        img = img.convert("L")
+    palette = img.mode in ("P", "PA")
+    if img.mode not in _PIL_REDUCIBLE and not palette:
+        return img, None
+    w, h = img.size
+    step = max(1, int(np.ceil(np.sqrt(w * h / 262_144))))
+    sample = img.resize((max(1, w // step), max(1, h // step)), Image.Resampling.NEAREST)  # original values only
+    s_raw, s_grey, _, _ = _pil_samples(sample, fmt, bits_hint)
+    levels = _grey_levels(s_grey(s_raw))
+    factor = max(w, h) // max_side
+    if factor < 2:
+        return img, levels
+    if palette:  # palette indices cannot be averaged: every factor-th pixel (palette images are drawings)
+        return img.resize((max(1, w // factor), max(1, h // factor)), Image.Resampling.NEAREST), levels
+    return img.reduce(factor), levels
 
 
 def _pil_bits_hint(img: Image.Image) -> int | None:

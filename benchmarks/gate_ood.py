@@ -6,9 +6,11 @@
   used for fitting (scripts/fit_gate.py UNSEEN_KINDS); flagged fraction per kind; target: >= 95 % flagged;
 - as_upload: the same non-X-rays decoded from bytes (as the web app does), where the colour rule cannot
   re-read the file: what the grey-level model alone catches;
+- grey-level and aspect rules on every real X-ray (both halves; target: none flagged);
 - transforms (information, no target): a fixed sample of evaluation X-rays saved as RGB JPEG, with a mild
-  or a sepia colour cast, rotated, upside down, inverted, with gamma 0.7 / 1.4 or lower contrast, and as
-  DICOM (no window: min-max scaled on reading) with ViewPosition PA / LL or Modality CT.
+  or a sepia colour cast, rotated, upside down, inverted, with gamma 0.7 / 1.4 or lower contrast, as a
+  1-bit PNG, posterised to 8 levels, squeezed to 220 x 512 or 512 x 220, and as DICOM (no window: min-max
+  scaled on reading) with ViewPosition PA / LL or Modality CT.
 
     .venv/bin/python benchmarks/gate_ood.py [--gate PATH] [--data ../shared/data/cxr]
 """
@@ -50,6 +52,10 @@ def _reason(flags: list[str]) -> str:
         return "rule:blank"
     if first.startswith("colour picture"):
         return "rule:colour"
+    if first.startswith(("bilevel", "only ")):
+        return "rule:grey_levels"
+    if first.startswith("extreme aspect"):
+        return "rule:aspect"
     kinds = ["logistic" if f.startswith("not a frontal chest X-ray") else "novelty" for f in flags]
     return "+".join(kinds)
 
@@ -110,6 +116,31 @@ def _save(arr: np.ndarray, path: Path) -> Path:
     return path
 
 
+def _save1(img: Image.Image, path: Path) -> Path:
+    img.save(path)
+    return path
+
+
+def bench_new_rules_all_real(gate: Gate, data_dir: Path) -> dict[str, Any]:
+    """Every real X-ray (both halves) against the grey-level and aspect rules: none may be flagged."""
+    rows = recipe.real_manifest(data_dir)
+    flagged, levels, portrait, landscape = [], [], [], []
+    for p in rows["image"]:
+        x = read_xray(data_dir / p)
+        f = [r for r in gate.rules(x) if r.startswith(("bilevel", "only ", "extreme aspect"))]
+        if f:
+            flagged.append({"image": p, "flags": f})
+        h, w = x.pixels.shape
+        levels.append(x.meta["grey_levels"])
+        portrait.append(h / w)
+        landscape.append(w / h)
+    return {"n": len(rows), "flagged": flagged, "min_grey_levels_seen": int(min(levels)),
+            "max_height_over_width_seen": round(max(portrait), 4),
+            "max_width_over_height_seen": round(max(landscape), 4),
+            "limits": {"min_grey_levels": gate.min_grey_levels, "max_portrait": gate.max_portrait,
+                       "max_landscape": gate.max_landscape}}
+
+
 def bench_transforms(gate: Gate, xrays: list[XRay], n: int, seed: int, folder: Path) -> dict[str, Any]:
     """Flagged fraction of ``n`` evaluation X-rays under each transform (information only)."""
     rng = np.random.default_rng(seed)
@@ -127,6 +158,10 @@ def bench_transforms(gate: Gate, xrays: list[XRay], n: int, seed: int, folder: P
             "gamma_0.7": _save(to_uint8(x.pixels ** 0.7), folder / f"{i}_g07.png"),
             "gamma_1.4": _save(to_uint8(x.pixels ** 1.4), folder / f"{i}_g14.png"),
             "low_contrast_0.8": _save(to_uint8(0.1 + 0.8 * x.pixels), folder / f"{i}_c08.png"),
+            "one_bit_png": _save1(Image.fromarray(g).convert("1"), folder / f"{i}_1bit.png"),
+            "posterised_8_levels": _save((g // 32 * 36).astype(np.uint8), folder / f"{i}_post8.png"),
+            "squeezed_220x512": _save(np.asarray(Image.fromarray(g).resize((220, 512))), folder / f"{i}_sq.png"),
+            "squeezed_512x220": _save(np.asarray(Image.fromarray(g).resize((512, 220))), folder / f"{i}_sql.png"),
             "dicom_dx_pa": _dicom(folder / f"{i}_pa.dcm", x),
             "dicom_view_ll": _dicom(folder / f"{i}_ll.dcm", x, view="LL"),
             "dicom_modality_ct": _dicom(folder / f"{i}_ct.dcm", x, modality="CT", view=None),
@@ -162,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     gate = Gate.from_json(gate_path)
     t0 = time.perf_counter()
     real, xrays, times = bench_real(gate, args.data)
+    new_rules = bench_new_rules_all_real(gate, args.data)
     with tempfile.TemporaryDirectory(prefix="gate_bench_") as tmp:
         seen, seen_up = bench_kinds(gate, recipe.SEEN_KINDS, args.per_seen_kind, args.seed, Path(tmp) / "s")
         unseen, unseen_up = bench_kinds(gate, recipe.UNSEEN_KINDS, args.per_unseen_kind, args.seed,
@@ -173,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "thresholds": {"p": gate.p_threshold, "novelty_nll": gate.novelty_threshold,
                        "colour_fraction": gate.colour_fraction},
         "real_eval_half": real,
+        "grey_level_and_aspect_rules_on_all_real": new_rules,
         "seen_kinds": seen,
         "unseen_kinds": unseen,
         "as_upload_no_colour_rule": {"seen_kinds": seen_up, "unseen_kinds": unseen_up},
@@ -181,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             "real_accepted_ge_0.99": real["accepted"]["fraction"] >= 0.99,
             "seen_flagged_ge_0.95": seen["flagged"]["fraction"] >= 0.95,
             "unseen_flagged_ge_0.95": unseen["flagged"]["fraction"] >= 0.95,
+            "no_real_flagged_by_level_or_aspect_rules": not new_rules["flagged"],
         },
         "gate_ms_per_image_median": round(1000 * float(np.median(times)), 2),
         "seconds": round(time.perf_counter() - t0, 1),

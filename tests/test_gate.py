@@ -15,8 +15,18 @@ from PIL import Image
 
 from cxrscreen import gate as gate_mod
 from cxrscreen.errors import CXRError
-from cxrscreen.gate import FEATURE_NAMES, Gate, colour_stats, gate_features, gate_for_run, rule_flags
-from cxrscreen.io import XRay, read_xray
+from cxrscreen.gate import (
+    FEATURE_NAMES,
+    MAX_LANDSCAPE,
+    MAX_PORTRAIT,
+    MIN_GREY_LEVELS,
+    Gate,
+    colour_stats,
+    gate_features,
+    gate_for_run,
+    rule_flags,
+)
+from cxrscreen.io import XRay, read_xray, read_xray_bytes
 from cxrscreen.synthetic import to_uint8, write_dicom
 from tests.conftest import synthetic_cxr
 
@@ -182,3 +192,95 @@ def test_gate_for_run_prefers_run_dir_then_bundled(gate: Gate, tmp_path: Path,
     (tmp_path / "gate.json").write_text(json.dumps(d))
     with pytest.raises(CXRError, match="cannot load the input gate"):
         gate_for_run(SimpleNamespace(run_dir=tmp_path))
+
+
+# ------------------------------------------------------------------------- colour evidence from the bytes
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_colour_rule_reads_the_bytes_not_a_file_named_like_the_upload(gate: Gate, tmp_path: Path) -> None:
+    """An upload named after an existing colour picture on the server is judged by its own bytes: the file
+    neither changes the result nor reveals that it exists."""
+    from skimage import data
+
+    coffee = data.coffee()  # 400 x 600 colour photo
+    server_file = tmp_path / "coffee.png"
+    Image.fromarray(coffee).save(server_file)
+    grey_rgb = np.repeat(to_uint8(synthetic_cxr(*coffee.shape[:2]))[..., None], 3, axis=2)
+    named = read_xray_bytes(_png_bytes(grey_rgb), name=str(server_file))
+    neutral = read_xray_bytes(_png_bytes(grey_rgb), name="upload.png")
+    assert gate.flags(named, None) == gate.flags(neutral, None)
+    assert not any(f.startswith("colour picture") for f in gate.flags(named, None))
+    assert colour_stats(named) == colour_stats(neutral) and colour_stats(named)[1] < 0.01
+
+
+def test_colour_upload_gets_the_colour_reason_from_its_bytes(gate: Gate) -> None:
+    from skimage import data
+
+    flags = gate.flags(read_xray_bytes(_png_bytes(data.coffee()), name="no-such-file.png"), None)
+    assert flags and flags[0].startswith("colour picture"), flags
+
+
+# ---------------------------------------------------------------------- degraded X-rays: levels, aspect
+
+
+@pytest.fixture(scope="module")
+def real_xray(data_dir: Path) -> np.ndarray:
+    """One real X-ray of the evaluation half as uint8 (read in place)."""
+    return to_uint8(read_xray(_eval_half_sample(data_dir, per_source=1)[0]).pixels)
+
+
+def test_one_bit_png_of_an_xray_is_flagged(gate: Gate, real_xray: np.ndarray, tmp_path: Path) -> None:
+    Image.fromarray(real_xray).convert("1").save(tmp_path / "one_bit.png")  # dithered black and white
+    Image.fromarray(real_xray).convert("1").convert("L").save(tmp_path / "bilevel_8bit.png")
+    for name in ("one_bit.png", "bilevel_8bit.png"):
+        flags = gate.flags(read_xray(tmp_path / name), None)
+        assert flags and flags[0].startswith("bilevel"), (name, flags)
+    # the same as an upload, decoded with the server's reduction: levels are counted before it
+    up = read_xray_bytes((tmp_path / "one_bit.png").read_bytes(), name="u.png", max_side=64)
+    assert gate.flags(up, None)[0].startswith("bilevel")
+
+
+def test_few_grey_levels_are_flagged(gate: Gate, real_xray: np.ndarray) -> None:
+    posterised = (real_xray // 32 * 36).astype(np.uint8)  # 8 levels
+    flags = rule_flags(read_xray_bytes(_png_bytes(posterised), name="p.png"))
+    assert flags and flags[0].startswith("only 8 grey levels"), flags
+    assert rule_flags(XRay(posterised / 255.0, "x.png", {"mode": "L"}))[0].startswith("only 8 grey levels")
+
+
+def test_squeezed_xray_is_flagged(gate: Gate, real_xray: np.ndarray) -> None:
+    squeezed = np.asarray(Image.fromarray(real_xray).resize((220, 512)))  # width 220, height 512
+    flags = gate.flags(read_xray_bytes(_png_bytes(squeezed), name="s.png"), None)
+    assert flags and flags[0].startswith("extreme aspect ratio: 220x512"), flags
+    wide = np.asarray(Image.fromarray(real_xray).resize((1600, 500)))
+    assert gate.flags(read_xray_bytes(_png_bytes(wide), name="w.png"), None)[0].startswith("extreme aspect")
+    # a large image reduced while decoding is judged on its original size
+    tall = read_xray_bytes(_png_bytes(np.asarray(Image.fromarray(real_xray).resize((440, 1024)))),
+                           name="t.png", max_side=256)
+    assert tall.meta["original_height"] == 1024 and gate.flags(tall, None)[0].startswith("extreme aspect")
+
+
+def test_new_rules_flag_no_real_xray(data_dir: Path) -> None:
+    """The level and aspect rules pass every real X-ray of ../shared/data/cxr (3,078 images, ~7 s)."""
+    m = pd.read_csv(data_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    worst = {"levels": 256, "portrait": 0.0, "landscape": 0.0}
+    flagged = []
+    for p in m["image"]:
+        x = read_xray(data_dir / p)
+        f = [r for r in rule_flags(x) if r.startswith(("bilevel", "only", "extreme aspect"))]
+        if f:
+            flagged.append((p, f))
+        h, w = x.pixels.shape
+        worst = {"levels": min(worst["levels"], x.meta["grey_levels"]),
+                 "portrait": max(worst["portrait"], h / w), "landscape": max(worst["landscape"], w / h)}
+    assert not flagged, flagged[:5]
+    # the limits keep a margin to the real data (documented next to the constants)
+    assert worst["levels"] >= 4 * MIN_GREY_LEVELS
+    assert worst["portrait"] * 1.4 < MAX_PORTRAIT and worst["landscape"] * 1.3 < MAX_LANDSCAPE, worst

@@ -411,4 +411,135 @@ def test_pil_decompression_bomb_never_leaks(tmp_path: Path, monkeypatch: pytest.
         warnings.simplefilter("error")
         assert read_xray(path).pixels.shape == (20, 20)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 px > 2 * limit: PIL raises
-    _assert_fails(path, "too large")
+    assert read_xray(path).pixels.shape == (20, 20)  # cxrscreen's limit decides, not Pillow's
+    _assert_fails(path, "400 pixels, over the limit of 399", max_pixels=399)
+
+
+# ------------------------------------------------------------------------------ memory and size limits
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """The start of a PNG that claims width x height 8-bit grey pixels (no pixel data follows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_huge_header_is_refused_with_the_projects_limit() -> None:
+    """A header far over the limit (where Pillow raises its own bomb error) is refused before any decoding,
+    and the message quotes cxrscreen's documented limit, not Pillow's."""
+    with pytest.raises(CXRError) as info:
+        read_xray_bytes(_png_header_only(20_000, 20_000), name="bomb.png")
+    msg = str(info.value)
+    assert msg.startswith("bomb.png: ") and "20000x20000" in msg and f"{MAX_PIXELS:,}" in msg, msg
+    assert "178956970" not in msg and "178,956,970" not in msg  # Pillow's limit
+
+
+def _peak_bytes(fn: object) -> tuple[object, int]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        out = fn()  # type: ignore[operator]
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.fixture(scope="module")
+def zeros_7000_png() -> bytes:
+    """A 7000 x 7000 PNG of zeros: about 48 KB on disk, 49 million pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (7000, 7000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_large_png_decodes_without_float64_copies(zeros_7000_png: bytes) -> None:
+    """Full-resolution decoding costs the decoded pixels plus the float32 result, not several float64
+    copies (1.35 GB for this 48 KB file before)."""
+    x, peak = _peak_bytes(lambda: read_xray_bytes(zeros_7000_png, name="zeros.png"))
+    assert x.pixels.shape == (7000, 7000)
+    assert peak < 1.3 * 49e6 * 5, f"peak {peak / 1e6:.0f} MB"  # uint8 pixels + float32 result
+
+
+def test_max_side_downscales_during_decode_in_bounded_memory(zeros_7000_png: bytes) -> None:
+    x, peak = _peak_bytes(lambda: read_xray_bytes(zeros_7000_png, name="zeros.png", max_side=2048))
+    assert max(x.pixels.shape) <= 2048 and x.pixels.shape[0] == x.pixels.shape[1]
+    assert x.meta["original_width"] == x.meta["original_height"] == 7000
+    assert (x.meta["width"], x.meta["height"]) == x.pixels.shape[::-1]
+    assert peak < 40e6, f"peak {peak / 1e6:.0f} MB"  # reduced inside Pillow: no full-size numpy array
+
+
+@pytest.mark.parametrize("mode", ["RGB", "P"])
+def test_max_side_colour_and_palette_make_no_full_size_copy(mode: str) -> None:
+    """A 7000 x 7000 colour or palette PNG under max_side: numpy never holds the full image (147-196 MB)."""
+    buf = io.BytesIO()
+    Image.new(mode, (7000, 7000)).save(buf, format="PNG")
+    x, peak = _peak_bytes(lambda: read_xray_bytes(buf.getvalue(), name="c.png", max_side=2048))
+    assert max(x.pixels.shape) <= 2048 and x.meta["original_width"] == 7000
+    assert peak < 60e6, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_upright_image_is_not_marked_exif_transposed(tmp_path: Path) -> None:
+    x = read_xray(_save(Image.new("L", (30, 10)), tmp_path / "upright.jpg"))
+    assert "exif_transposed" not in x.meta
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale() -> None:
+    """JPEG: the decoder's DCT scaling (Pillow draft mode) gives a 1/2..1/8 image directly."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (3000, 4000), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    x = read_xray_bytes(buf.getvalue(), name="big.jpg", max_side=1000)
+    assert max(x.pixels.shape) <= 1000
+    assert x.meta["jpeg_draft_scale"] in (2, 4, 8)
+    assert (x.meta["original_width"], x.meta["original_height"]) == (4000, 3000)
+    full = read_xray_bytes(buf.getvalue(), name="big.jpg")
+    assert full.pixels.shape == (3000, 4000) and "jpeg_draft_scale" not in full.meta
+    assert "original_width" not in full.meta  # not reduced: width / height are the original's
+
+
+def test_integer_images_convert_exactly_as_before(tmp_path: Path) -> None:
+    """The float32 pixels equal float32(value / (2**bits - 1)) computed in float64, bit for bit."""
+    rng = np.random.default_rng(1)
+    g8 = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    g16 = rng.integers(0, 65536, (40, 50), dtype=np.uint16)
+    rgb = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    x8 = read_xray(_save(Image.fromarray(g8), tmp_path / "g8.png"))
+    x16 = read_xray(_save(Image.fromarray(g16), tmp_path / "g16.png"))
+    xrgb = read_xray(_save(Image.fromarray(rgb), tmp_path / "rgb.png"))
+    np.testing.assert_array_equal(x8.pixels, (g8 / 255.0).astype(np.float32))
+    np.testing.assert_array_equal(x16.pixels, (g16 / 65535.0).astype(np.float32))
+    lum = np.clip((rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])) / 255.0, 0, 1)
+    np.testing.assert_array_equal(xrgb.pixels, lum.astype(np.float32))
+
+
+def test_reduced_jpeg_with_exif_rotation_records_the_upright_original_size() -> None:
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 256, (3000, 4000), dtype=np.uint8))  # stored 4000 wide, 3000 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated by 90 degrees: upright it is 3000 wide, 4000 high
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    x = read_xray_bytes(buf.getvalue(), name="rot.jpg", max_side=1000)
+    assert x.meta["exif_transposed"] and x.pixels.shape[0] > x.pixels.shape[1] and max(x.pixels.shape) <= 1000
+    assert (x.meta["original_width"], x.meta["original_height"]) == (3000, 4000)
+
+
+def test_dicom_reduced_while_decoding(tmp_path: Path) -> None:
+    yy, xx = np.mgrid[0:1200, 0:900]
+    stored = ((xx + yy) % 4096).astype(np.uint16)
+    path = _dicom(tmp_path / "big.dcm", stored, WindowCenter=2048, WindowWidth=4096)
+    full = read_xray(path)
+    small = read_xray(path, max_side=300)
+    assert small.pixels.shape == (300, 225) and small.pixels.dtype == np.float32
+    assert (small.meta["original_width"], small.meta["original_height"]) == (900, 1200)
+    assert (small.meta["width"], small.meta["height"]) == (225, 300)
+    assert full.meta["grey_levels"] == small.meta["grey_levels"] == 256  # counted before the reduction
+    assert "original_width" not in full.meta

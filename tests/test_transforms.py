@@ -80,3 +80,18 @@ def test_config_round_trip_and_cache_key():
     assert cfg.cache_key() != PreprocessConfig(image_size=96).cache_key()
     with pytest.raises(ValueError):
         PreprocessConfig(resize_mode="stretch")
+
+
+def test_preprocessing_is_thread_safe():
+    """One Preprocessor used from many threads (as the server's thread pool does) gives exactly the
+    sequential result: no shared mutable OpenCV object (CLAHE) may mix the threads' images."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pre = Preprocessor(PreprocessConfig(image_size=256, clahe=True))
+    images = [synthetic_cxr(300 + 7 * i, 280 + 5 * i, lesion=(100 + i, 90 + 2 * i), seed=i) for i in range(32)]
+    sequential = [pre(im)[0] for im in images]
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            threaded = list(pool.map(lambda im: pre(im)[0], images * 4))
+        differ = sum(not np.array_equal(t, sequential[i % len(images)]) for i, t in enumerate(threaded))
+        assert differ == 0, f"{differ} of {len(threaded)} threaded outputs differ from the sequential ones"

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,12 +24,41 @@ from rich.table import Table
 from cxrscreen.decision import DecisionRule
 from cxrscreen.errors import CXRError
 
+# rich_markup_mode=None: plain click help (no "<bool>" after flags, no markup read in help texts)
 app = typer.Typer(help="Screen chest X-rays for COVID-19 and other pneumonia.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Build dataset manifests and splits.", no_args_is_help=True)
+                  pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+data_app = typer.Typer(help="Build dataset manifests and splits.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
-out = Console()
+# stderr for messages, stdout for results; soft_wrap: a long line is never broken at 80 columns when piped
+console = Console(stderr=True, soft_wrap=True, highlight=False)
+out = Console(soft_wrap=True, highlight=False)
+
+
+def _shown(text: object) -> str:
+    """A path or file name as printed: control characters as escapes (\\n, \\x1b); print it with
+    markup=False, or through rich.markup.escape, so that '[red]' stays literal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _log(msg: object) -> None:
+    """Progress messages from the library: printed literally (they hold paths), on stderr."""
+    console.print(str(msg), markup=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cxrscreen import __version__
+
+        print(f"cxrscreen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Screen chest X-rays for COVID-19 and other pneumonia (research use only: not a medical device)."""
 
 
 class _Bar:
@@ -49,7 +79,7 @@ class _Bar:
 
 
 def _fail(exc: CXRError) -> None:
-    console.print(f"[red]error:[/red] {exc}")
+    console.print(f"error: {_shown(exc)}", markup=False)
     raise typer.Exit(2)
 
 
@@ -67,7 +97,7 @@ def data_build(
     except CXRError as exc:
         _fail(exc)
     out.print_json(json.dumps(summary, default=str))
-    console.print(f"wrote {out_dir / 'manifest.csv'}")
+    console.print(f"wrote {_shown(out_dir / 'manifest.csv')}", markup=False)
 
 
 @data_app.command("split")
@@ -93,7 +123,7 @@ def data_split(
         elif protocol == "paper":
             split, messages = split_paper(df, seed=seed, val_frac=val_frac)
             for m in messages:
-                console.print(f"[yellow]note:[/yellow] {m}")
+                console.print(f"note: {m}", markup=False)
         elif protocol == "source":
             if not holdout_source:
                 raise CXRError("--protocol source needs --holdout-source NAME")
@@ -109,7 +139,7 @@ def data_split(
     except CXRError as exc:
         _fail(exc)
     merged = split.merge(df[["image", "label"]], on="image")
-    table = Table(title=f"{out_csv} ({protocol}, seed {seed})")
+    table = Table(title=escape(f"{_shown(out_csv)} ({protocol}, seed {seed})"))
     table.add_column("subset")
     labels = sorted(merged["label"].unique())
     for lbl in labels:
@@ -163,7 +193,7 @@ def train(
             from cxrscreen.transforms import PreprocessConfig
 
             cfg.preprocess = PreprocessConfig(**{**cfg.preprocess.to_dict(), "clahe": False})
-        run_training(cfg, data, split, out_dir, log=console.print, progress_factory=_Bar)
+        run_training(cfg, data, split, out_dir, log=_log, progress_factory=_Bar)
     except CXRError as exc:
         _fail(exc)
 
@@ -179,7 +209,7 @@ def _ci(d: dict[str, Any] | None) -> str:
 def _print_eval(result: dict[str, Any], title: str) -> None:
     ci = _ci
 
-    table = Table(title=title)
+    table = Table(title=escape(_shown(title)))
     for col in ("scope", "n", "accuracy", "macro-F1", "COVID sensitivity", "COVID specificity", "COVID AUC"):
         table.add_column(col, justify="right" if col != "scope" else "left")
     rows = [("all", result)] + list(result.get("per_source", {}).items())
@@ -215,10 +245,10 @@ def evaluate(
     if out_json is not None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {out_json}")
+        console.print(f"wrote {_shown(out_json)}", markup=False)
     _print_eval(result, f"{run.arch} on {data} ({result['meta']['subset']})")
     for p, e in result["meta"]["skipped_files"].items():
-        console.print(f"[yellow]skipped[/yellow] {p}: {e}")
+        console.print(f"skipped {_shown(p)}: {_shown(e)}", markup=False)
 
 
 @app.command()
@@ -255,14 +285,14 @@ def audit(
             budget_minutes_per_model=budget_minutes or None, loso_epochs=epochs,
             parts=[p.strip() for p in parts.split(",") if p.strip()], n_boot=n_boot, seed=seed,
             lung_boxes=lung_boxes, loso_sources=loso_source or None, device=device,
-            log=console.print, progress_factory=_Bar,
+            log=_log, progress_factory=_Bar,
         )
     except CXRError as exc:
         _fail(exc)
     for finding in result["findings"]:
-        out.print(f"- {finding}")
+        out.print(f"- {finding}", markup=False)
     if result.get("masking", {}).get("shortcut_flag") or result.get("probe", {}).get("shortcut_flag"):
-        console.print("[yellow]shortcut flagged: read audit.md before trusting this model's figures[/yellow]")
+        console.print("shortcut flagged: read audit.md before trusting this model's figures", markup=False)
 
 
 @app.command()
@@ -295,7 +325,7 @@ def compare(
     def num(v: float | None, digits: int = 3) -> str:
         return "" if v is None else f"{v:.{digits}f}"
 
-    table = Table(title=f"{result['meta']['title']}: test subset (* reported by the study, not rerun)")
+    table = Table(title=escape(f"{result['meta']['title']}: test subset (* reported by the study, not rerun)"))
     for col in ("run", "CLAHE", "status", "accuracy", "macro-F1", "COVID sens.", "COVID spec.", "COVID AUC", "img/s"):
         table.add_column(col, justify="left" if col in ("run", "CLAHE", "status") else "right")
     for r in result["table"]:
@@ -307,10 +337,10 @@ def compare(
         if e.get("covid_auc_diff") is not None:
             out.print(f"CLAHE on - off, {e['arch']} {e['image_size']} px: macro-F1 {e['macro_f1_diff']:+.3f}, "
                       f"COVID AUC {e['covid_auc_diff']:+.3f}")
-    console.print(f"wrote {out_dir / 'report.html'}, report.md, table.csv and compare.json")
+    console.print(f"wrote {_shown(out_dir / 'report.html')}, report.md, table.csv and compare.json", markup=False)
     failed = [r for r in result["runs"] if r["status"] != "ok"]
     if failed:
-        console.print(f"[red]{len(failed)} run(s) failed:[/red] " + ", ".join(r["name"] for r in failed))
+        console.print(f"{len(failed)} run(s) failed: " + ", ".join(r["name"] for r in failed), markup=False)
         raise typer.Exit(1)
 
 
@@ -334,7 +364,7 @@ def calibrate(
     def num(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
-    table = Table(title=f"calibration of {model} (T = {cal['temperature']:.3f}, fitted on val)")
+    table = Table(title=escape(f"calibration of {_shown(model)} (T = {cal['temperature']:.3f}, fitted on val)"))
     for col in ("subset", "n", "ECE before", "ECE after", "NLL before", "NLL after"):
         table.add_column(col, justify="right" if col != "subset" else "left")
     for name in ("val", "test"):
@@ -348,30 +378,44 @@ def calibrate(
               f"sensitivity {num(op['val_sensitivity'])}, specificity {num(op['val_specificity'])}; "
               f"{op['n_val_covid']} COVID / {op['n_val_other']} other)")
     out.print(f"on test: sensitivity {_ci(op['test_sensitivity'])}, specificity {_ci(op['test_specificity'])}")
-    console.print(f"updated {model / 'config.json'}; wrote {model / 'eval' / 'calibration.json'} "
-                  f"and {model / 'eval' / 'reliability.png'}")
+    console.print(f"updated {_shown(model / 'config.json')}; wrote {_shown(model / 'eval' / 'calibration.json')} "
+                  f"and {_shown(model / 'eval' / 'reliability.png')}", markup=False)
 
 
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="image files or folders (searched recursively)")],
     model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
-    as_csv: Annotated[bool, typer.Option("--csv", help="CSV rows")] = False,
-    heatmap: Annotated[Path | None, typer.Option(help="folder for Grad-CAM overlay PNGs")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line (excludes --csv)")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV rows (excludes --json)")] = False,
+    heatmap: Annotated[Path | None, typer.Option(help="folder for Grad-CAM overlay PNGs (folder arguments' "
+                                                      "trees mirrored; repeated names numbered)")] = None,
     target: Annotated[str | None, typer.Option(help="class the heatmap explains (default: the predicted)")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
     argmax: Annotated[bool, typer.Option("--argmax", help="the most probable class, not the stored operating point")
                       ] = False,
     threshold: Annotated[float | None, typer.Option(help="call COVID at p(covid) >= this instead")] = None,
 ) -> None:
-    """Class and probability of each class for every image; bad files are reported and skipped."""
-    from cxrscreen.predict import Predictor, format_probabilities, iter_image_files, load_model
+    """Class and probability of each class for every image; bad files are reported on stderr and skipped.
 
+    Images the input gate flags get no class and no probabilities (`no diagnosis` and the reasons).
+    Exit status: 0 all done, 1 some input failed, 2 bad usage or no usable input.
+    """
+    from cxrscreen.predict import OutputNames, Predictor, collect_inputs, format_probabilities, load_model
+
+    if as_json and as_csv:
+        console.print("error: --json and --csv exclude each other; choose one", markup=False)
+        raise typer.Exit(2)
     try:
         run = load_model(model)
     except CXRError as exc:
         _fail(exc)
+    inputs, empty = collect_inputs(paths)
+    for folder in empty:
+        console.print(f"error: {_shown(folder)}: no image files (PNG, JPEG, TIFF, BMP or DICOM) in this folder",
+                      markup=False)
+    if not inputs:
+        raise typer.Exit(2)
     gate = _load_gate(run)
     try:
         rule = run.decision_rule(argmax=argmax, threshold=threshold)
@@ -379,11 +423,12 @@ def predict(
         _fail(exc)
     predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule)
     if not (as_json or as_csv):
-        console.print(f"decision rule: {rule.describe()}")
+        console.print(f"decision rule: {rule.describe()}", markup=False)
     explainer = None
+    names = None
     is_detector = run.config.get("kind") == "detector"
     if heatmap is not None:
-        heatmap.mkdir(parents=True, exist_ok=True)
+        names = OutputNames(heatmap)
         if not is_detector:
             from cxrscreen.explain import Explainer
 
@@ -392,39 +437,45 @@ def predict(
     if as_csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(["path", "class", *[f"p_{c}" for c in run.classes], "flags", "error", "heatmap"])
-    failed = 0
-    for res, prep in predictor.predict_files(iter_image_files(paths)):
+    failed = len(empty)
+    labels = {str(i.path): i.label for i in inputs}
+    for res, prep in predictor.predict_files([i.path for i in inputs]):
         if res["error"]:
             failed += 1
-        elif heatmap is not None and prep is not None:
+        elif names is not None and prep is not None and res["probabilities"] is not None:
+            label = labels.get(res["path"], Path(Path(res["path"]).name))
             try:
                 if is_detector:
                     from cxrscreen.models.detection import draw_boxes
 
                     res["heatmap"] = str(draw_boxes(prep.xray.pixels, res.get("boxes", []),
-                                                    heatmap / f"{Path(prep.path).stem}_boxes.png"))
+                                                    names.path(label, "boxes")))
                 elif explainer is not None:
-                    res["heatmap"] = str(explainer.write_overlay(prep, res, heatmap, target=target))
+                    res["heatmap"] = str(explainer.write_overlay(prep, res, heatmap, target=target,
+                                                                 out_path=names.path(label, "heatmap")))
             except CXRError as exc:
                 res["error"] = f"heatmap failed: {exc.problem}"
                 failed += 1
+        elif names is not None:
+            res["heatmap"] = None  # no diagnosis: nothing to explain
+        if res["error"]:
+            console.print(f"{_shown(res['path'])}: error: {_shown(res['error'])}", markup=False)
         if as_json:
             print(json.dumps(res))
         elif writer is not None:
             probs = res["probabilities"] or {}
-            writer.writerow([res["path"], res["class"] or "", *[f"{probs.get(c, float('nan')):.4f}"
-                                                                 for c in run.classes],
-                             ";".join(res["flags"]), res["error"] or "", res.get("heatmap", "")])
+            writer.writerow([res["path"], res["class"] or "",
+                             *[f"{probs[c]:.4f}" if c in probs else "" for c in run.classes],
+                             ";".join(res["flags"]), res["error"] or "", res.get("heatmap") or ""])
         elif res["error"]:
-            out.print(f"{res['path']}: [red]error[/red] {res['error']}")
+            continue
         elif res["class"] is None:
-            out.print(f"{res['path']}: [yellow]no diagnosis[/yellow] ({'; '.join(res['flags'])}) "
-                      f"{format_probabilities(res['probabilities'])}")
+            out.print(f"{_shown(res['path'])}: no diagnosis ({_shown('; '.join(res['flags']))})", markup=False)
         else:
-            out.print(f"{res['path']}: [bold]{res['class']}[/bold]  {format_probabilities(res['probabilities'])}"
-                      + (f"  heatmap: {res['heatmap']}" if res.get("heatmap") else ""))
+            out.print(f"{_shown(res['path'])}: {res['class']}  {format_probabilities(res['probabilities'])}"
+                      + (f"  heatmap: {_shown(res['heatmap'])}" if res.get("heatmap") else ""), markup=False)
     if failed:
-        console.print(f"[red]{failed} file(s) failed[/red]")
+        console.print(f"{failed} input(s) failed", markup=False)
         raise typer.Exit(1)
 
 
@@ -453,12 +504,14 @@ def serve(
     model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
     host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 exposes it)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    threads: Annotated[int | None, typer.Option(help="torch threads for the forward passes (default: one per "
+                                                     "core; 1 is faster on a machine busy with other work)")] = None,
 ) -> None:
     """Serve the upload page and HTTP API for one model (research use only: not a medical device)."""
     from cxrscreen.serving import serve as serve_app
 
     try:
-        serve_app(model, host=host, port=port)
+        serve_app(model, host=host, port=port, torch_threads=threads)
     except CXRError as exc:
         _fail(exc)
 
@@ -481,7 +534,7 @@ def localize_cv(
 
     try:
         result = crossval_localizer(data, k=k, epochs=epochs, seed=seed,
-                                    budget_minutes_per_fold=budget_minutes_per_fold, log=console.print)
+                                    budget_minutes_per_fold=budget_minutes_per_fold, log=_log)
     except CXRError as exc:
         _fail(exc)
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -502,7 +555,7 @@ def localize_fit(
     from cxrscreen.localizer import fit_localizer
 
     try:
-        fit_localizer(data, out_dir, epochs=epochs, seed=seed, budget_minutes=budget_minutes, log=console.print)
+        fit_localizer(data, out_dir, epochs=epochs, seed=seed, budget_minutes=budget_minutes, log=_log)
     except CXRError as exc:
         _fail(exc)
 
@@ -520,7 +573,7 @@ def localize_label(
 
     try:
         summary = label_boxes(load_run(localizer) if localizer else None, data, out_csv, min_score=min_score,
-                              log=console.print)
+                              log=_log)
     except CXRError as exc:
         _fail(exc)
     out.print_json(json.dumps(summary, default=str))

@@ -47,15 +47,19 @@ class Explainer:
         return prep.geometry.to_original(self.cam(prep.image, target), fill=0.0)
 
     def write_overlay(self, prep: Prepared, result: dict[str, Any], out_dir: Path, *,
-                      target: str | None = None) -> Path:
-        """Write <out_dir>/<stem>_heatmap.png: X-ray + CAM overlay + class and probabilities. Returns the path."""
+                      target: str | None = None, out_path: Path | None = None) -> Path:
+        """Write the X-ray + CAM overlay + class and probabilities to `out_path` (default:
+        <out_dir>/<stem>_heatmap.png). Returns the path. CXRError for a result without probabilities
+        (an input the gate flagged: there is no diagnosis to explain)."""
+        if not result.get("probabilities"):
+            raise CXRError("no heatmap for an input without a diagnosis", prep.path)
         target = target or result.get("class") or max(result["probabilities"], key=result["probabilities"].get)
         heat = self.heatmap(prep, target)
         img = overlay(prep.xray.pixels, heat)
         label = result.get("class") or "no diagnosis"
         lines = [f"{label}  (heatmap: {target})", format_probabilities(result["probabilities"])]
         draw_text(img, lines)
-        out = Path(out_dir) / f"{Path(prep.path).stem}_heatmap.png"
+        out = Path(out_path) if out_path is not None else Path(out_dir) / f"{Path(prep.path).stem}_heatmap.png"
         if not cv2.imwrite(str(out), img):
             raise CXRError("could not write the heatmap PNG", out)
         return out

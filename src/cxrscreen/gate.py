@@ -4,7 +4,9 @@ Two layers, applied in order by :meth:`Gate.flags`:
 
 1. Hard rules with specific messages (no fitting): DICOM ``Modality`` of another kind of study (CT, MR,
    ultrasound, ...), DICOM ``ViewPosition`` lateral or oblique, a blank (constant or near-constant)
-   image, and a colour picture (saturated colour measured in the file itself, see below).
+   image, a bilevel image or one of very few grey levels (:data:`MIN_GREY_LEVELS`), an extreme aspect
+   ratio (:data:`MAX_PORTRAIT`, :data:`MAX_LANDSCAPE`), and a colour picture (saturated colour measured in
+   the decoded samples, see below).
 2. Two fitted scores on a compact grey-level feature vector (:func:`gate_features`, 71 numbers), either
    of which flags the input (``scripts/fit_gate.py`` fits them):
 
@@ -17,12 +19,12 @@ Two layers, applied in order by :meth:`Gate.flags`:
    Each threshold is set so that 99.7 % of the fitting X-rays (out of fold) pass it.
 
 Colour. :func:`cxrscreen.io.read_xray` converts colour to grey, and a colour *mode* says little: many
-chest X-rays on the web are grey pictures saved as RGB JPEGs. The gate therefore measures saturation in
-the file itself (:func:`colour_stats`, the only place that re-opens a file, and only when ``meta["mode"]``
-is a colour mode and ``xray.path`` is a readable file whose size matches). It is a hard rule, not a model
-feature: every training X-ray is stored grey, so a colour feature would separate the classes perfectly
-and the model would learn "RGB file => not an X-ray". Images decoded from bytes (web uploads, no path)
-and colour DICOMs get no colour evidence and rely on the grey model alone.
+chest X-rays on the web are grey pictures saved as RGB JPEGs. The reader therefore measures saturation in
+the decoded colour samples (``meta["colour"]``, see :func:`colour_stats`), for files and uploaded bytes
+alike; the gate never opens a file, and ``xray.path`` (for an upload, the name the client sent) is a label
+only. It is a hard rule, not a model feature: every training X-ray is stored grey, so a colour feature
+would separate the classes perfectly and the model would learn "RGB file => not an X-ray". Colour DICOMs
+get no colour evidence and rely on the grey model alone.
 
 The fitted parameters live in JSON (``weights/gate.json`` in the package, or ``gate.json`` in a run
 directory); :func:`gate_for_run` picks one.
@@ -53,6 +55,7 @@ __all__ = [
     "fit_gate",
     "gate_features",
     "gate_for_run",
+    "grey_levels",
     "rule_flags",
 ]
 
@@ -75,14 +78,21 @@ NON_FRONTAL_VIEWS: dict[str, str] = {
     "LL": "lateral", "RL": "lateral", "LAT": "lateral", "LATERAL": "lateral", "LLAT": "lateral",
     "RLAT": "lateral", "RLO": "oblique", "LLO": "oblique", "RAO": "oblique", "LAO": "oblique",
 }
-COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"})
 
 BLANK_RANGE = 0.05
 """Blank image: the 1st-99th percentile range of the (128 px) grey values is below this."""
 BORDER_STD = 0.02
 """Outer rows / columns with a grey std below this are cut as padding before the features."""
-CHROMA_STRONG = 0.25
-"""A pixel is 'strongly coloured' when max(R,G,B) - min(R,G,B) exceeds this (on [0, 1])."""
+MIN_GREY_LEVELS = 16
+"""Fewer distinct 8-bit grey levels than this (in the decoded image, before any reduction; DICOM: distinct
+stored values), or a 1-bit file, is flagged: a bilevel or posterised picture has lost the densities the
+model reads. The 3,078 real X-rays of ../shared/data/cxr have at least 108 levels (median 248)."""
+MAX_PORTRAIT = 2.0
+"""Height / width above this is flagged (squeezed or a strip). Real X-rays: at most 1.33 (3:4 portrait);
+chest film is 14 x 17 in (1.21). 2.0 leaves 50 % margin and catches an X-ray squeezed to 220 x 512 (2.33)."""
+MAX_LANDSCAPE = 3.0
+"""Width / height above this is flagged. Real X-rays reach 2.24 (web figures of a wide bedside film), so
+landscape gets a looser limit than portrait: a landscape squeeze below 3.0 is left to the fitted scores."""
 
 _N_HIST = 16
 _N_PROF = 8
@@ -217,40 +227,38 @@ def features_from_square(g: np.ndarray, log_aspect: float) -> np.ndarray:
 
 
 def colour_stats(xray: XRay) -> tuple[float, float] | None:
-    """(mean chroma, fraction of strongly coloured pixels) measured in the source file, or None.
+    """(mean chroma, fraction of strongly coloured pixels) of a colour image, or None for grey ones.
 
-    None when the image is not from a colour-mode raster file, or the file cannot be re-read (decoded from
-    bytes, moved, or no longer the same size). Chroma is max(R,G,B) - min(R,G,B) on [0, 1], measured on a
-    thumbnail of at most 128 px; a grey picture saved as RGB has chroma ~0.
+    Measured by the reader on the decoded samples (``meta["colour"]``: chroma is max(R,G,B) - min(R,G,B)
+    on [0, 1] on a thumbnail of at most 128 px, strongly coloured above ``cxrscreen.io.CHROMA_STRONG``), so that the
+    evidence comes from the bytes, never from a file named like ``xray.path``. A grey picture saved as
+    RGB has chroma ~0.
     """
-    meta = xray.meta or {}
-    if meta.get("format") == "dicom" or meta.get("mode") not in COLOUR_MODES:
+    colour = (xray.meta or {}).get("colour")
+    if not colour:
         return None
-    path = Path(xray.path)
-    try:
-        if not path.is_file():
-            return None
-        from PIL import Image
+    return float(colour["mean_chroma"]), float(colour["strong_fraction"])
 
-        with Image.open(path) as img:
-            size = img.size
-            if {size, size[::-1]}.isdisjoint({(meta.get("width"), meta.get("height"))}):
-                return None
-            img.draft("RGB", (256, 256))  # JPEG: decode at reduced scale
-            rgb = img.convert("RGB")
-            rgb.thumbnail((128, 128))
-            arr = np.asarray(rgb, dtype=np.float32) / 255.0
-    except (OSError, ValueError, SyntaxError):
-        return None
-    chroma = arr.max(axis=2) - arr.min(axis=2)
-    return float(chroma.mean()), float((chroma > CHROMA_STRONG).mean())
+
+def grey_levels(xray: XRay) -> int:
+    """Distinct 8-bit grey levels of the image: the reader's count (``meta["grey_levels"]``, taken before any
+    reduction), else counted on a subsample of ``pixels``."""
+    levels = (xray.meta or {}).get("grey_levels")
+    if levels is not None:
+        return int(levels)
+    px = np.asarray(xray.pixels)
+    step = max(1, int(np.ceil(np.sqrt(px.size / 262_144))))
+    q = np.rint(np.clip(px[::step, ::step], 0.0, 1.0) * 255.0).astype(np.int64)
+    return int((np.bincount(q.ravel(), minlength=256) > 0).sum())
 
 
 # ------------------------------------------------------------------------------------------------ rules
 
 
-def rule_flags(xray: XRay, *, colour_fraction: float | None = None) -> list[str]:
-    """Flags from the hard rules (DICOM tags, blank image, colour); [] when none applies.
+def rule_flags(xray: XRay, *, colour_fraction: float | None = None, min_grey_levels: int = MIN_GREY_LEVELS,
+               max_portrait: float = MAX_PORTRAIT, max_landscape: float = MAX_LANDSCAPE) -> list[str]:
+    """Flags from the hard rules (DICOM tags, blank, bilevel / few grey levels, aspect ratio, colour); []
+    when none applies.
 
     ``colour_fraction``: flag a colour picture when more than this fraction of its pixels is strongly
     coloured (None: no colour rule).
@@ -268,6 +276,21 @@ def rule_flags(xray: XRay, *, colour_fraction: float | None = None) -> list[str]
     lo, hi = np.percentile(g, [1, 99])
     if hi - lo < BLANK_RANGE:
         out.append(f"blank image (grey values span only {hi - lo:.3f})")
+        return out  # a blank image has few grey levels: one reason is enough
+    levels = grey_levels(xray)
+    if meta.get("bits") == 1 or levels <= 2:
+        out.append("bilevel (black and white) image: the grey levels of an X-ray are lost")
+    elif levels < min_grey_levels:
+        out.append(f"only {levels} grey levels (an X-ray has at least {min_grey_levels}): "
+                   "posterised or a drawing")
+    h, w = np.asarray(xray.pixels).shape[:2]
+    h0, w0 = int(meta.get("original_height") or h), int(meta.get("original_width") or w)
+    if h0 > max_portrait * w0:
+        out.append(f"extreme aspect ratio: {w0}x{h0} is {h0 / w0:.2f} times taller than wide "
+                   f"(limit {max_portrait:g}): squeezed, cropped or not a chest X-ray")
+    elif w0 > max_landscape * h0:
+        out.append(f"extreme aspect ratio: {w0}x{h0} is {w0 / h0:.2f} times wider than tall "
+                   f"(limit {max_landscape:g}): squeezed, cropped or not a chest X-ray")
     if colour_fraction is not None:
         stats = colour_stats(xray)
         if stats is not None and stats[1] > colour_fraction:
@@ -340,6 +363,14 @@ class Gate:
     colour_fraction: float = 0.10
     feature_version: str = FEATURE_VERSION
     info: dict[str, Any] = field(default_factory=dict)
+    min_grey_levels: int = MIN_GREY_LEVELS
+    max_portrait: float = MAX_PORTRAIT
+    max_landscape: float = MAX_LANDSCAPE
+
+    def rules(self, xray: XRay) -> list[str]:
+        """The hard rules with this gate's parameters."""
+        return rule_flags(xray, colour_fraction=self.colour_fraction, min_grey_levels=self.min_grey_levels,
+                          max_portrait=self.max_portrait, max_landscape=self.max_landscape)
 
     def score_features(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(P(not a frontal chest X-ray), novelty) for features of shape (F,) or (N, F)."""
@@ -356,7 +387,7 @@ class Gate:
         ``image_u8`` (the model's preprocessed square) is accepted for the predictor's interface; the gate
         works on the decoded image, whose borders, geometry and grey levels cropping and CLAHE would hide.
         """
-        out = rule_flags(xray, colour_fraction=self.colour_fraction)
+        out = self.rules(xray)
         if out:
             return out
         sc = self.scores(xray)
@@ -380,6 +411,9 @@ class Gate:
             "p_threshold": float(self.p_threshold),
             "novelty_threshold": float(self.novelty_threshold),
             "colour_fraction": float(self.colour_fraction),
+            "min_grey_levels": int(self.min_grey_levels),
+            "max_portrait": float(self.max_portrait),
+            "max_landscape": float(self.max_landscape),
             "info": self.info,
             "logistic": {"mean": _as_list(lg.mean), "scale": _as_list(lg.scale), "coef": _as_list(lg.coef),
                          "intercept": float(lg.intercept)},
@@ -421,7 +455,10 @@ class Gate:
             return cls(logistic=logistic, novelty=novelty, p_threshold=float(d["p_threshold"]),
                        novelty_threshold=float(d["novelty_threshold"]),
                        colour_fraction=float(d.get("colour_fraction", 0.10)),
-                       feature_version=d["feature_version"], info=dict(d.get("info") or {}))
+                       feature_version=d["feature_version"], info=dict(d.get("info") or {}),
+                       min_grey_levels=int(d.get("min_grey_levels", MIN_GREY_LEVELS)),
+                       max_portrait=float(d.get("max_portrait", MAX_PORTRAIT)),
+                       max_landscape=float(d.get("max_landscape", MAX_LANDSCAPE)))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed gate file ({type(exc).__name__}: {exc})") from exc
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,11 @@ __all__ = [
 ]
 
 MAX_PIXELS: int = 50_000_000
-"""Largest image (width * height) decoded by default: a guard against decompression bombs."""
+"""Largest image (width * height) decoded: checked from the header before any pixel is decoded (a guard
+against decompression bombs; cxrscreen's own limit, quoted in the error message)."""
+
+CHROMA_STRONG = 0.25
+"""A pixel is 'strongly coloured' when max(R,G,B) - min(R,G,B) exceeds this (on [0, 1])."""
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
 """File suffixes (lower case) that callers walking folders should pick up; files without a suffix
@@ -67,9 +72,12 @@ class XRay:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> XRay:
+def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS, max_side: int | None = None) -> XRay:
     """Read an image file (format sniffed from its content) into an :class:`XRay`.
 
+    ``max_side``: reduce while decoding so that the long side is at most this many pixels (JPEG through
+    the codec's own 1/2..1/8 scaling, then area interpolation); ``meta`` then records ``original_width``
+    and ``original_height``. None (default) keeps the full resolution.
     Raises CXRError for a missing, empty, truncated, unsupported or oversized file.
     """
     p = Path(path)
@@ -86,12 +94,14 @@ def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> XRay:
         raise CXRError("is a directory, not an image file", name) from exc
     except OSError as exc:
         raise CXRError(f"cannot read file ({exc.strerror or exc})", name) from exc
-    return _decode(data, name, max_pixels)
+    return _decode(data, name, max_pixels, max_side)
 
 
-def read_xray_bytes(data: bytes, *, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> XRay:
-    """Decode an image held in memory (e.g. a web upload); ``name`` is used in errors and as ``path``."""
-    return _decode(bytes(data), name, max_pixels)
+def read_xray_bytes(data: bytes, *, name: str = "<upload>", max_pixels: int = MAX_PIXELS,
+                    max_side: int | None = None) -> XRay:
+    """Decode an image held in memory (e.g. a web upload); ``name`` is a label used in errors and as
+    ``path``, never opened. ``max_side`` as in :func:`read_xray`."""
+    return _decode(bytes(data), name, max_pixels, max_side)
 
 
 def is_supported_file(path: str | Path) -> bool:
@@ -114,19 +124,19 @@ def _is_dicom_header(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _decode(data: bytes, name: str, max_pixels: int) -> XRay:
+def _decode(data: bytes, name: str, max_pixels: int, max_side: int | None = None) -> XRay:
     """Dispatch on the content (DICOM preamble, else Pillow), wrapping every library error."""
     if len(data) == 0:
         raise CXRError("empty file (0 bytes)", name)
     suffix = Path(name).suffix.lower()
     try:
         if _is_dicom_header(data):
-            return _decode_dicom(data, name, max_pixels, force=False)
+            return _decode_dicom(data, name, max_pixels, force=False, max_side=max_side)
         try:
-            return _decode_pil(data, name, max_pixels)
+            return _decode_pil(data, name, max_pixels, max_side)
         except UnidentifiedImageError:
             if suffix in _DICOM_SUFFIXES:  # DICOM written without the 128-byte preamble
-                return _decode_dicom(data, name, max_pixels, force=True)
+                return _decode_dicom(data, name, max_pixels, force=True, max_side=max_side)
             raise CXRError(
                 "not a recognised image file (expected PNG, JPEG, TIFF, BMP or DICOM)", name
             ) from None
@@ -162,36 +172,82 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- Pillow
 
 
-def _decode_pil(data: bytes, name: str, max_pixels: int) -> XRay:
-    """Decode PNG/JPEG/TIFF/BMP with Pillow; raises UnidentifiedImageError for non-images."""
+def _open_unchecked(data: bytes) -> Image.Image | None:
+    """Open (header only) through the format plugins directly, without Pillow's own size check: used when
+    Pillow's global limit refuses an image, so that cxrscreen's limit is the one that decides."""
+    Image.init()
+    for fmt in _PIL_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and not accept(data[:16]):
+            continue
+        try:
+            return factory(io.BytesIO(data), None)
+        except Exception:  # a header this plugin cannot read: try the next one
+            continue
+    return None
+
+
+def _too_large(width: int, height: int, max_pixels: int) -> str:
+    return f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+
+
+def _decode_pil(data: bytes, name: str, max_pixels: int, max_side: int | None = None) -> XRay:
+    """Decode PNG/JPEG/TIFF/BMP with Pillow; raises UnidentifiedImageError for non-images.
+
+    The size is checked from the header before any pixel is decoded. With ``max_side``, a JPEG is
+    decoded at 1/2 to 1/8 scale by the codec itself (draft mode) and any image is then shrunk (area
+    interpolation, on its integer samples) so that its long side is at most ``max_side``.
+    """
     with warnings.catch_warnings():
         # Our own max_pixels check below replaces PIL's; its warning must not reach callers.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data), formats=list(_PIL_FORMATS))
         except Image.DecompressionBombError as exc:
-            raise CXRError(f"image is too large to decode safely ({exc})", name) from exc
+            unchecked = _open_unchecked(data)
+            if unchecked is None:
+                raise CXRError(f"image is over the limit of {max_pixels:,} pixels", name) from exc
+            img = unchecked
         width, height = img.size
         if width * height > max_pixels:
-            raise CXRError(
-                f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}",
-                name,
-            )
+            raise CXRError(_too_large(width, height, max_pixels), name)
         if width == 0 or height == 0:
             raise CXRError(f"image has no pixels ({width}x{height})", name)
         fmt = (img.format or "unknown").lower()
         frames = int(getattr(img, "n_frames", 1) or 1)
         mode = img.mode
         bits_hint = _pil_bits_hint(img)
+        draft_scale = None
+        if max_side is not None and fmt in ("jpeg", "mpo") and max(width, height) > max_side:
+            factor = max_side / max(width, height)
+            got = img.draft(img.mode, (max(1, int(width * factor)), max(1, int(height * factor))))
+            if got is not None and img.size != (width, height):
+                draft_scale = int(round(width / img.size[0]))
         try:
             img.load()
-            transposed = ImageOps.exif_transpose(img)
+            orientation = img.getexif().get(0x0112)
+            oriented = orientation in (2, 3, 4, 5, 6, 7, 8)
+            if oriented:  # exif_transpose copies even an upright image: only call it when it turns one
+                img = ImageOps.exif_transpose(img)
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise CXRError(f"truncated or corrupt {fmt.upper()} file ({exc})", name) from exc
-        oriented = transposed is not None and transposed is not img
-        img = transposed if transposed is not None else img
-        pixels, dtype, bits = _pil_to_grey(img, fmt, bits_hint)
+        swapped = orientation in (5, 6, 7, 8)  # EXIF orientations that transpose
+        levels = None
+        if max_side is not None and max(img.size) >= 2 * max_side:
+            img, levels = _reduce_in_pil(img, max_side, fmt, bits_hint)
+        raw, to_grey, dtype, bits = _pil_samples(img, fmt, bits_hint)
+        if mode == "1":
+            dtype, bits = "bool", 1
+        del img
 
+    if levels is None:
+        levels = _grey_levels(to_grey(_subsample(raw)))
+    colour = _chroma_stats(raw) if raw.ndim == 3 else None
+    decoded_hw = raw.shape[:2]
+    if max_side is not None and max(decoded_hw) > max_side:
+        raw = _shrink(raw, max_side)
+    pixels = to_grey(raw)
+    del raw
     meta: dict[str, Any] = {
         "format": "jpeg" if fmt == "mpo" else fmt,
         "original_dtype": dtype,
@@ -200,12 +256,46 @@ def _decode_pil(data: bytes, name: str, max_pixels: int) -> XRay:
         "width": int(pixels.shape[1]),
         "height": int(pixels.shape[0]),
         "inverted": False,
+        "grey_levels": levels,
     }
+    if colour is not None:
+        meta["colour"] = colour
+    ow, oh = (height, width) if swapped else (width, height)
+    if pixels.shape != (oh, ow):  # reduced while decoding: keep the original size
+        meta["original_width"], meta["original_height"] = ow, oh
+    if draft_scale is not None:
+        meta["jpeg_draft_scale"] = draft_scale
     if frames > 1:
         meta["frames"] = frames  # only the first frame is read
     if oriented:
         meta["exif_transposed"] = True
-    return XRay(pixels=_finish(pixels), path=name, meta=meta)
+    return XRay(pixels=pixels, path=name, meta=meta)
+
+
+_PIL_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBX")
+
+
+def _reduce_in_pil(img: Image.Image, max_side: int, fmt: str, bits_hint: int | None) -> tuple[Image.Image, int | None]:
+    """(the image box-reduced by an integer factor to a long side of at least ``max_side``, its grey levels
+    counted before the reduction); other modes than 8-bit grey / colour come back unchanged, levels None.
+
+    Reducing inside Pillow avoids a full-size numpy copy of the decoded samples."""
+    if img.mode == "1":
+        img = img.convert("L")
+    palette = img.mode in ("P", "PA")
+    if img.mode not in _PIL_REDUCIBLE and not palette:
+        return img, None
+    w, h = img.size
+    step = max(1, int(np.ceil(np.sqrt(w * h / 262_144))))
+    sample = img.resize((max(1, w // step), max(1, h // step)), Image.Resampling.NEAREST)  # original values only
+    s_raw, s_grey, _, _ = _pil_samples(sample, fmt, bits_hint)
+    levels = _grey_levels(s_grey(s_raw))
+    factor = max(w, h) // max_side
+    if factor < 2:
+        return img, levels
+    if palette:  # palette indices cannot be averaged: every factor-th pixel (palette images are drawings)
+        return img.resize((max(1, w // factor), max(1, h // factor)), Image.Resampling.NEAREST), levels
+    return img.reduce(factor), levels
 
 
 def _pil_bits_hint(img: Image.Image) -> int | None:
@@ -219,48 +309,131 @@ def _pil_bits_hint(img: Image.Image) -> int | None:
     return int(bps) if isinstance(bps, int | float) and bps > 0 else None
 
 
-def _pil_to_grey(img: Image.Image, fmt: str, bits_hint: int | None) -> tuple[np.ndarray, str, int]:
-    """Return (grey in [0, 1] as float64, original numpy dtype name, bits per sample)."""
+Converter = Callable[[np.ndarray], np.ndarray]
+
+
+def _lut(n_values: int, scale: float) -> Converter:
+    """Integer samples -> float32 [0, 1] through a table of value / scale computed in float64 (bit for bit
+    what dividing in float64 and casting gives, without any full-size float64 array)."""
+    table = np.clip(np.arange(n_values, dtype=np.float64) / scale, 0.0, 1.0).astype(np.float32)
+    return lambda a: np.ascontiguousarray(table[a])
+
+
+def _by_rows(fn: Callable[[np.ndarray], np.ndarray]) -> Converter:
+    """Apply a float64 conversion in blocks of rows, into float32 (bounded float64 scratch memory)."""
+
+    def convert(a: np.ndarray) -> np.ndarray:
+        out = np.empty(a.shape[:2], dtype=np.float32)
+        step = max(1, 262_144 // max(1, a.shape[1]))
+        for r in range(0, a.shape[0], step):
+            out[r : r + step] = _finish(fn(a[r : r + step]))
+        return out
+
+    return convert
+
+
+def _minmax_of(arr: np.ndarray) -> Converter:
+    """Scale by the whole array's own range (see _minmax), so that a shrunk copy maps the same way."""
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    if finite.size == 0:
+        return _by_rows(lambda a: np.zeros(a.shape, dtype=np.float64))
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        return _by_rows(lambda a: np.zeros(a.shape, dtype=np.float64))
+    return _by_rows(lambda a: (np.asarray(a, dtype=np.float64) - lo) / (hi - lo))
+
+
+def _pil_samples(img: Image.Image, fmt: str, bits_hint: int | None) -> tuple[np.ndarray, Converter, str, int]:
+    """(samples as decoded: (H, W) or (H, W, C), their conversion to grey float32 [0, 1], original numpy
+    dtype name, bits per sample)."""
     mode = img.mode
     if mode == "1":
-        arr = np.asarray(img.convert("L"))
-        return arr / 255.0, "bool", 1
+        return np.asarray(img.convert("L")), _lut(256, 255.0), "bool", 1
     if mode in ("L", "LA"):  # LA: alpha dropped, not composited
         arr = np.asarray(img)
         grey = arr[..., 0] if arr.ndim == 3 else arr
-        return grey / 255.0, str(arr.dtype), 8
+        return np.ascontiguousarray(grey), _lut(256, 255.0), str(arr.dtype), 8
     if mode.startswith("I;16"):
         arr = np.asarray(img)
         if arr.dtype.kind == "i":  # I;16S, rare: signed 16-bit
-            return _minmax(arr), str(arr.dtype), 16
-        return arr / 65535.0, str(arr.dtype), 16
+            return arr, _minmax_of(arr), str(arr.dtype), 16
+        return arr.astype(np.uint16, copy=False), _lut(65536, 65535.0), str(arr.dtype), 16
     if mode == "I":
         arr = np.asarray(img)
         bits = 16 if fmt == "png" else bits_hint
         if bits is None:
             bits = 16 if arr.size == 0 or int(arr.max()) <= 65535 else 32
         if arr.size and int(arr.min()) < 0:
-            return _minmax(arr), str(arr.dtype), bits
-        return arr / float(2**bits - 1), str(arr.dtype), bits
+            return arr, _minmax_of(arr), str(arr.dtype), bits
+        if bits <= 16 and (arr.size == 0 or int(arr.max()) < 2**bits):
+            return arr.astype(np.uint16), _lut(2**bits, float(2**bits - 1)), str(arr.dtype), bits
+        scale = float(2**bits - 1)
+        return arr, _by_rows(lambda a: np.asarray(a, dtype=np.float64) / scale), str(arr.dtype), bits
     if mode == "F":
         arr = np.asarray(img)
         finite = arr[np.isfinite(arr)]
         if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
-            return arr.astype(np.float64), str(arr.dtype), 32
-        return _minmax(arr), str(arr.dtype), 32
+            return arr, _by_rows(lambda a: np.asarray(a, dtype=np.float64)), str(arr.dtype), 32
+        return arr, _minmax_of(arr), str(arr.dtype), 32
     if mode in ("RGB", "RGBA", "RGBX"):
         arr = np.asarray(img)
-        return _luminance(arr) / 255.0, str(arr.dtype), 8
+        return arr, _by_rows(lambda a: _luminance(a) / 255.0), str(arr.dtype), 8
     # P, PA, CMYK, YCbCr, LAB, HSV, ...: through RGB (drops any alpha / palette transparency)
     arr = np.asarray(img.convert("RGBA" if mode in ("P", "PA") else "RGB"))
-    return _luminance(arr) / 255.0, str(arr.dtype), 8
+    return arr, _by_rows(lambda a: _luminance(a) / 255.0), str(arr.dtype), 8
+
+
+def _subsample(arr: np.ndarray, budget: int = 262_144) -> np.ndarray:
+    """Every k-th row and column so that at most about ``budget`` pixels remain (no interpolation)."""
+    h, w = arr.shape[:2]
+    step = max(1, int(np.ceil(np.sqrt(h * w / budget))))
+    return arr[::step, ::step]
+
+
+def _grey_levels(grey: np.ndarray) -> int:
+    """Distinct 8-bit grey levels (0..255) among the given [0, 1] pixels."""
+    q = np.rint(np.clip(grey, 0.0, 1.0) * 255.0).astype(np.int64)
+    return int((np.bincount(q.ravel(), minlength=256) > 0).sum())
+
+
+def _chroma_stats(rgb: np.ndarray) -> dict[str, float]:
+    """Colour measured in the decoded samples: mean chroma (max - min of R, G, B on [0, 1]) and the
+    fraction of strongly coloured pixels (chroma > CHROMA_STRONG), on a thumbnail of at most 128 px."""
+    import cv2
+
+    a = np.ascontiguousarray(rgb[..., :3])
+    h, w = a.shape[:2]
+    f = 128 / max(h, w)
+    if f < 1:
+        a = cv2.resize(a, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    a = a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else float(np.iinfo(a.dtype).max))
+    chroma = a.max(axis=2) - a.min(axis=2)
+    return {"mean_chroma": float(chroma.mean()), "strong_fraction": float((chroma > CHROMA_STRONG).mean())}
+
+
+def _shrink(arr: np.ndarray, max_side: int) -> np.ndarray:
+    """Area-interpolated copy whose long side is ``max_side`` (integer samples stay integer)."""
+    import cv2
+
+    h, w = arr.shape[:2]
+    f = max_side / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    if arr.dtype not in (np.uint8, np.uint16, np.int16, np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    if arr.ndim == 3 and arr.shape[2] > 4:
+        arr = np.ascontiguousarray(arr[..., :3])
+    return cv2.resize(np.ascontiguousarray(arr), size, interpolation=cv2.INTER_AREA)
 
 
 # --------------------------------------------------------------------------------------------- DICOM
 
 
-def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool) -> XRay:
-    """Decode a single-frame DICOM image with pydicom: modality LUT, VOI LUT/window, MONOCHROME1 flip."""
+def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool, max_side: int | None = None) -> XRay:
+    """Decode a single-frame DICOM image with pydicom: modality LUT, VOI LUT/window, MONOCHROME1 flip.
+
+    ``max_side``: the stored samples are shrunk (area interpolation) before the LUTs are applied.
+    ``meta["grey_levels"]`` counts distinct stored values (up to 256) in a subsample of the image.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -307,13 +480,19 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool) -> XR
             f"multi-frame DICOM ({raw.shape[0]} frames) is not supported; export a single frame", name
         )
     bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or raw.dtype.itemsize * 8)
+    levels = min(256, int(np.unique(_subsample(raw)).size)) if raw.ndim == 2 else None
+    palette = photometric == "PALETTE COLOR" and samples == 1
+    if max_side is not None and max(rows, cols) > max_side and not palette:  # palette indices: after the LUT
+        raw = _shrink(raw, max_side)
 
     inverted = False
-    if photometric == "PALETTE COLOR" and samples == 1:
+    if palette:
         from pydicom.pixels import apply_color_lut
 
         rgb = apply_color_lut(raw, ds)
         pixels = _luminance(rgb) / float(np.iinfo(rgb.dtype).max if rgb.dtype.kind == "u" else 1.0)
+        if max_side is not None and max(rows, cols) > max_side:
+            pixels = _shrink(pixels, max_side)
         voi = "palette"
     elif samples >= 3 or raw.ndim == 3:
         # Colour: pydicom returns RGB (YBR converted); scale by the stored bit depth, then luminance.
@@ -330,8 +509,8 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool) -> XR
         "original_dtype": str(raw.dtype),
         "bits": bits,
         "mode": photometric,
-        "width": cols,
-        "height": rows,
+        "width": int(pixels.shape[1]),
+        "height": int(pixels.shape[0]),
         "photometric": photometric,
         "inverted": inverted,
         "voi": voi,
@@ -339,6 +518,10 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool) -> XR
         "modality": _dicom_str(ds, "Modality"),
         "transfer_syntax": None if tsyntax is None else str(tsyntax),
     }
+    if levels is not None:
+        meta["grey_levels"] = levels
+    if pixels.shape != (rows, cols):
+        meta["original_width"], meta["original_height"] = cols, rows
     age = _dicom_str(ds, "PatientAge")
     if age:
         meta["patient_age"] = age

@@ -4,7 +4,8 @@ Each input yields one result dict: `path`, `class`, `probabilities{class: p}`, `
 chose the class, see `cxrscreen.decision`), and where they apply
 `error`, `flags`, `heatmap`, and for detectors `boxes` (list of {box: [x0, y0, x1, y1] in original
 image pixels, label, class, score}; see `models.detection.result_boxes`). A bad file yields a result
-with `error` set and the batch goes on.
+with `error` set and the batch goes on. An input the gate flags gets `class` and `probabilities` None:
+no output shows a diagnosis or the model's probabilities for it.
 """
 
 from __future__ import annotations
@@ -43,11 +44,61 @@ def iter_image_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and is_supported_file(f):
-                    yield f
+            yield from images_in_folder(p)
         else:
             yield p
+
+
+def images_in_folder(folder: Path) -> list[Path]:
+    """The image files under `folder`, recursively, sorted."""
+    return [f for f in sorted(folder.rglob("*")) if f.is_file() and is_supported_file(f)]
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One file to predict and its label: the relative path that names its outputs (a file given alone:
+    its name; a file found in a folder argument: the folder's name and the path inside it)."""
+
+    path: Path
+    label: Path
+
+
+def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[ImageInput], list[Path]]:
+    """(the files to predict, the folder arguments that hold no image file)."""
+    files: list[ImageInput] = []
+    empty: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = images_in_folder(p)
+            if not found:
+                empty.append(p)
+            top = Path(p.resolve().name)
+            files += [ImageInput(f, top / f.relative_to(p)) for f in found]
+        else:
+            files.append(ImageInput(p, Path(p.name or "input")))
+    return files, empty
+
+
+class OutputNames:
+    """Unique output paths under one folder: `<folder>/<label's folders>/<stem>_<tag>.png`, mirroring each
+    input's label; a path already handed out in this run gets `_2`, `_3`, ... before the tag."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._used: set[Path] = set()
+
+    def path(self, label: Path, tag: str) -> Path:
+        """A fresh path for `label`'s output `tag` (its folder is created)."""
+        folder = self.root / label.parent
+        stem = label.stem or "input"
+        out, n = folder / f"{stem}_{tag}.png", 1
+        while out in self._used:
+            n += 1
+            out = folder / f"{stem}_{n}_{tag}.png"
+        self._used.add(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        return out
 
 
 def format_probabilities(probs: dict[str, float]) -> str:
@@ -115,7 +166,12 @@ class Predictor:
             if flags:
                 res["flags"] = flags
                 res["class"] = None  # no diagnosis for an input that is not a frontal chest X-ray
+                res["probabilities"] = None  # nor the model's probabilities, which would read as one
         return res
+
+    def result(self, prep: Prepared, probs: np.ndarray) -> dict[str, Any]:
+        """The result dict of one prepared input from its probabilities (class, flags; see the module)."""
+        return self._result(prep, probs)
 
     def predict_prepared(self, preps: Sequence[Prepared]) -> list[dict[str, Any]]:
         if not preps:
@@ -128,7 +184,8 @@ class Predictor:
             results = []
             for p, pr, d in zip(preps, image_probabilities(dets, len(self.run.classes)), dets, strict=True):
                 res = self._result(p, pr)
-                res["boxes"] = result_boxes(d, p.geometry, self.run.classes)  # original image pixels
+                # original image pixels; none for a flagged input (a labelled box reads as a diagnosis)
+                res["boxes"] = [] if res["flags"] else result_boxes(d, p.geometry, self.run.classes)
                 results.append(res)
             return results
         probs = self.probabilities([p.image for p in preps])

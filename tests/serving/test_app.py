@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from cxrscreen.io import MAX_PIXELS
 from cxrscreen.models.registry import create_model
+from cxrscreen.predict import Predictor
 from cxrscreen.runs import LoadedRun, load_run, save_weights, write_config
 from cxrscreen.serving import create_app
+from cxrscreen.serving.app import MicroBatcher, upload_label
 from cxrscreen.transforms import PreprocessConfig
 
 CLASSES = ["covid", "normal", "pneumonia"]
@@ -59,6 +62,7 @@ def test_page_has_form_notice_and_no_external_resources(client: TestClient) -> N
     assert "Research use only: not a medical device" in html
     assert "api/predict?heatmap=true" in html
     assert "http://" not in html and "https://" not in html and "//cdn" not in html
+    assert "How the class is chosen" in html and "d.decision" in html and "covid_threshold" in html
 
 
 def test_healthz(client: TestClient) -> None:
@@ -134,7 +138,9 @@ def test_oversize_streamed_body_without_length_is_413(run: LoadedRun) -> None:
 def test_model_info(client: TestClient, run: LoadedRun) -> None:
     d = client.get("/api/model").json()
     assert {"arch", "classes", "preprocess", "weights_sha256", "temperature", "operating_point",
-            "model_card"} <= set(d)
+            "model_card", "decision", "limits"} <= set(d)
+    assert d["decision"] == {"rule": "argmax"}  # no stored operating point
+    assert d["limits"]["max_pixels"] == MAX_PIXELS and d["limits"]["max_concurrent_decodes"] >= 1
     assert d["arch"] == "mobilenet_v3_small" and d["classes"] == CLASSES
     assert d["preprocess"]["image_size"] == 64
     assert d["weights_sha256"] == run.config["weights_sha256"] and d["temperature"] == 1.0
@@ -148,15 +154,14 @@ class RejectAll:
         return ["not a chest X-ray"]
 
 
-def test_gate_flag_withholds_class(run: LoadedRun) -> None:
+def test_gate_flag_withholds_class_probabilities_and_heatmap(run: LoadedRun) -> None:
     gated = TestClient(create_app(run, gate=RejectAll()))
     r = post(gated, png_bytes(), heatmap="true")
     assert r.status_code == 200, r.text
     d = r.json()
     assert d["class"] is None and d["flags"] == ["not a chest X-ray"]
-    probs = d["probabilities"]
-    assert d["heatmap_target"] == max(probs, key=probs.get)
-    assert d["heatmap_png_base64"]
+    assert d["probabilities"] is None  # no output of a flagged image reads as a diagnosis
+    assert d["heatmap_target"] is None and d["heatmap_png_base64"] is None
 
 
 def test_concurrent_heatmaps(client: TestClient) -> None:
@@ -167,3 +172,151 @@ def test_concurrent_heatmaps(client: TestClient) -> None:
     for i, r in enumerate(rs):
         raw = base64.b64decode(r.json()["heatmap_png_base64"])
         assert cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE).shape == (64 + 8 * i, 96)
+
+
+# ------------------------------------------------------------------------------------------- hardening
+
+
+def test_heatmap_has_no_text_drawn_over_the_image(client: TestClient) -> None:
+    """The class and probabilities are on the page beside the image; the overlay used to carry them on a
+    black band over the top of the X-ray."""
+    img = np.full((120, 160), 200, np.uint8)
+    ok, buf = cv2.imencode(".png", img)
+    r = post(client, buf.tobytes(), heatmap="true")
+    over = cv2.imdecode(np.frombuffer(base64.b64decode(r.json()["heatmap_png_base64"]), np.uint8),
+                        cv2.IMREAD_GRAYSCALE)
+    assert over.shape == (120, 160)
+    assert over[:20].mean() > 60, "dark band over the top of the image"
+
+
+def _grey_rgb_png(h: int, w: int) -> bytes:
+    rng = np.random.default_rng(3)
+    grey = (rng.random((h, w)) * 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", np.repeat(grey[..., None], 3, axis=2))
+    assert ok
+    return buf.tobytes()
+
+
+def test_upload_name_is_a_label_never_a_path(run: LoadedRun, tmp_path: Any) -> None:
+    """An upload named after an existing server file gets exactly the result of the same bytes under
+    another name: the file is never opened, so it can change nothing and reveal nothing."""
+    from skimage import data
+
+    from cxrscreen.gate import gate_for_run
+
+    gated = TestClient(create_app(run, gate=gate_for_run(run)))
+    coffee = data.coffee()  # a colour photo on the server, 400 x 600
+    server_file = tmp_path / "coffee.png"
+    cv2.imwrite(str(server_file), coffee)
+    upload = _grey_rgb_png(*coffee.shape[:2])
+    named = post(gated, upload, name=str(server_file)).json()
+    neutral = post(gated, upload, name="upload.png").json()
+    assert named["path"] == "coffee.png"  # a label: the last component of the client's name
+    assert {k: v for k, v in named.items() if k != "path"} == {k: v for k, v in neutral.items() if k != "path"}
+    assert not any(f.startswith("colour picture") for f in named["flags"])
+
+
+def test_upload_label() -> None:
+    assert upload_label("C:\\Users\\me\\chest.png") == "chest.png"
+    assert upload_label("../../etc/passwd") == "passwd"
+    assert upload_label("a\x1b[31m\nb.png") == "a[31mb.png"
+    assert upload_label("") == upload_label(None) == "<upload>"
+
+
+def test_decodes_at_once_are_bounded(run: LoadedRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    import cxrscreen.serving.app as app_mod
+
+    real = app_mod.read_xray_bytes
+    active, peak, lock = [0], [0], threading.Lock()
+    seen_max_side = []
+
+    def slow_read(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        seen_max_side.append(kwargs.get("max_side"))
+        try:
+            time.sleep(0.05)
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(app_mod, "read_xray_bytes", slow_read)
+    bounded = TestClient(create_app(run, max_decodes=2))
+    with ThreadPoolExecutor(8) as pool:
+        rs = list(pool.map(lambda i: post(bounded, png_bytes(seed=i)), range(8)))
+    assert all(r.status_code == 200 for r in rs)
+    assert peak[0] == 2, f"{peak[0]} decodes ran at once"
+    assert all(m is not None and m <= 4096 for m in seen_max_side)  # reduced while decoding
+
+
+def test_huge_png_upload_costs_bounded_memory(run: LoadedRun) -> None:
+    """A 48 KB PNG of 7000 x 7000 zeros cost about 1.35 GB of server memory before."""
+    import io
+    import tracemalloc
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (7000, 7000)).save(buf, format="PNG")
+    c = TestClient(create_app(run))
+    tracemalloc.start()
+    try:
+        r = post(c, buf.getvalue(), name="zeros.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 200, r.text
+    assert peak < 150e6, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_concurrent_requests_are_batched_and_equal_sequential(run: LoadedRun) -> None:
+    """Probabilities of requests batched into one forward pass, or run beside heatmap requests, equal the
+    one-by-one results within 1e-5, and the class exactly (a shared CLAHE object made 1 of 50 concurrent
+    heatmap requests 0.07 off)."""
+    app = create_app(run, batch_wait_s=0.05)
+    c = TestClient(app)
+    uploads = [png_bytes(70 + 3 * i, 90 + 2 * i, seed=i) for i in range(16)]
+    single = Predictor(run)
+    from cxrscreen.io import read_xray_bytes
+
+    expected = [single.predict_xray(read_xray_bytes(u, name="x.png", max_side=2048)) for u in uploads]
+    with ThreadPoolExecutor(8) as pool:
+        got = [r.json() for r in pool.map(lambda i: post(c, uploads[i % 16], **({"heatmap": "true"} if i % 3 == 0
+                                                                                else {})), range(48))]
+    assert max(app.state.service.batcher.batch_sizes) > 1  # some requests did share a forward pass
+    for i, g in enumerate(got):
+        e = expected[i % 16]
+        assert g["class"] == e["class"] and bool(g.get("heatmap_png_base64")) == (i % 3 == 0)
+        for k in CLASSES:
+            assert g["probabilities"][k] == pytest.approx(e["probabilities"][k], abs=1e-5)
+
+
+def test_micro_batcher_limits_batches_and_passes_errors_on() -> None:
+    import threading
+
+    seen: list[int] = []
+    gate = threading.Event()
+
+    def fn(items: Any) -> list[int]:
+        gate.wait(5)
+        seen.append(len(items))
+        if -1 in items:
+            raise ValueError("bad item")
+        return [2 * i for i in items]
+
+    b = MicroBatcher(fn, max_batch=3, wait_s=0.01)
+    futs = [b.submit(i) for i in range(7)]
+    gate.set()
+    assert [f.result(5) for f in futs] == [2 * i for i in range(7)]
+    assert max(seen) <= 3 and sum(seen) == 7
+    with pytest.raises(ValueError, match="bad item"):
+        b(-1)
+    assert b(5) == 10  # the worker survives an error
+    b.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        b.submit(1)

@@ -1,8 +1,11 @@
 """FastAPI app: the upload page, `/api/predict` (class, probabilities, flags, optional Grad-CAM overlay),
 `/api/model` and `/healthz`.
 
-Decoding and inference are CPU-bound and run in the threadpool; calls into the model are serialised
-by one lock because the Grad-CAM hooks are not thread-safe.
+Each upload is handled in the threadpool: decoded (at most `max_decodes` at once, reduced while decoding
+to a long side of at most `DECODE_MAX_SIDE`; the upload's name is a label, never opened), preprocessed,
+gated, then its forward pass is batched with the other requests waiting at that moment
+(:class:`MicroBatcher`: one forward pass for up to `max_batch` images collected for a few milliseconds).
+Forward passes and Grad-CAM share one lock because the Grad-CAM hooks see every forward pass.
 """
 
 from __future__ import annotations
@@ -10,6 +13,10 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,8 +29,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cxrscreen.errors import CXRError
-from cxrscreen.io import read_xray_bytes
-from cxrscreen.predict import Predictor, Prepared, format_probabilities, load_model
+from cxrscreen.io import MAX_PIXELS, read_xray_bytes
+from cxrscreen.predict import Predictor, Prepared, load_model
 from cxrscreen.runs import LoadedRun
 from cxrscreen.serving.page import INDEX_HTML
 
@@ -32,6 +39,102 @@ if TYPE_CHECKING:  # cxrscreen.explain imports pytorch-grad-cam (seconds): loade
 
 MODEL_CARD_FILE = "model_card.json"
 _MULTIPART_SLACK = 64 * 1024  # room for the multipart boundaries and part headers around the file
+
+MAX_UPLOAD_BYTES = 30_000_000
+"""Largest upload accepted (413 above it)."""
+DECODE_MAX_SIDE = 2048
+"""Uploads are reduced while decoding to a long side of at most this (JPEG by the codec's own scaling):
+a 2048 px image is 16 MB as float32, far above any model input, and keeps the heatmap readable."""
+MAX_CONCURRENT_DECODES = 2
+"""Decodes running at once; the others wait. With the pixel limit (`cxrscreen.io.MAX_PIXELS`, 50 million,
+checked from the header) this bounds the decoding memory: measured peaks for a 7000 x 7000 PNG are about
+70 MB (8-bit grey), 100 MB (palette), 215 MB (RGB) and 285 MB (16-bit grey) per decode."""
+MAX_BATCH = 16
+"""Most images in one batched forward pass."""
+BATCH_WAIT_S = 0.004
+"""How long the batcher waits for more requests after the first one arrives."""
+
+
+def upload_label(filename: str | None) -> str:
+    """The label of an upload: the last component of the name the client sent, control characters
+    dropped, at most 200 characters; never used as a path."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if c.isprintable())[:200]
+    return name or "<upload>"
+
+
+class MicroBatcher:
+    """Collects single items from many threads and runs `fn` on them as one batch.
+
+    `submit(item)` returns a Future. A worker thread takes the first waiting item, then whatever else
+    arrives within `wait_s` (up to `max_batch`), calls `fn(items)` (which returns one output per item, in
+    order) while holding `lock`, and resolves the futures. An exception in `fn` is set on every future of
+    that batch.
+    """
+
+    def __init__(self, fn: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = MAX_BATCH,
+                 wait_s: float = BATCH_WAIT_S, lock: threading.Lock | None = None) -> None:
+        self.fn = fn
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self.lock = lock or threading.Lock()
+        self._cond = threading.Condition()
+        self._queue: list[tuple[Any, Future]] = []
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self.batch_sizes: list[int] = []  # for tests and the load benchmark
+
+    def submit(self, item: Any) -> Future:
+        fut: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._queue.append((item, fut))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="cxrscreen-batcher", daemon=True)
+                self._worker.start()
+            self._cond.notify()
+        return fut
+
+    def __call__(self, item: Any) -> Any:
+        """Submit and wait for the result (blocking)."""
+        return self.submit(item).result()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _take(self) -> list[tuple[Any, Future]] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            deadline = time.monotonic() + self.wait_s
+            while len(self._queue) < self.max_batch and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            items = [item for item, _ in batch]
+            try:
+                with self.lock:
+                    outputs = list(self.fn(items))
+                if len(outputs) != len(items):
+                    raise RuntimeError(f"batch function returned {len(outputs)} outputs for {len(items)} items")
+            except BaseException as exc:  # every waiting request gets the error, the worker goes on
+                for _, fut in batch:
+                    fut.set_exception(exc)
+                continue
+            self.batch_sizes.append(len(items))
+            for (_, fut), out in zip(batch, outputs, strict=True):
+                fut.set_result(out)
 
 
 def _error(status: int, message: str, path: str | None) -> JSONResponse:
@@ -89,36 +192,57 @@ def _read_model_card(run_dir: Path) -> dict[str, Any] | None:
         raise CXRError(f"model card is not valid JSON ({exc})", path) from exc
 
 
-def _overlay_png(prep: Prepared, result: dict[str, Any], target: str, heat: np.ndarray) -> str:
-    """The X-ray with its heatmap, class and probabilities drawn on, as base64 PNG (original size)."""
-    from cxrscreen.explain import draw_text, overlay
+def _overlay_png(prep: Prepared, heat: np.ndarray) -> str:
+    """The X-ray with its heatmap as base64 PNG (the decoded size). No text is drawn on it: the page shows
+    the class, the probabilities and the caption beside the image, not over it."""
+    from cxrscreen.explain import overlay
 
     img = overlay(prep.xray.pixels, heat)
-    label = result["class"] or "no diagnosis"
-    draw_text(img, [f"{label}  (heatmap: {target})", format_probabilities(result["probabilities"])])
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise CXRError("could not encode the heatmap PNG", prep.path)
     return base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-class _Service:
-    """The loaded model with its predictor and (created on first use) explainer, behind one lock."""
+def decision_rule(run: LoadedRun) -> dict[str, Any]:
+    """How the class is chosen from the probabilities, in the form of a result's `decision` field."""
+    return run.decision_rule().to_dict()
 
-    def __init__(self, run: LoadedRun, gate: Any) -> None:
+
+class _Service:
+    """The loaded model with its predictor, batcher and (created on first use) explainer."""
+
+    def __init__(self, run: LoadedRun, gate: Any, *, max_decodes: int = MAX_CONCURRENT_DECODES,
+                 max_batch: int = MAX_BATCH, batch_wait_s: float = BATCH_WAIT_S) -> None:
         self.run = run
         self.predictor = Predictor(run, gate=gate)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # forward passes and Grad-CAM
+        self.decode_slots = threading.BoundedSemaphore(max_decodes)
+        self.batcher = MicroBatcher(self.predictor.probabilities, max_batch=max_batch, wait_s=batch_wait_s,
+                                    lock=self.lock)
         self._explainer: Explainer | None = None
+
+    def decode(self, data: bytes, label: str) -> Prepared:
+        """Decode (at most `max_decodes` at once, reduced to DECODE_MAX_SIDE) and preprocess one upload."""
+        with self.decode_slots:
+            xray = read_xray_bytes(data, name=label, max_pixels=MAX_PIXELS, max_side=DECODE_MAX_SIDE)
+            return self.predictor.prepare(xray)
 
     def analyse(self, data: bytes, name: str, heatmap: bool, target: str | None) -> dict[str, Any]:
         """Decode, predict and optionally explain one upload (blocking: call it in a worker thread)."""
-        xray = read_xray_bytes(data, name=name)
-        prep = self.predictor.prepare(xray)
+        prep = self.decode(data, name)
+        if self.predictor.is_detector:
+            with self.lock:
+                result = self.predictor.predict_prepared([prep])[0]
+        else:
+            result = self.predictor.result(prep, self.batcher(prep.image))
+        if not heatmap:
+            return result
+        if result["probabilities"] is None:  # flagged: no diagnosis, nothing to explain
+            result["heatmap_target"] = None
+            result["heatmap_png_base64"] = None
+            return result
         with self.lock:
-            result = self.predictor.predict_prepared([prep])[0]
-            if not heatmap:
-                return result
             if self._explainer is None:
                 from cxrscreen.explain import Explainer
 
@@ -127,19 +251,29 @@ class _Service:
             target = target or result["class"] or max(probs, key=probs.get)
             heat = self._explainer.heatmap(prep, target)
         result["heatmap_target"] = target
-        result["heatmap_png_base64"] = _overlay_png(prep, result, target, heat)
+        result["heatmap_png_base64"] = _overlay_png(prep, heat)
         return result
 
 
-def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = 30_000_000) -> FastAPI:
+def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_decodes: int = MAX_CONCURRENT_DECODES, max_batch: int = MAX_BATCH,
+               batch_wait_s: float = BATCH_WAIT_S) -> FastAPI:
     """The web app for one loaded model; `gate` (optional) has `flags(xray, image) -> list[str]` and
-    withholds the class of an input it flags. Uploads over `max_upload_bytes` are refused with 413."""
-    service = _Service(run, gate)
+    withholds the class and probabilities of an input it flags. Uploads over `max_upload_bytes` are refused
+    with 413; at most `max_decodes` uploads are decoded at once; forward passes are batched (`max_batch`
+    images collected for `batch_wait_s`)."""
+    service = _Service(run, gate, max_decodes=max_decodes, max_batch=max_batch, batch_wait_s=batch_wait_s)
     model_card = _read_model_card(run.run_dir)
-    app = FastAPI(title="cxrscreen", version="0.1.0",
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.batcher.close()
+
+    app = FastAPI(title="cxrscreen", version="0.1.0", lifespan=lifespan,
                   description="Chest X-ray screening (covid / normal / pneumonia). "
                               "Research use only: not a medical device.")
     app.add_middleware(_BodyLimit, max_upload_bytes=max_upload_bytes)
+    app.state.service = service
 
     @app.exception_handler(_BodyTooLarge)
     async def body_too_large(request: Request, exc: _BodyTooLarge) -> JSONResponse:
@@ -166,6 +300,10 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = 30_0
             "weights_sha256": run.config.get("weights_sha256"),
             "temperature": run.temperature,
             "operating_point": run.config.get("operating_point"),
+            "covid_threshold": run.covid_threshold,
+            "decision": decision_rule(run),
+            "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": MAX_PIXELS,
+                       "decode_max_side": DECODE_MAX_SIDE, "max_concurrent_decodes": max_decodes},
             "model_card": model_card,
         }
 
@@ -176,8 +314,9 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = 30_0
         target: Annotated[str | None, Query(description="class the heatmap explains (default: the "
                                                         "predicted class, else the most probable)")] = None,
     ) -> dict[str, Any] | JSONResponse:
-        """Class, probability of each class, and flags for one uploaded image."""
-        name = file.filename or "<upload>"
+        """Class, probability of each class, and flags for one uploaded image (flagged: class and
+        probabilities null)."""
+        name = upload_label(file.filename)
         if target is not None and target not in run.classes:
             return _error(422, f"unknown target class {target!r}; classes: {', '.join(run.classes)}", name)
         data = await file.read(max_upload_bytes + 1)
@@ -200,9 +339,15 @@ def _default_gate(run: LoadedRun) -> Any:
     return gate_for_run(run)
 
 
-def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Load a run directory (or the bundled model when None) and serve the app with uvicorn."""
+def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
+          torch_threads: int | None = None) -> None:
+    """Load a run directory (or the bundled model when None) and serve the app with uvicorn.
+    `torch_threads`: intra-op threads of the forward passes (None: torch's default, one per core)."""
     import uvicorn
 
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
     run = load_model(model)
     uvicorn.run(create_app(run, gate=_default_gate(run)), host=host, port=port)

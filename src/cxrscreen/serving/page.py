@@ -28,6 +28,7 @@ INDEX_HTML = """<!doctype html>
   .top { font-weight: 600; }
   .pct { text-align: right; font-variant-numeric: tabular-nums; }
   .flags { color: #9a3412; font-weight: 600; }
+  .rule { color: #3a4354; font-size: .9rem; }
   .error { color: #b91c1c; font-weight: 600; }
   figure { margin: 1rem 0 0; }
   img { max-width: 100%; border-radius: 6px; display: block; }
@@ -51,6 +52,7 @@ INDEX_HTML = """<!doctype html>
   <h2 id="label"></h2>
   <p id="flags" class="flags"></p>
   <div id="bars"></div>
+  <p id="rule" class="rule"></p>
   <figure id="figure" hidden>
     <img id="heatmap" alt="Grad-CAM heatmap over the uploaded X-ray">
     <figcaption id="caption"></figcaption>
@@ -70,22 +72,45 @@ const el = (tag, cls, text) => {
 };
 const pct = (p) => (100 * p).toFixed(1) + " %";
 
+let model = null;
 fetch("api/model").then((r) => r.json()).then((m) => {
+  model = m;
   for (const c of m.classes) { const o = el("option", "", c); o.value = c; $("target").append(o); }
   const sha = (m.weights_sha256 || "unknown").slice(0, 12);
-  $("model").textContent = "Model: " + m.arch + ", weights sha256 " + sha;
+  let text = "Model: " + m.arch + ", weights sha256 " + sha + ".";
+  if (m.limits) {
+    text += " Limits: uploads up to " + (m.limits.max_upload_bytes / 1e6).toFixed(0) + " MB and "
+      + (m.limits.max_pixels / 1e6).toFixed(0) + " million pixels.";
+  }
+  $("model").textContent = text;
 }).catch(() => {});
+
+// The decision rule: from the result's own `decision` field, else from the model's configuration.
+function ruleText(d) {
+  let rule = d.decision || (model && model.decision);
+  if (!rule && model && model.covid_threshold != null) {
+    rule = { rule: "operating_point", threshold: model.covid_threshold, class: "covid" };
+  }
+  if (!rule) return "";
+  if (rule.rule === "operating_point") {
+    return "How the class is chosen: " + rule.class + " whenever its probability is at least "
+      + pct(rule.threshold) + " (an operating point chosen on validation data to miss few "
+      + rule.class + " cases), otherwise the most probable of the other classes. A class can therefore "
+      + "be given with a lower probability than another.";
+  }
+  return "How the class is chosen: the most probable class.";
+}
 
 function show(d) {
   $("label").textContent = d.class ? "Predicted: " + d.class : "No diagnosis";
   const flags = d.flags || [];
   $("flags").textContent = d.class
     ? (flags.length ? "Flags: " + flags.join("; ") : "")
-    : "No diagnosis is given for this image" + (flags.length ? ": " + flags.join("; ") : "")
-      + ". The probabilities below are not a diagnosis.";
+    : "No diagnosis is given for this image" + (flags.length ? ": " + flags.join("; ") : "") + ".";
+  $("rule").textContent = d.class ? ruleText(d) : "";
   const bars = $("bars");
   bars.replaceChildren();
-  for (const [c, p] of Object.entries(d.probabilities || {})) {
+  for (const [c, p] of Object.entries(d.class ? (d.probabilities || {}) : {})) {
     const row = el("div", "bar" + (c === d.class ? " top" : ""));
     const track = el("div", "track");
     const fill = el("div", "fill");
@@ -98,7 +123,7 @@ function show(d) {
   if (d.heatmap_png_base64) {
     $("heatmap").src = "data:image/png;base64," + d.heatmap_png_base64;
     $("caption").textContent = "Grad-CAM heatmap for class " + d.heatmap_target
-      + ": where the model looked, not where disease is.";
+      + ": where the model looked, not where disease is (red: most).";
     $("figure").hidden = false;
   } else {
     $("figure").hidden = true;

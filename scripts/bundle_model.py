@@ -1,8 +1,9 @@
 """Copy a trained, calibrated run into the package as the bundled default model, with its model card.
 
     python scripts/bundle_model.py --run runs/default --eval docs/results/default_model/eval_cxr_test.json \
-        --eval-argmax docs/results/default_model/eval_cxr_test_argmax.json \
+        --eval-op docs/results/default_model/eval_cxr_test_op.json \
         --eval-siim docs/results/default_model/eval_siim_test.json \
+        --eval-siim-op docs/results/default_model/eval_siim_test_op.json \
         --probe docs/results/data_choice/frozen_probe.json \
         --audit docs/results/audit/audit.json --gate docs/results/gate_ood.json \
         --command "$(cat docs/results/default_model/command.txt)"
@@ -83,7 +84,9 @@ def card_markdown(card: dict[str, Any]) -> str:
     """The human-readable model card from the machine-readable one."""
     cfg = card["config"]
     spec = get_spec(cfg["arch"])
-    rule = DecisionRule(threshold=(cfg.get("operating_point") or {}).get("threshold"))
+    rule = DecisionRule.from_dict(cfg["decision"]) if "decision" in cfg else \
+        DecisionRule(threshold=(cfg.get("operating_point") or {}).get("threshold"))
+    choice = card.get("decision_choice") or {}
     lines = [
         "# Model card: cxrscreen default model",
         "",
@@ -112,11 +115,15 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
     ]
     lines += ["## Decision rule", "", f"The class every output shows and every figure counts: {rule.describe()} "
-              "(`cxrscreen.decision`; `predict --argmax` or `--threshold X` change it).", ""]
+              "(`cxrscreen.decision`; `predict --argmax` or `--threshold X` change it)."
+              + (f" Chosen by `cxrscreen calibrate`: {choice['chosen_by']} ("
+                 + ", ".join(f"{c['rule']['rule']} {c['worst']:.3f}" for c in choice["candidates"]) + ")."
+                 if choice else ""), ""]
     for key, title in (("eval", "Internal test of ../shared/data/cxr (the shipped decision rule)"),
-                       ("eval_argmax", "Internal test of ../shared/data/cxr (arg-max class)"),
+                       ("eval_op", "Internal test of ../shared/data/cxr (the stored operating point, not shipped)"),
                        ("eval_siim", "Grouped test of ../shared/data/siim (same hospitals for both classes; "
-                                     "the shipped decision rule)")):
+                                     "the shipped decision rule)"),
+                       ("eval_siim_op", "Grouped test of ../shared/data/siim (the stored operating point)")):
         ev = card.get(key)
         if ev:
             lines += [f"## {title}", "", *_eval_rows(ev), ""]
@@ -129,7 +136,8 @@ def card_markdown(card: dict[str, Any]) -> str:
                   f"on val {cal['ece_val_before']:.3f} before, {cal['ece_val_after']:.3f} after.", ""]
     if op:
         lines += ["## Operating point", "",
-                  f"COVID is called when its calibrated probability is >= {op['threshold']:.4f}, the highest "
+                  f"Stored (`--threshold` applies it; shipped only if `decision` says so): COVID when its calibrated "
+                  f"probability is >= {op['threshold']:.4f}, the highest "
                   f"threshold reaching sensitivity {op['target_sensitivity']} on val (val sensitivity "
                   f"{op['val_sensitivity']:.3f}, specificity {op['val_specificity']:.3f}; val holds "
                   f"{', '.join(op.get('val_sources') or [])}). On the merged test: sensitivity "
@@ -211,9 +219,10 @@ GENERALISATION = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--eval", type=Path, help="eval JSON with the operating point")
-    ap.add_argument("--eval-argmax", type=Path, help="eval JSON with arg-max decisions")
-    ap.add_argument("--eval-siim", type=Path, help="eval JSON of the siim grouped test")
+    ap.add_argument("--eval", type=Path, help="eval JSON of the cxr test under the shipped decision rule")
+    ap.add_argument("--eval-op", type=Path, help="eval JSON of the cxr test under the stored operating point")
+    ap.add_argument("--eval-siim", type=Path, help="eval JSON of the siim grouped test (shipped rule)")
+    ap.add_argument("--eval-siim-op", type=Path, help="eval JSON of the siim grouped test (operating point)")
     ap.add_argument("--probe", type=Path, help="frozen_probe.py JSON (the data choice)")
     ap.add_argument("--audit", type=Path)
     ap.add_argument("--gate", type=Path)
@@ -233,8 +242,10 @@ def main() -> None:
         "config": config,
         "training_command": args.command,
         "eval": _load(args.eval),
-        "eval_argmax": _load(args.eval_argmax),
+        "eval_op": _load(args.eval_op),
+        "decision_choice": (_load(args.run / "eval" / "calibration.json") or {}).get("decision"),
         "eval_siim": _load(args.eval_siim),
+        "eval_siim_op": _load(args.eval_siim_op),
         "data_choice": _load(args.probe),
         "data_text": DATA_TEXT,
         "audit_findings": (audit or {}).get("findings"),

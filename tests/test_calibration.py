@@ -117,7 +117,12 @@ def test_calibrate_run_end_to_end(tiny_run):
     before = json.loads((run_dir / "config.json").read_text())
     res = calibrate_run(run_dir, data, split, target_sensitivity=0.95, cache_dir=cache, n_boot=50)
     cfg = json.loads((run_dir / "config.json").read_text())
-    assert {k: v for k, v in cfg.items() if k not in ("calibration", "operating_point")} == before
+    assert {k: v for k, v in cfg.items() if k not in ("calibration", "operating_point", "decision")} == before
+    # the shipped rule is the candidate with the higher worst per-source rate on val
+    choice = res["decision"]
+    worst = {c["rule"]["rule"]: c["worst"] for c in choice["candidates"]}
+    assert set(worst) == {"argmax", "operating_point"} and cfg["decision"] == choice["chosen"]
+    assert worst[cfg["decision"]["rule"]] == max(worst.values())
     cal, op = cfg["calibration"], cfg["operating_point"]
     t = cal["temperature"]
     assert cal["method"] == "temperature" and cal["fitted_on"] == "val" and 0.05 <= t <= 20
@@ -142,7 +147,8 @@ def test_calibrate_run_end_to_end(tiny_run):
     run = load_run(run_dir)
     assert run.temperature == t and run.covid_threshold == op["threshold"]
     thr, eps = op["threshold"], 1e-4
-    pred = Predictor(run)
+    assert run.decision_rule().to_dict() == cfg["decision"]
+    pred = Predictor(run, rule=run.decision_rule(threshold=thr))
     rest = 1 - thr - eps
     above = np.array([thr + eps, rest, 0.0]) if thr < 0.5 - eps else np.array([thr + eps, 0.0, rest])
     below = np.array([thr - eps, 1 - thr + eps, 0.0]) if thr > eps else None

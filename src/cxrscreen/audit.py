@@ -335,7 +335,7 @@ def masking_report(run: LoadedRun, ms: MaskingSet, *, n_boot: int, seed: int) ->
         }
         for c in CONDITIONS:
             entry[c] = _figures(d.labels[m], probs[c][m], groups, sources, run.classes, n_boot=n_boot, seed=seed,
-                                threshold=run.covid_threshold)
+                                threshold=run.decision_rule().threshold)
         flag, why = shortcut_verdict(
             entry["original"]["accuracy"], entry["lungs_masked"]["accuracy"], entry["chance"], entry["n"]
         )

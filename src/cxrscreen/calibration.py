@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from cxrscreen.data.dataset import PreprocessedCache, XRayTensorDataset, default_cache_dir
 from cxrscreen.data.manifest import file_sha256
+from cxrscreen.decision import DecisionRule, decide
 from cxrscreen.engine import predict_logits
 from cxrscreen.errors import CXRError
 from cxrscreen.metrics import binary_rates, covid_vs_rest, expected_calibration_error, reliability_bins
@@ -205,6 +206,29 @@ def specificity_per_source(data: SubsetData, p_covid: np.ndarray, threshold: flo
     return out
 
 
+def worst_source_rates(data: SubsetData, probs: np.ndarray, classes: Sequence[str], rule: DecisionRule) -> dict:
+    """COVID sensitivity and specificity per source under `rule`, and the lowest of them ("worst")."""
+    covid = list(classes).index("covid")
+    pred = decide(probs, classes, rule) == covid
+    src = np.asarray(data.sources)
+    per: dict[str, dict[str, float | None]] = {}
+    for s in sorted(set(data.sources)):
+        m = src == s
+        sens, spec = binary_rates(data.labels[m] == covid, pred[m])
+        per[s] = {"sensitivity": sens, "specificity": spec}
+    rates = [v for d in per.values() for v in d.values() if v is not None]
+    return {"rule": rule.to_dict(), "worst": min(rates) if rates else None, "per_source": per}
+
+
+def choose_rule(data: SubsetData, probs: np.ndarray, classes: Sequence[str], threshold: float) -> dict[str, Any]:
+    """Arg-max or the operating point, whichever has the higher worst per-source COVID sensitivity or
+    specificity on `data` (val): the rule that fails least on its weakest source (ties go to arg-max)."""
+    cands = [worst_source_rates(data, probs, classes, r) for r in (DecisionRule(), DecisionRule(threshold=threshold))]
+    best = max(cands, key=lambda c: -1.0 if c["worst"] is None else c["worst"])
+    return {"chosen": best["rule"], "chosen_by": "the higher worst per-source COVID sensitivity or specificity on val",
+            "candidates": cands}
+
+
 def calibrate_run(
     run_dir: Path,
     data_dir: Path,
@@ -238,6 +262,7 @@ def calibrate_run(
     threshold = op["threshold"]
     val_fig = _subset_figures(val, val_logits, temperature)
     val_spec = specificity_per_source(val, softmax(val_logits, temperature)[:, covid], threshold, covid)
+    rule_choice = choose_rule(val, softmax(val_logits, temperature), run.classes, threshold)
     test_spec = None
 
     test_fig: dict[str, Any] | None = None
@@ -277,6 +302,7 @@ def calibrate_run(
     config = read_config(run_dir)
     config["calibration"] = calibration
     config["operating_point"] = operating_point
+    config["decision"] = rule_choice["chosen"]
     write_config(run_dir, config)
 
     eval_dir = run_dir / "eval"
@@ -290,6 +316,7 @@ def calibrate_run(
         "calibration": calibration,
         "operating_point": {**operating_point, "n_val_covid": op["n_val_covid"],
                             "n_val_other": op["n_val_other"]},
+        "decision": rule_choice,
         "val": val_fig,
         "test": test_fig,
         "meta": {

@@ -378,6 +378,10 @@ def calibrate(
               f"sensitivity {num(op['val_sensitivity'])}, specificity {num(op['val_specificity'])}; "
               f"{op['n_val_covid']} COVID / {op['n_val_other']} other)")
     out.print(f"on test: sensitivity {_ci(op['test_sensitivity'])}, specificity {_ci(op['test_specificity'])}")
+    chosen = DecisionRule.from_dict(result["decision"]["chosen"])
+    out.print(f"decision rule stored: {chosen.describe()} ({result['decision']['chosen_by']}: "
+              + ", ".join(f"{c['rule']['rule']} {c['worst']:.3f}" for c in result["decision"]["candidates"]
+                          if c["worst"] is not None) + ")", markup=False)
     console.print(f"updated {_shown(model / 'config.json')}; wrote {_shown(model / 'eval' / 'calibration.json')} "
                   f"and {_shown(model / 'eval' / 'reliability.png')}", markup=False)
 

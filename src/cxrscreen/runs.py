@@ -115,10 +115,15 @@ class LoadedRun:
 
     def decision_rule(self, *, argmax: bool = False, threshold: float | None = None) -> DecisionRule:
         """The rule that turns this model's probabilities into a class: `threshold` when given, arg-max when
-        asked, else the stored COVID operating point (arg-max when the run has none)."""
+        asked, else the run's chosen rule (config "decision", written by `calibrate`), else the stored COVID
+        operating point (runs calibrated before "decision" existed), else arg-max."""
         if threshold is not None:
             return DecisionRule(threshold=threshold)
-        return DecisionRule(threshold=None if argmax else self.covid_threshold)
+        if argmax:
+            return DecisionRule()
+        if "decision" in self.config:
+            return DecisionRule.from_dict(self.config["decision"])
+        return DecisionRule(threshold=self.covid_threshold)
 
 
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> LoadedRun:

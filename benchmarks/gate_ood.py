@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import fit_gate as recipe  # noqa: E402  (the data recipe shared with the fit script)
 
-from cxrscreen.gate import Gate, bundled_gate_path  # noqa: E402
-from cxrscreen.io import XRay, read_xray, read_xray_bytes  # noqa: E402
+from cxrscreen.gate.model import Gate, bundled_gate_path
+from cxrscreen.io.xray import XRay, read_xray, read_xray_bytes
 from cxrscreen.synthetic import to_uint8, write_dicom  # noqa: E402
 
 

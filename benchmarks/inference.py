@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from cxrscreen.data.manifest import manifest_root, read_manifest, resolve_image_paths
-from cxrscreen.predict import Predictor, load_model
-from cxrscreen.runs import package_versions
+from cxrscreen.predict.predictor import Predictor, load_model
+from cxrscreen.runs.provenance import package_versions
 
 BATCH = 32
 XRV_SIZE = 224

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from cxrscreen.data.dataset import PreprocessedCache
 from cxrscreen.data.manifest import manifest_root, read_manifest, resolve_image_paths
 from cxrscreen.models.registry import create_model
-from cxrscreen.runs import package_versions
-from cxrscreen.transforms import PreprocessConfig, train_transform
+from cxrscreen.runs.provenance import package_versions
+from cxrscreen.transforms.augment import train_transform
+from cxrscreen.transforms.cache import PreprocessedCache
+from cxrscreen.transforms.preprocess import PreprocessConfig
 
 
 def pipeline_rate(paths: list[Path], size: int) -> float:

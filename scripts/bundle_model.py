@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from cxrscreen.decision import DecisionRule
+from cxrscreen.evaluation.decision import DecisionRule
 from cxrscreen.models.registry import get_spec
-from cxrscreen.runs import load_run, save_weights, write_config
+from cxrscreen.runs.run_dir import load_run, save_weights, write_config
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "cxrscreen" / "weights"
 

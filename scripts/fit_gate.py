@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxrscreen.io import XRay, read_xray
+from cxrscreen.io.xray import XRay, read_xray
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = (REPO / ".." / "shared" / "data" / "cxr").resolve()
@@ -458,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from threadpoolctl import threadpool_limits
 
-    from cxrscreen.gate import FEATURE_VERSION, fit_gate
+    from cxrscreen.gate.features import FEATURE_VERSION
+    from cxrscreen.gate.fit import fit_gate
 
     cv2.setNumThreads(1)  # a small job: one core (BLAS too, below)
     threadpool_limits(1)

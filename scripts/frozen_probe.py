@@ -22,11 +22,11 @@ from sklearn.metrics import f1_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from cxrscreen import CLASSES
-from cxrscreen.data.dataset import PreprocessedCache, default_cache_dir
+from cxrscreen.data.subsets import load_subset
 from cxrscreen.models.registry import create_model
-from cxrscreen.runs import package_versions
-from cxrscreen.training import load_subset
-from cxrscreen.transforms import PreprocessConfig, to_model_tensor
+from cxrscreen.runs.provenance import package_versions
+from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir
+from cxrscreen.transforms.preprocess import PreprocessConfig, to_model_tensor
 
 CXR_SOURCES = ("cohen", "covid-cxnet", "nih", "rsna")
 

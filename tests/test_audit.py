@@ -10,12 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrscreen import audit, engine
-from cxrscreen.audit import LungBoxes, boxes_to_model, lung_mask, mask_image, masking_set, run_audit
+from cxrscreen.audit import masking as audit
+from cxrscreen.audit.masking import boxes_to_model, lung_mask, mask_image, masking_set
+from cxrscreen.audit.run import run_audit
+from cxrscreen.data.lung_boxes import LungBoxes
+from cxrscreen.engine import loop as engine
 from cxrscreen.errors import CXRError
-from cxrscreen.runs import load_run
-from cxrscreen.training import TrainConfig, train
-from cxrscreen.transforms import PreprocessConfig, Preprocessor
+from cxrscreen.runs.run_dir import load_run
+from cxrscreen.training.config import TrainConfig
+from cxrscreen.training.train import train
+from cxrscreen.transforms.preprocess import PreprocessConfig, Preprocessor
 from tests.conftest import read_real_manifest, synthetic_cxr, write_real_subset
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -232,7 +236,7 @@ def test_parts_are_optional_and_loso_resumes(audited, tiny, monkeypatch, tmp_pat
     # the LOSO run of the first audit is finished: a second audit over a copy reuses it and trains nothing
     shutil.copytree(tiny["root"] / "audit" / "loso", tmp_path / "c" / "loso")
     monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
-    monkeypatch.setattr("cxrscreen.training.train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr("cxrscreen.training.train.train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
     res = run_audit(
         tiny["run"],
         tiny["root"],

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrscreen.calibration import (
+from cxrscreen.data.splits import split_grouped, write_split
+from cxrscreen.errors import CXRError
+from cxrscreen.evaluation.calibration import (
     calibrate_run,
     choose_threshold,
     ece_from_bins,
@@ -19,14 +21,13 @@ from cxrscreen.calibration import (
     run_logits,
     softmax,
 )
-from cxrscreen.data.splits import split_grouped, write_split
-from cxrscreen.errors import CXRError
-from cxrscreen.evaluate import run_probabilities
-from cxrscreen.metrics import binary_rates, expected_calibration_error, reliability_bins
-from cxrscreen.predict import Predictor
-from cxrscreen.runs import load_run
-from cxrscreen.training import TrainConfig, train
-from cxrscreen.transforms import PreprocessConfig
+from cxrscreen.evaluation.evaluate import run_probabilities
+from cxrscreen.evaluation.metrics import binary_rates, expected_calibration_error, reliability_bins
+from cxrscreen.predict.predictor import Predictor
+from cxrscreen.runs.run_dir import load_run
+from cxrscreen.training.config import TrainConfig
+from cxrscreen.training.train import train
+from cxrscreen.transforms.preprocess import PreprocessConfig
 
 
 def _calibrated_problem(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

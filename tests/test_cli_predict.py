@@ -32,8 +32,8 @@ def _invoke(*args: str) -> object:
 def lenient_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled model (linked, not copied) with a gate whose fitted scores accept everything, so that
     synthetic images get a diagnosis and a heatmap; the hard rules still apply."""
-    from cxrscreen.gate import GATE_FILE, Gate, bundled_gate_path
-    from cxrscreen.predict import default_model_dir
+    from cxrscreen.gate.model import GATE_FILE, Gate, bundled_gate_path
+    from cxrscreen.predict.predictor import default_model_dir
 
     d = tmp_path_factory.mktemp("lenient_model")
     for f in default_model_dir().iterdir():

@@ -10,12 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cxrscreen import training
-from cxrscreen.compare import STUDY_REFERENCE, CompareConfig, run_compare, train_config_for
+import cxrscreen.training.train as training
 from cxrscreen.errors import CXRError
-from cxrscreen.evaluate import evaluate_run
-from cxrscreen.report import RERUN
-from cxrscreen.runs import load_run
+from cxrscreen.evaluation.evaluate import evaluate_run
+from cxrscreen.experiments.compare import STUDY_REFERENCE, CompareConfig, run_compare, train_config_for
+from cxrscreen.experiments.report import RERUN
+from cxrscreen.runs.run_dir import load_run
 from tests.conftest import read_real_manifest, write_real_subset
 
 REPO = Path(__file__).resolve().parents[1]

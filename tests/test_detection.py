@@ -14,25 +14,37 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrscreen.errors import CXRError
-from cxrscreen.evaluate import evaluate_run, run_probabilities
-from cxrscreen.localizer import (
+from cxrscreen.data.lung_boxes import (
     FLIP_SWAP,
     LEFT,
     RIGHT,
     BoxSource,
     LungAnnotations,
-    crossval_localizer,
     default_annotations_path,
-    label_boxes,
     read_boxes_file,
 )
-from cxrscreen.models import detection as det
+from cxrscreen.errors import CXRError
+from cxrscreen.evaluation.evaluate import evaluate_run, run_probabilities
+from cxrscreen.evaluation.metrics import average_precision
+from cxrscreen.explain.overlay import draw_boxes
+from cxrscreen.models.detectors import check_input_size, create_detector
+from cxrscreen.models.layers import GREY_MEAN, GREY_STD, grey_conv
 from cxrscreen.models.registry import available_models, create_model
-from cxrscreen.predict import Predictor
-from cxrscreen.runs import load_run
-from cxrscreen.training import TrainConfig, train
-from cxrscreen.transforms import Geometry, PreprocessConfig, Preprocessor
+from cxrscreen.predict.predictor import Predictor
+from cxrscreen.runs.run_dir import load_run
+from cxrscreen.tasks.detection import (
+    IMAGE_RULE,
+    DetectionDataset,
+    collate,
+    image_probabilities,
+    result_boxes,
+    train_one_epoch,
+)
+from cxrscreen.training.config import TrainConfig
+from cxrscreen.training.localizer import crossval_localizer, label_boxes
+from cxrscreen.training.train import train
+from cxrscreen.transforms.boxes import DetectionAugment, FlipBoxes, boxes_to_model
+from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, Preprocessor
 from tests.conftest import read_real_manifest, write_real_subset
 
 TINY = "ssdlite320_mobilenet_v3_large"
@@ -46,7 +58,7 @@ def test_boxes_to_model_clip_inside_and_drop_cut_away():
     pixels = np.zeros((200, 400), np.float32)  # wide image: the centre crop cuts 100 px on each side
     _, geom = Preprocessor(PreprocessConfig(image_size=100, clahe=False))(pixels)
     boxes = np.array([[50, 20, 180, 190], [120, 10, 380, 150], [0, 0, 90, 100]], np.float32)
-    mb, kept = det.boxes_to_model(geom, boxes)
+    mb, kept = boxes_to_model(geom, boxes)
     assert list(kept) == [0, 1]  # the third lies wholly in the cropped-away margin
     assert (mb >= 0).all() and (mb <= 100).all()
     np.testing.assert_allclose(mb[0], [0, 10, 40, 95], atol=1e-4)
@@ -56,7 +68,7 @@ def test_boxes_to_model_clip_inside_and_drop_cut_away():
 
 def test_augmentation_keeps_boxes_inside_the_image():
     torch.manual_seed(0)
-    aug = det.DetectionAugment(64, swap=FLIP_SWAP)
+    aug = DetectionAugment(64, swap=FLIP_SWAP)
     img = torch.randint(0, 255, (1, 64, 64), dtype=torch.uint8)
     for _ in range(30):
         x, t = aug(img, torch.tensor([[5.0, 8, 30, 56], [34, 8, 60, 56]]), torch.tensor([RIGHT, LEFT]))
@@ -74,10 +86,10 @@ def test_flip_moves_left_box_right_and_swaps_lungs():
         "boxes": tv_tensors.BoundingBoxes(torch.tensor([[5.0, 5, 40, 45]]), format="XYXY", canvas_size=(50, 100)),
         "labels": torch.tensor([RIGHT]),  # the image's right lung sits on the viewer's left
     }
-    out = det.FlipBoxes(p=1.0, swap=FLIP_SWAP)(sample)
+    out = FlipBoxes(p=1.0, swap=FLIP_SWAP)(sample)
     assert out["boxes"].tolist() == [[60.0, 5.0, 95.0, 45.0]]
     assert out["labels"].tolist() == [LEFT]
-    assert det.FlipBoxes(p=1.0, swap=None)(sample)["labels"].tolist() == [RIGHT]
+    assert FlipBoxes(p=1.0, swap=None)(sample)["labels"].tolist() == [RIGHT]
 
 
 # ------------------------------------------------------------------------------------------ image rule
@@ -92,7 +104,7 @@ def test_image_rule_on_hand_made_detections():
         _d([], []),  # nothing left -> uniform
         _d([3, 0, 7], [0.4, 0.9, 0.9]),  # background and unknown labels ignored
     ]
-    p = det.image_probabilities(dets, 3)
+    p = image_probabilities(dets, 3)
     np.testing.assert_allclose(p[0], [0.6, 0.2, 0.2], atol=1e-6)
     np.testing.assert_allclose(p[1], [1 / 3] * 3)
     np.testing.assert_allclose(p[2], [0, 0, 1])
@@ -103,9 +115,9 @@ def test_average_precision_hand_made():
     truth = [(np.array([[0, 0, 10, 10]], np.float32), np.array([1]))]
     hit = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32), "labels": np.array([1, 1]),
            "scores": np.array([0.9, 0.95], np.float32)}
-    assert det.average_precision([_d([], [])], truth, 1) == 0.0
-    assert det.average_precision([hit], truth, 1) == pytest.approx(0.5)  # the false positive ranks first
-    assert det.average_precision([hit], truth, 2) is None
+    assert average_precision([_d([], [])], truth, 1) == 0.0
+    assert average_precision([hit], truth, 1) == pytest.approx(0.5)  # the false positive ranks first
+    assert average_precision([hit], truth, 2) is None
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -116,11 +128,11 @@ def test_registry_builds_grey_detectors_and_folds_imagenet_filters(monkeypatch):
     assert m.head.classification_head.num_columns == 4  # background + 3 classes
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     mean, std = (0.48, 0.46, 0.41), (1 / 255,) * 3
-    grey = det.grey_conv(conv, pretrained=True, rgb_mean=mean, rgb_std=std)
+    grey = grey_conv(conv, pretrained=True, rgb_mean=mean, rgb_std=std)
     x = torch.rand(1, 1, 12, 12)
     rgb = torch.cat([(x - m_) / s_ for m_, s_ in zip(mean, std, strict=True)], 1)
     with torch.no_grad():  # same output inside the border (padding differs: 0 in different units)
-        torch.testing.assert_close(grey((x - det.GREY_MEAN) / det.GREY_STD)[..., 1:-1, 1:-1],
+        torch.testing.assert_close(grey((x - GREY_MEAN) / GREY_STD)[..., 1:-1, 1:-1],
                                    conv(rgb)[..., 1:-1, 1:-1], rtol=1e-4, atol=1e-3)
 
     def offline(*a, **k):
@@ -128,9 +140,9 @@ def test_registry_builds_grey_detectors_and_folds_imagenet_filters(monkeypatch):
 
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
     with pytest.raises(CXRError, match="could not be loaded"):
-        det.create_detector("ssd300_vgg16", weights_backbone="imagenet")
+        create_detector("ssd300_vgg16", weights_backbone="imagenet")
     with pytest.raises(CXRError, match="needs image_size 300"):
-        det.check_input_size("ssd300_vgg16", 224)
+        check_input_size("ssd300_vgg16", 224)
 
 
 def _rect_images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
@@ -153,17 +165,17 @@ def _rect_images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[np.
 def test_tiny_detector_loss_falls():
     torch.manual_seed(0)
     imgs, boxes, labels = _rect_images(2, 64)
-    model = det.create_detector(TINY, num_classes=2)
-    loader = [det.collate([det.DetectionDataset(imgs, boxes, labels)[i] for i in range(2)])]
+    model = create_detector(TINY, num_classes=2)
+    loader = [collate([DetectionDataset(imgs, boxes, labels)[i] for i in range(2)])]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = [det.train_one_epoch(model, loader, opt, device=torch.device("cpu"))[0] for _ in range(4)]
+    losses = [train_one_epoch(model, loader, opt, device=torch.device("cpu"))[0] for _ in range(4)]
     assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_draw_boxes_writes_png(tmp_path: Path):
     import cv2
 
-    out = det.draw_boxes(np.random.default_rng(0).random((80, 120)).astype(np.float32),
+    out = draw_boxes(np.random.default_rng(0).random((80, 120)).astype(np.float32),
                          [{"box": [10, 10, 50, 70], "class": "covid", "score": 0.8}], tmp_path / "b" / "x.png")
     img = cv2.imread(str(out))
     assert img.shape == (80, 120, 3) and not np.array_equal(img[:, :, 0], img[:, :, 2])
@@ -173,7 +185,7 @@ def test_result_boxes_are_in_original_pixels():
     geom = Geometry(original_hw=(200, 400), box=(100, 0, 300, 200), pad=(0, 0, 0, 0), square=200, size=100)
     d = {"boxes": np.array([[0, 0, 50, 50], [1, 1, 50, 50], [60, 0, 90, 40]], np.float32),
          "labels": np.array([1, 2, 3]), "scores": np.array([0.9, 0.8, 0.1], np.float32)}
-    out = det.result_boxes(d, geom, ["covid", "normal", "pneumonia"])
+    out = result_boxes(d, geom, ["covid", "normal", "pneumonia"])
     assert [b["class"] for b in out] == ["covid"]  # the overlapping 'normal' box is suppressed, 0.1 too low
     assert out[0]["box"] == [100.0, 0.0, 200.0, 100.0] and out[0]["label"] == 1
 
@@ -209,7 +221,7 @@ def test_train_detector_writes_run_dir(detector_run: Path):
         assert (detector_run / f).is_file(), f
     cfg = json.loads((detector_run / "config.json").read_text())
     assert cfg["kind"] == "detector" and cfg["arch"] == TINY and cfg["finished"] is True
-    assert cfg["image_rule"]["name"] == det.IMAGE_RULE["name"] and len(cfg["weights_sha256"]) == 64
+    assert cfg["image_rule"]["name"] == IMAGE_RULE["name"] and len(cfg["weights_sha256"]) == 64
     src = cfg["boxes_source"]
     assert src["annotations"].endswith("lung_boxes.coco.json") and src["boxes_file"] is None
     assert set(src["train_images_by_source"]) <= {"annotation", "atlas"}
@@ -246,7 +258,7 @@ def test_evaluate_and_predict_accept_a_detector_run(detector_run: Path, small_da
     probs = run_probabilities(run, np.zeros((2, 64, 64), np.uint8))
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-6)
 
-    from cxrscreen.io import read_xray
+    from cxrscreen.io.xray import read_xray
 
     xray = read_xray(data_dir / "images" / "cohen" / "000001-12.jpg")
     result = Predictor(run).predict_xray(xray)
@@ -257,7 +269,7 @@ def test_evaluate_and_predict_accept_a_detector_run(detector_run: Path, small_da
         assert set(b) == {"box", "label", "class", "score"} and b["class"] in run.classes
         x0, y0, x1, y1 = b["box"]
         assert 0 <= x0 < x1 <= w + 1e-3 and 0 <= y0 < y1 <= h + 1e-3  # original pixels, not 64 px ones
-    det.draw_boxes(xray.pixels, result["boxes"], tmp_path / "boxes.png")
+    draw_boxes(xray.pixels, result["boxes"], tmp_path / "boxes.png")
 
 
 @pytest.mark.slow
@@ -288,7 +300,7 @@ def test_crossval_localizer_runs_on_a_handful(small_data, tmp_path: Path):
 
 @pytest.mark.slow
 def test_fit_localizer_saves_a_loadable_run_that_labels_boxes(small_data, tmp_path: Path):
-    from cxrscreen.localizer import fit_localizer
+    from cxrscreen.training.localizer import fit_localizer
 
     data, _ = small_data
     pre = PreprocessConfig(image_size=64, resize_mode="pad")

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from cxrscreen.explain import Explainer, hot_centroid
-from cxrscreen.io import XRay
+from cxrscreen.explain.cam import Explainer, hot_centroid
+from cxrscreen.io.xray import XRay
 from cxrscreen.models.registry import create_model
-from cxrscreen.predict import Predictor
-from cxrscreen.runs import LoadedRun
-from cxrscreen.transforms import PreprocessConfig, Preprocessor, to_model_tensor
+from cxrscreen.predict.predictor import Predictor
+from cxrscreen.runs.run_dir import LoadedRun
+from cxrscreen.transforms.preprocess import PreprocessConfig, Preprocessor, to_model_tensor
 from tests.conftest import synthetic_cxr
 
 H, W = 96, 128  # non-square on purpose: the crop must be undone

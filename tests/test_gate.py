@@ -13,20 +13,19 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrscreen import gate as gate_mod
 from cxrscreen.errors import CXRError
-from cxrscreen.gate import (
+from cxrscreen.gate import model as gate_mod
+from cxrscreen.gate.features import (
     FEATURE_NAMES,
     MAX_LANDSCAPE,
     MAX_PORTRAIT,
     MIN_GREY_LEVELS,
-    Gate,
     colour_stats,
     gate_features,
-    gate_for_run,
     rule_flags,
 )
-from cxrscreen.io import XRay, read_xray, read_xray_bytes
+from cxrscreen.gate.model import Gate, gate_for_run
+from cxrscreen.io.xray import XRay, read_xray, read_xray_bytes
 from cxrscreen.synthetic import to_uint8, write_dicom
 from tests.conftest import synthetic_cxr
 

@@ -14,14 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from cxrscreen.errors import CXRError
-from cxrscreen.io import (
-    MAX_PIXELS,
-    SUPPORTED_SUFFIXES,
-    XRay,
-    is_supported_file,
-    read_xray,
-    read_xray_bytes,
-)
+from cxrscreen.io.xray import MAX_PIXELS, SUPPORTED_SUFFIXES, XRay, is_supported_file, read_xray, read_xray_bytes
 from cxrscreen.synthetic import write_dicom
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -1,6 +1,6 @@
 import numpy as np
 
-from cxrscreen.metrics import (
+from cxrscreen.evaluation.metrics import (
     binary_rates,
     classification_report,
     covid_vs_rest,

@@ -12,13 +12,15 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from cxrscreen import engine, training
+import cxrscreen.training.train as training
 from cxrscreen.cli import app
+from cxrscreen.engine import loop as engine
 from cxrscreen.errors import CXRError
-from cxrscreen.evaluate import evaluate_run
-from cxrscreen.runs import load_run
-from cxrscreen.training import TrainConfig, train
-from cxrscreen.transforms import PreprocessConfig
+from cxrscreen.evaluation.evaluate import evaluate_run
+from cxrscreen.runs.run_dir import load_run
+from cxrscreen.training.config import TrainConfig
+from cxrscreen.training.train import train
+from cxrscreen.transforms.preprocess import PreprocessConfig
 from tests.conftest import read_real_manifest, write_real_subset
 
 pytestmark = pytest.mark.slow
@@ -148,9 +150,9 @@ def test_predict_cli_goes_past_a_bad_file(trained_run: Path, data_dir: Path, tmp
 
 def test_predict_and_evaluate_agree_on_every_image(trained_run: Path, small_data, tmp_path):
     """Under the stored operating point, the class predict prints is the class evaluate counts."""
-    from cxrscreen.decision import decide_names
-    from cxrscreen.evaluate import evaluate_subset
-    from cxrscreen.predict import Predictor
+    from cxrscreen.evaluation.decision import decide_names
+    from cxrscreen.evaluation.evaluate import evaluate_subset
+    from cxrscreen.predict.predictor import Predictor
 
     data, split = small_data
     run_dir = tmp_path / "op"

@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 
 from cxrscreen.cli import app
 from cxrscreen.errors import CXRError
-from cxrscreen.predict import default_model_dir, format_probabilities, iter_image_files, load_model
-from cxrscreen.runs import load_run, sha256_file
+from cxrscreen.io.files import sha256_file
+from cxrscreen.predict.inputs import iter_image_files
+from cxrscreen.predict.predictor import default_model_dir, format_probabilities, load_model
+from cxrscreen.runs.run_dir import load_run
 from tests.conftest import synthetic_cxr
 
 
@@ -47,10 +49,10 @@ def test_corrupted_weights_are_refused(tmp_path: Path):
 
 def test_predict_without_model_uses_the_bundled_one(xray_png: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch):
-    import cxrscreen.cli
+    import cxrscreen.cli.predict
 
     # the synthetic image is no chest X-ray to the gate (no diagnosis, no heatmap): this test is about the model
-    monkeypatch.setattr(cxrscreen.cli, "_load_gate", lambda run: None)
+    monkeypatch.setattr(cxrscreen.cli.predict, "_load_gate", lambda run: None)
     res = CliRunner().invoke(app, ["predict", str(xray_png), "--json", "--heatmap", str(tmp_path / "hm")])
     assert res.exit_code == 0, res.output
     row = json.loads([line for line in res.stdout.splitlines() if line.startswith("{")][0])
@@ -74,7 +76,7 @@ def test_bundled_model_is_channels_last_and_gives_the_contiguous_outputs():
 
     import torch
 
-    from cxrscreen.predict import load_model
+    from cxrscreen.predict.predictor import load_model
 
     run = load_model()
     conv = next(m for m in run.model.modules() if isinstance(m, torch.nn.Conv2d))

@@ -2,13 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxrscreen.transforms import (
-    ApplyCLAHE,
-    PreprocessConfig,
-    Preprocessor,
-    eval_transform,
-    train_transform,
-)
+from cxrscreen.transforms.augment import eval_transform, train_transform
+from cxrscreen.transforms.preprocess import ApplyCLAHE, PreprocessConfig, Preprocessor
 from tests.conftest import synthetic_cxr
 
 

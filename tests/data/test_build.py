@@ -11,14 +11,9 @@ import pandas as pd
 import pytest
 
 from cxrscreen.data.build import build_dataset, parse_source_arg
-from cxrscreen.data.manifest import (
-    file_sha1,
-    manifest_root,
-    read_manifest,
-    resolve_image_paths,
-    write_manifest,
-)
+from cxrscreen.data.manifest import manifest_root, read_manifest, resolve_image_paths, write_manifest
 from cxrscreen.errors import CXRError
+from cxrscreen.io.files import file_sha1
 
 
 def _sources(tmp_path: Path, png: Callable[[Path, int], Path]) -> list[tuple[str, Path]]:

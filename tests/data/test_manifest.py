@@ -11,8 +11,6 @@ import pytest
 from cxrscreen.data.manifest import (
     LABELS,
     REQUIRED_COLUMNS,
-    file_sha1,
-    file_sha256,
     manifest_hash,
     manifest_root,
     read_manifest,
@@ -21,6 +19,7 @@ from cxrscreen.data.manifest import (
     write_manifest,
 )
 from cxrscreen.errors import CXRError
+from cxrscreen.io.files import file_sha1, file_sha256
 
 
 def _rows(n: int = 3) -> pd.DataFrame:

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from cxrscreen.io import MAX_PIXELS
+from cxrscreen.io.xray import MAX_PIXELS
 from cxrscreen.models.registry import create_model
-from cxrscreen.predict import Predictor
-from cxrscreen.runs import LoadedRun, load_run, save_weights, write_config
+from cxrscreen.predict.predictor import Predictor
+from cxrscreen.runs.run_dir import LoadedRun, load_run, save_weights, write_config
 from cxrscreen.serving import create_app
 from cxrscreen.serving.app import MicroBatcher, upload_label
-from cxrscreen.transforms import PreprocessConfig
+from cxrscreen.transforms.preprocess import PreprocessConfig
 
 CLASSES = ["covid", "normal", "pneumonia"]
 
@@ -202,7 +202,7 @@ def test_upload_name_is_a_label_never_a_path(run: LoadedRun, tmp_path: Any) -> N
     another name: the file is never opened, so it can change nothing and reveal nothing."""
     from skimage import data
 
-    from cxrscreen.gate import gate_for_run
+    from cxrscreen.gate.model import gate_for_run
 
     gated = TestClient(create_app(run, gate=gate_for_run(run)))
     coffee = data.coffee()  # a colour photo on the server, 400 x 600
@@ -282,7 +282,7 @@ def test_concurrent_requests_are_batched_and_equal_sequential(run: LoadedRun) ->
     c = TestClient(app)
     uploads = [png_bytes(70 + 3 * i, 90 + 2 * i, seed=i) for i in range(16)]
     single = Predictor(run)
-    from cxrscreen.io import read_xray_bytes
+    from cxrscreen.io.xray import read_xray_bytes
 
     expected = [single.predict_xray(read_xray_bytes(u, name="x.png", max_side=2048)) for u in uploads]
     with ThreadPoolExecutor(8) as pool:

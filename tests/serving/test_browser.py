@@ -38,8 +38,8 @@ def server() -> Iterator[str]:
     """The app with the bundled model and gate, served by uvicorn on 127.0.0.1 in a thread."""
     import uvicorn
 
-    from cxrscreen.gate import gate_for_run
-    from cxrscreen.predict import load_model
+    from cxrscreen.gate.model import gate_for_run
+    from cxrscreen.predict.predictor import load_model
     from cxrscreen.serving import create_app
 
     run = load_model(None)
@@ -84,9 +84,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def _real_xray(data_dir: Path) -> Path:
     """A fixed real X-ray of the gate's evaluation half that the bundled gate accepts."""
-    from cxrscreen.gate import gate_for_run
-    from cxrscreen.io import read_xray
-    from cxrscreen.predict import load_model
+    from cxrscreen.gate.model import gate_for_run
+    from cxrscreen.io.xray import read_xray
+    from cxrscreen.predict.predictor import load_model
     from tests.test_gate import _eval_half_sample
 
     gate = gate_for_run(load_model(None))

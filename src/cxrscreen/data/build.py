@@ -12,17 +12,11 @@ from typing import Any
 
 import pandas as pd
 
-from cxrscreen.data.manifest import (
-    LABELS,
-    MANIFEST_NAME,
-    REQUIRED_COLUMNS,
-    file_sha1,
-    manifest_csv,
-    write_manifest,
-)
+from cxrscreen.data.manifest import LABELS, MANIFEST_NAME, REQUIRED_COLUMNS, manifest_csv, write_manifest
 from cxrscreen.data.sources import ADAPTERS
 from cxrscreen.data.sources.base import abs_path
 from cxrscreen.errors import CXRError
+from cxrscreen.io.files import file_sha1
 
 SUMMARY_NAME = "build_summary.json"
 
@@ -153,6 +147,5 @@ def build_dataset(sources: list[tuple[str, Path]], out_dir: Path) -> dict[str, A
     }
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
-
 
 __all__ = ["MANIFEST_NAME", "SUMMARY_NAME", "build_dataset", "parse_source_arg"]

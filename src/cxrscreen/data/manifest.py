@@ -7,7 +7,6 @@ A manifest is a folder holding ``manifest.csv`` with at least the columns in :da
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,14 +14,13 @@ import pandas as pd
 
 from cxrscreen import CLASSES
 from cxrscreen.errors import CXRError
+from cxrscreen.io.files import file_sha256
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = ("image", "label", "source", "patient_id", "split_group")
 LABELS: tuple[str, ...] = CLASSES
 # Columns that may not be empty in any row (patient_id may: some sources give none).
 NON_EMPTY_COLUMNS: tuple[str, ...] = ("image", "label", "source", "split_group")
-
-_CHUNK = 1 << 20
 
 
 def manifest_csv(path: str | Path) -> Path:
@@ -109,27 +107,6 @@ def write_manifest(df: pd.DataFrame, out_dir: str | Path) -> Path:
     return csv
 
 
-def _file_digest(path: str | Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
-    except OSError as exc:
-        raise CXRError(f"cannot read file ({exc.strerror or exc})", path) from exc
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    return _file_digest(path, "sha256")
-
-
-def file_sha1(path: str | Path) -> str:
-    """Hex sha1 of a file's bytes (the content hash used to find duplicate images)."""
-    return _file_digest(path, "sha1")
-
-
 def manifest_hash(path: str | Path) -> str:
     """Hex sha256 of the manifest csv's bytes (``path`` is the folder or the csv)."""
     return file_sha256(manifest_csv(path))
@@ -138,3 +115,4 @@ def manifest_hash(path: str | Path) -> str:
 def split_hash(path: str | Path) -> str:
     """Hex sha256 of a split csv's bytes."""
     return file_sha256(path)
+

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torchvision import models as tvm
 
 from cxrscreen.errors import CXRError
+from cxrscreen.models.layers import fold_to_grey
 
 
 @dataclass(frozen=True)
@@ -111,18 +111,6 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def fold_to_grey(conv: nn.Conv2d, in_chans: int = 1) -> None:
-    """Make `conv` take `in_chans` channels, in place: its RGB filters are summed into grey ones (so a grey
-    image gives what the RGB model gives on that image repeated in every channel). In place, so that
-    subclasses such as timm's Conv2dSame keep their padding rule."""
-    if conv.groups != 1:
-        raise TypeError("cannot fold a grouped first convolution")
-    with torch.no_grad():
-        w = conv.weight.sum(dim=1, keepdim=True).repeat(1, in_chans, 1, 1) / in_chans
-    conv.weight = nn.Parameter(w)
-    conv.in_channels = in_chans
-
-
 def _new_head(old: nn.Linear, num_classes: int) -> nn.Linear:
     return nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
 
@@ -187,7 +175,7 @@ def create_model(
     """
     spec = get_spec(name)
     if spec.kind != "classifier":
-        from cxrscreen.models.detection import create_detector
+        from cxrscreen.models.detectors import create_detector
 
         return create_detector(name, num_classes=num_classes, weights_backbone=weights)
     if weights not in (None, "none", "imagenet"):
@@ -213,3 +201,4 @@ def cam_target_layer(name: str, model: nn.Module) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+

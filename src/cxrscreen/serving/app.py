@@ -29,13 +29,13 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cxrscreen.errors import CXRError
-from cxrscreen.io import MAX_PIXELS, read_xray_bytes
-from cxrscreen.predict import Predictor, Prepared, load_model
-from cxrscreen.runs import LoadedRun
+from cxrscreen.io.xray import MAX_PIXELS, read_xray_bytes
+from cxrscreen.predict.predictor import Predictor, Prepared, load_model
+from cxrscreen.runs.run_dir import LoadedRun
 from cxrscreen.serving.page import INDEX_HTML
 
 if TYPE_CHECKING:  # cxrscreen.explain imports pytorch-grad-cam (seconds): loaded on the first heatmap
-    from cxrscreen.explain import Explainer
+    from cxrscreen.explain.cam import Explainer
 
 MODEL_CARD_FILE = "model_card.json"
 _MULTIPART_SLACK = 64 * 1024  # room for the multipart boundaries and part headers around the file
@@ -195,7 +195,7 @@ def _read_model_card(run_dir: Path) -> dict[str, Any] | None:
 def _overlay_png(prep: Prepared, heat: np.ndarray) -> str:
     """The X-ray with its heatmap as base64 PNG (the decoded size). No text is drawn on it: the page shows
     the class, the probabilities and the caption beside the image, not over it."""
-    from cxrscreen.explain import overlay
+    from cxrscreen.explain.overlay import overlay
 
     img = overlay(prep.xray.pixels, heat)
     ok, buf = cv2.imencode(".png", img)
@@ -244,7 +244,7 @@ class _Service:
             return result
         with self.lock:
             if self._explainer is None:
-                from cxrscreen.explain import Explainer
+                from cxrscreen.explain.cam import Explainer
 
                 self._explainer = Explainer(self.run)
             probs = result["probabilities"]
@@ -333,7 +333,7 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
 def _default_gate(run: LoadedRun) -> Any:
     """The project's input gate for this run when cxrscreen.gate exists, else None (as the CLI does)."""
     try:
-        from cxrscreen.gate import gate_for_run
+        from cxrscreen.gate.model import gate_for_run
     except ImportError:
         return None
     return gate_for_run(run)

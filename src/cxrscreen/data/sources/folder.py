@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from cxrscreen.data.manifest import LABELS, file_sha1
+from cxrscreen.data.manifest import LABELS
 from cxrscreen.data.sources.base import SourceRecords, abs_path, make_records, make_summary
 from cxrscreen.errors import CXRError
+from cxrscreen.io.files import file_sha1
 
 KIND = "folder"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm"})

@@ -1,0 +1,17 @@
+"""The `cxrscreen` command line: thin modules, one per command group, that parse, call the library and print.
+
+Importing this package registers every command on ``app`` (``cxrscreen.cli.app``).
+"""
+
+from __future__ import annotations
+
+from cxrscreen.cli import data, evaluate, localize, models, predict, train  # noqa: F401  (register the commands)
+from cxrscreen.cli.app import app
+
+
+def main() -> None:
+    """Entry point of the `cxrscreen` script."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,5 @@
+"""`python -m cxrscreen.cli`."""
+
+from cxrscreen.cli import main
+
+main()

@@ -1,0 +1,150 @@
+"""predict: moved from cxrscreen.cli."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cxrscreen.cli.app import _fail, _shown, app, console, out
+from cxrscreen.errors import CXRError
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="image files or folders (searched recursively)")],
+    model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line (excludes --csv)")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV rows (excludes --json)")] = False,
+    heatmap: Annotated[Path | None, typer.Option(help="folder for Grad-CAM overlay PNGs (folder arguments' "
+                                                      "trees mirrored; repeated names numbered)")] = None,
+    target: Annotated[str | None, typer.Option(help="class the heatmap explains (default: the predicted)")] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    argmax: Annotated[bool, typer.Option("--argmax", help="the most probable class, not the stored operating point")
+                      ] = False,
+    threshold: Annotated[float | None, typer.Option(help="call COVID at p(covid) >= this instead")] = None,
+) -> None:
+    """Class and probability of each class for every image; bad files are reported on stderr and skipped.
+
+    Images the input gate flags get no class and no probabilities (`no diagnosis` and the reasons).
+    Exit status: 0 all done, 1 some input failed, 2 bad usage or no usable input.
+    """
+    from cxrscreen.predict.inputs import OutputNames, collect_inputs
+    from cxrscreen.predict.predictor import Predictor, format_probabilities, load_model
+
+    if as_json and as_csv:
+        console.print("error: --json and --csv exclude each other; choose one", markup=False)
+        raise typer.Exit(2)
+    try:
+        run = load_model(model)
+    except CXRError as exc:
+        _fail(exc)
+    inputs, empty = collect_inputs(paths)
+    for folder in empty:
+        console.print(f"error: {_shown(folder)}: no image files (PNG, JPEG, TIFF, BMP or DICOM) in this folder",
+                      markup=False)
+    if not inputs:
+        raise typer.Exit(2)
+    gate = _load_gate(run)
+    try:
+        rule = run.decision_rule(argmax=argmax, threshold=threshold)
+    except CXRError as exc:
+        _fail(exc)
+    predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule)
+    if not (as_json or as_csv):
+        console.print(f"decision rule: {rule.describe()}", markup=False)
+    explainer = None
+    names = None
+    is_detector = run.config.get("kind") == "detector"
+    if heatmap is not None:
+        names = OutputNames(heatmap)
+        if not is_detector:
+            from cxrscreen.explain.cam import Explainer
+
+            explainer = Explainer(run)
+    writer = None
+    if as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "class", *[f"p_{c}" for c in run.classes], "flags", "error", "heatmap"])
+    failed = len(empty)
+    labels = {str(i.path): i.label for i in inputs}
+    for res, prep in predictor.predict_files([i.path for i in inputs]):
+        if res["error"]:
+            failed += 1
+        elif names is not None and prep is not None and res["probabilities"] is not None:
+            label = labels.get(res["path"], Path(Path(res["path"]).name))
+            try:
+                if is_detector:
+                    from cxrscreen.explain.overlay import draw_boxes
+
+                    res["heatmap"] = str(draw_boxes(prep.xray.pixels, res.get("boxes", []),
+                                                    names.path(label, "boxes")))
+                elif explainer is not None:
+                    res["heatmap"] = str(explainer.write_overlay(prep, res, heatmap, target=target,
+                                                                 out_path=names.path(label, "heatmap")))
+            except CXRError as exc:
+                res["error"] = f"heatmap failed: {exc.problem}"
+                failed += 1
+        elif names is not None:
+            res["heatmap"] = None  # no diagnosis: nothing to explain
+        if res["error"]:
+            console.print(f"{_shown(res['path'])}: error: {_shown(res['error'])}", markup=False)
+        if as_json:
+            print(json.dumps(res))
+        elif writer is not None:
+            probs = res["probabilities"] or {}
+            writer.writerow([res["path"], res["class"] or "",
+                             *[f"{probs[c]:.4f}" if c in probs else "" for c in run.classes],
+                             ";".join(res["flags"]), res["error"] or "", res.get("heatmap") or ""])
+        elif res["error"]:
+            continue
+        elif res["class"] is None:
+            out.print(f"{_shown(res['path'])}: no diagnosis ({_shown('; '.join(res['flags']))})", markup=False)
+        else:
+            out.print(f"{_shown(res['path'])}: {res['class']}  {format_probabilities(res['probabilities'])}"
+                      + (f"  heatmap: {_shown(res['heatmap'])}" if res.get("heatmap") else ""), markup=False)
+    if failed:
+        console.print(f"{failed} input(s) failed", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def explain(
+    paths: Annotated[list[Path], typer.Argument(help="image files or folders (searched recursively)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for the Grad-CAM overlay PNGs")] = Path("heatmaps"),
+    model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
+    target: Annotated[str | None, typer.Option(help="class the heatmap explains (default: the predicted)")] = None,
+) -> None:
+    """Write a Grad-CAM overlay per image (class and probabilities written on it); same as predict --heatmap."""
+    predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8,
+            argmax=False, threshold=None)
+
+
+def _load_gate(run: Any) -> Any:
+    try:
+        from cxrscreen.gate.model import gate_for_run
+    except ImportError:
+        return None
+    return gate_for_run(run)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
+    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 exposes it)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    threads: Annotated[int | None, typer.Option(help="torch threads for the forward passes (default: one per "
+                                                     "core; 1 is faster on a machine busy with other work)")] = None,
+) -> None:
+    """Serve the upload page and HTTP API for one model (research use only: not a medical device)."""
+    from cxrscreen.serving import serve as serve_app
+
+    try:
+        serve_app(model, host=host, port=port, torch_threads=threads)
+    except CXRError as exc:
+        _fail(exc)
+

@@ -1,0 +1,461 @@
+"""The comparison report: plots (matplotlib object API, Agg), table.csv, report.md and a self-contained report.html.
+
+`write_report(result, out_dir)` takes compare.json's content (see `compare.py`) and writes
+curves_all.png, curves/<run>.png, roc_covid.png, confusion/<run>.png, table.csv, report.md and
+report.html (every image embedded as a base64 data URI; no external links or resources).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxrscreen.runs.run_dir import read_history
+
+TABLE_COLUMNS = [
+    "run", "source", "status", "arch", "image_size", "clahe", "n_test", "accuracy", "macro_f1",
+    "covid_sensitivity", "covid_sensitivity_ci_low", "covid_sensitivity_ci_high",
+    "covid_specificity", "covid_specificity_ci_low", "covid_specificity_ci_high",
+    "covid_auc", "covid_auc_ci_low", "covid_auc_ci_high",
+    "parameters", "train_seconds", "epochs_run", "stop_reason", "inference_images_per_s", "note",
+]
+RERUN = "rerun here"
+MISSING_NOTE = "n/a"
+
+
+# ------------------------------------------------------------------------------------------------ table
+def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per run (values copied unchanged from the eval JSON) plus the study's reference row."""
+    rows = []
+    for r in result["runs"]:
+        m = r.get("metrics") or {}
+        row: dict[str, Any] = {k: None for k in TABLE_COLUMNS}
+        row.update({
+            "run": r["name"], "source": RERUN, "status": r["status"] if r["status"] == "ok"
+            else f"failed ({r.get('stage')})", "arch": r["arch"], "image_size": r["image_size"],
+            "clahe": "on" if r["clahe"] else "off", "n_test": m.get("n_test"), "accuracy": m.get("accuracy"),
+            "macro_f1": m.get("macro_f1"), "parameters": r.get("parameters"), "train_seconds": r.get("train_seconds"),
+            "epochs_run": r.get("epochs_run"), "stop_reason": r.get("stop_reason"),
+            "inference_images_per_s": (r.get("inference") or {}).get("images_per_s"), "note": r.get("error"),
+        })
+        for key in ("covid_sensitivity", "covid_specificity", "covid_auc"):
+            d = m.get(key) or {}
+            ci = d.get("ci95") or [None, None]
+            row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"] = d.get("value"), ci[0], ci[1]
+        rows.append(row)
+    ref = result["reference"]
+    row = {k: None for k in TABLE_COLUMNS}
+    row.update({"run": ref["name"], "source": ref["source"], "status": "reported", "arch": ref["arch"],
+                "image_size": ref["image_size"], "clahe": None, "accuracy": ref["accuracy"],
+                "macro_f1": ref["macro_f1"], "covid_sensitivity": ref["covid_sensitivity"],
+                "covid_specificity": ref["covid_specificity"], "covid_auc": ref["covid_auc"],
+                "n_test": sum(ref["test_counts"].values()), "note": ref["note"]})
+    rows.append(row)
+    return rows
+
+
+def write_table_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """table.csv: floats at full precision (repr), None as an empty cell."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(TABLE_COLUMNS)
+        for r in rows:
+            w.writerow(["" if r[c] is None else repr(r[c]) if isinstance(r[c], float) else r[c]
+                        for c in TABLE_COLUMNS])
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure  # object API: Agg canvas, pyplot's backend untouched
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+
+def _style(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Colour per architecture (and size), solid line for CLAHE on, dashed for off."""
+    from matplotlib import colormaps
+
+    keys = list(dict.fromkeys((r["arch"], r["image_size"]) for r in runs))
+    cmap = colormaps["tab10" if len(keys) <= 10 else "tab20"]
+    return {r["name"]: {"color": cmap(keys.index((r["arch"], r["image_size"])) % cmap.N),
+                        "linestyle": "-" if r["clahe"] else "--"} for r in runs}
+
+
+def _epoch_axis(ax: Any, last_epoch: float) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    last = int(last_epoch) if last_epoch == last_epoch and last_epoch >= 1 else 1  # NaN-safe
+    ax.set_xlabel("epoch")
+    ax.set_xlim(0.5, last + 0.5)
+    if last <= 20:
+        ax.set_xticks(range(1, last + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_curves_all(histories: dict[str, pd.DataFrame], styles: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Train loss and val loss per epoch of every run, two panels of one figure."""
+    fig, (ax_t, ax_v) = _figure(13.0, 5.0, 2)
+    for name, h in histories.items():
+        for ax, col in ((ax_t, "train_loss"), (ax_v, "val_loss")):
+            if col in h and h[col].notna().any():
+                ax.plot(h["epoch"], h[col], marker="o", ms=3, label=name, **styles.get(name, {}))
+    last = max((float(h["epoch"].max()) for h in histories.values() if "epoch" in h), default=1.0)
+    for ax, title in ((ax_t, "train loss"), (ax_v, "val loss")):
+        _epoch_axis(ax, last)
+        ax.set_ylabel("cross-entropy")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    handles, labels = ax_t.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    fig.suptitle("Training curves (solid: CLAHE on, dashed: CLAHE off)")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_run_curves(name: str, h: pd.DataFrame, path: Path) -> Path:
+    """One run: train / val loss, and val accuracy / macro-F1 per epoch."""
+    fig, (ax_l, ax_m) = _figure(9.0, 3.6, 2)
+    for col, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
+        if col in h and h[col].notna().any():
+            ax_l.plot(h["epoch"], h[col], marker="o", ms=3, label=label)
+    for col, label in (("val_accuracy", "val accuracy"), ("val_macro_f1", "val macro-F1"),
+                       ("val_covid_sensitivity", "val COVID sensitivity")):
+        if col in h and h[col].notna().any():
+            ax_m.plot(h["epoch"], h[col], marker="o", ms=3, label=label)
+    ax_l.set_ylabel("cross-entropy")
+    ax_m.set_ylim(0, 1.05)
+    for ax in (ax_l, ax_m):
+        _epoch_axis(ax, float(h["epoch"].max()) if "epoch" in h else 1.0)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle(name, fontsize=10)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_roc(probs: dict[str, pd.DataFrame], aucs: dict[str, float | None], styles: dict[str, dict[str, Any]],
+             reference: dict[str, Any], path: Path) -> Path:
+    """ROC curves of COVID vs rest on the test subset, with the study's reported operating point."""
+    from sklearn.metrics import roc_curve
+
+    fig, (ax,) = _figure(11.0, 6.5)
+    ax.plot([0, 1], [0, 1], ls=":", color="0.6", lw=1)
+    for name, df in probs.items():
+        y = (df["label"] == "covid").to_numpy()
+        if y.all() or not y.any():
+            continue
+        fpr, tpr, _ = roc_curve(y, df["p_covid"].to_numpy(float))
+        auc = aucs.get(name)
+        ax.plot(fpr, tpr, lw=1.4, label=f"{name} (AUC {auc:.3f})" if auc is not None else name,
+                **styles.get(name, {}))
+    ax.plot([1 - reference["covid_specificity"]], [reference["covid_sensitivity"]], "k*", ms=12,
+            label=f"{reference['arch']}: {reference['source']} (its own test set)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("1 - specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("COVID vs rest on the test subset")
+    ax.grid(alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_confusion(name: str, cm: list[list[int]], class_names: list[str], path: Path) -> Path:
+    """Confusion matrix: counts and row percentages (rows: true class)."""
+    fig, (ax,) = _figure(4.4, 3.9)
+    a = np.asarray(cm, dtype=float)
+    rows = a / np.maximum(a.sum(1, keepdims=True), 1)
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            ax.text(j, i, f"{int(a[i, j])}\n{100 * rows[i, j]:.0f}%", ha="center", va="center", fontsize=9,
+                    color="white" if rows[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(name, fontsize=9)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- formatting
+def _num(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _ci(row: dict[str, Any], key: str) -> str:
+    v, lo, hi = row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"]
+    if v is None:
+        return ""
+    return f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def _params(v: Any) -> str:
+    return "" if v is None else f"{v / 1e6:.1f} M"
+
+
+DISPLAY = [
+    ("run", "run"), ("arch", "arch"), ("size", "px"), ("clahe", "CLAHE"), ("status", "status"), ("n", "n test"),
+    ("acc", "accuracy"), ("f1", "macro-F1"), ("sens", "COVID sensitivity [95% CI]"),
+    ("spec", "COVID specificity [95% CI]"), ("auc", "COVID AUC [95% CI]"), ("params", "parameters"),
+    ("secs", "training s"), ("epochs", "epochs"), ("stop", "stop reason"), ("ips", "inference img/s"),
+]
+
+
+def display_rows(table: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The table as formatted strings (3 decimals, CIs in brackets)."""
+    out = []
+    for r in table:
+        out.append({
+            "run": r["run"] + (" *" if r["source"] != RERUN else ""), "arch": r["arch"],
+            "size": _num(r["image_size"]), "clahe": r["clahe"] or "", "status": r["status"], "n": _num(r["n_test"]),
+            "acc": _num(r["accuracy"]), "f1": _num(r["macro_f1"]), "sens": _ci(r, "covid_sensitivity"),
+            "spec": _ci(r, "covid_specificity"), "auc": _ci(r, "covid_auc"), "params": _params(r["parameters"]),
+            "secs": _num(r["train_seconds"], 0), "epochs": _num(r["epochs_run"]), "stop": r["stop_reason"] or "",
+            "ips": _num(r["inference_images_per_s"], 1),
+        })
+    return out
+
+
+def _signed_ci(v: float | None, ci: list[float] | None) -> str:
+    if v is None:
+        return ""
+    return f"{v:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
+CLAHE_DISPLAY = [
+    ("arch", "arch"), ("size", "px"), ("f1_on", "macro-F1 on"), ("f1_off", "macro-F1 off"),
+    ("f1_diff", "macro-F1 on - off [95% CI]"), ("auc_on", "COVID AUC on"), ("auc_off", "COVID AUC off"),
+    ("auc_diff", "AUC on - off [95% CI]"), ("note", "note"),
+]
+
+
+def clahe_display(effect: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The CLAHE on vs off mini-table as strings."""
+    return [{
+        "arch": e["arch"], "size": _num(e["image_size"]), "f1_on": _num(e.get("macro_f1_on")),
+        "f1_off": _num(e.get("macro_f1_off")), "f1_diff": _signed_ci(e.get("macro_f1_diff"), e.get("macro_f1_ci95")),
+        "auc_on": _num(e.get("covid_auc_on")), "auc_off": _num(e.get("covid_auc_off")),
+        "auc_diff": _signed_ci(e.get("covid_auc_diff"), e.get("covid_auc_ci95")), "note": e.get("note", ""),
+    } for e in effect]
+
+
+def clahe_summary(effect: list[dict[str, Any]]) -> str:
+    """One sentence: for how many architectures CLAHE helped, and where the interval excludes zero."""
+    done = [e for e in effect if e.get("covid_auc_diff") is not None]
+    if not done:
+        return "No architecture has both CLAHE settings evaluated; the CLAHE claim is not tested here."
+    better = sum(e["covid_auc_diff"] > 0 for e in done)
+    ci = [e for e in done if e.get("covid_auc_ci95")]
+    sig_up = sum(e["covid_auc_ci95"][0] > 0 for e in ci)
+    sig_down = sum(e["covid_auc_ci95"][1] < 0 for e in ci)
+    f1_up = sum(e["macro_f1_diff"] > 0 for e in done)
+    return (f"CLAHE on gave a higher COVID AUC for {better} of {len(done)} architectures and a higher macro-F1 "
+            f"for {f1_up} of {len(done)}; the 95 % interval of the AUC difference lies above zero for {sig_up} "
+            f"and below zero for {sig_down}. Each arm is one training run (one seed), so the intervals cover "
+            "the test sample only, not training-to-training variation.")
+
+
+def _md_table(rows: list[dict[str, str]], columns: list[tuple[str, str]]) -> str:
+    def cell(s: str) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[k]) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(rows: list[dict[str, str]], columns: list[tuple[str, str]], marked: set[int] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in columns)
+    body = []
+    for i, r in enumerate(rows):
+        cls = ' class="ref"' if marked and i in marked else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(r[k]))}</td>" for k, _ in columns) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _median_share(timed: list[dict[str, Any]]) -> str:
+    shares = [t["cpu_share"] for t in timed if t.get("cpu_share") is not None]
+    return f"{float(np.median(shares)):.2f}" if shares else "n/a"
+
+
+def _notes(result: dict[str, Any]) -> list[str]:
+    meta, ref = result["meta"], result["reference"]
+    budget = meta.get("budget_minutes_per_run")
+    machine = meta.get("machine") or {}
+    timed = [r["inference"] for r in result["runs"] if r.get("inference")]
+    threads = sorted({t.get("torch_threads") for t in timed}) or [machine.get("torch_threads")]
+    devices = sorted({str(t.get("device")) for t in timed}) or [machine.get("device")]
+    return [
+        f"Test subset of {meta['data']['split']} ({meta['data']['subset_images']['test']} images); every row "
+        "above the reference is trained and evaluated here on the same split. CIs: bootstrap over patients "
+        f"(split_group), {meta['n_boot']} resamples, seed {meta['seed']}. COVID is called when it is the "
+        "arg-max class.",
+        (f"Training budget {budget} min per run: a run stopped by the budget is not converged, so the comparison "
+         "is of what each architecture reaches within that time on this machine, not of the architectures "
+         "at convergence." if budget else "No training time budget."),
+        f"Inference images/s: preprocessed images in memory, batch {meta['inference'].get('batch_size')}, "
+        f"after one warm-up batch, {'/'.join(map(str, threads))} torch thread(s) on {machine.get('processor')} "
+        f"({', '.join(map(str, devices))}); load average {machine.get('load_average_1min')} at the start. Other "
+        "processes on the machine lower these figures; compare.json also gives images per CPU-second and the "
+        f"share of the cores the timing got (median {_median_share(timed)}).",
+        f"Row marked *, {ref['name']}: {ref['source']}. {ref['note']}. "
+        f"Sensitivity {100 * ref['covid_sensitivity']:.2f} %, specificity {100 * ref['covid_specificity']:.2f} %.",
+    ]
+
+
+def _figure_list(files: dict[str, Any]) -> list[tuple[str, str]]:
+    figs = [("Training curves of every run", files["curves_all"]), ("ROC, COVID vs rest", files["roc_covid"])]
+    figs += [(f"Confusion matrix: {n}", p) for n, p in files["confusion"].items()]
+    figs += [(f"Curves: {n}", p) for n, p in files["curves"].items()]
+    return figs
+
+
+def render_markdown(result: dict[str, Any], table: list[dict[str, Any]], files: dict[str, Any]) -> str:
+    """report.md (images referenced by relative path)."""
+    meta = result["meta"]
+    failed = [r for r in result["runs"] if r["status"] != "ok"]
+    parts = [
+        f"# {meta['title']}",
+        "Research use only: not a medical device.",
+        "## Results on the test subset",
+        _md_table(display_rows(table), DISPLAY),
+        *[f"- {n}" for n in _notes(result)],
+        "## CLAHE on vs off",
+        clahe_summary(result.get("clahe_effect", [])),
+        _md_table(clahe_display(result.get("clahe_effect", [])), CLAHE_DISPLAY),
+    ]
+    if failed:
+        parts += ["## Failed runs", *[f"- {r['name']} ({r['stage']}): `{r['error']}`" for r in failed]]
+    parts += ["## Figures", *[f"### {t}\n\n![{t}]({p})" for t, p in _figure_list(files)]]
+    parts += ["## Reproducibility", *_repro_md(meta)]
+    return "\n\n".join(parts) + "\n"
+
+
+def _repro_items(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    d = meta["data"]
+    return [
+        ("command", meta["command"]), ("seed", str(meta["seed"])),
+        ("manifest", f"{d['manifest']} (sha256 {d['manifest_sha256']})"),
+        ("split", f"{d['split']} (sha256 {d['split_sha256']}; train/val/test "
+                  f"{d['subset_images']['train']}/{d['subset_images']['val']}/{d['subset_images']['test']})"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in meta["versions"].items())),
+        ("machine", ", ".join(f"{k} {v}" for k, v in (meta.get("machine") or {}).items())),
+        ("GPU recipe applied", "yes" if meta.get("gpu_recipe_applied") else "no"),
+        ("started / finished", f"{meta.get('started')} / {meta.get('finished')}"),
+    ]
+
+
+def _repro_md(meta: dict[str, Any]) -> list[str]:
+    items = [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in _repro_items(meta)]
+    return [*items, f"Config ({meta.get('config_path')}), verbatim:", f"```yaml\n{meta['config_text'].rstrip()}\n```"]
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child,th:first-child{text-align:left}
+tr.ref{background:#fff4d6;font-style:italic}pre{background:#f5f5f5;padding:.6em;overflow:auto;font-size:12px}
+img{max-width:100%;border:1px solid #eee}figure{margin:1em 0}.warn{color:#8a5300}"""
+
+
+def render_html(result: dict[str, Any], table: list[dict[str, Any]], files: dict[str, Any], out_dir: Path) -> str:
+    """report.html: self-contained (inline CSS, images as base64 data URIs, no links)."""
+    meta = result["meta"]
+    e = html.escape
+    failed = [r for r in result["runs"] if r["status"] != "ok"]
+    ref_rows = {i for i, r in enumerate(table) if r["source"] != RERUN}
+    body = [
+        f"<h1>{e(meta['title'])}</h1>", '<p class="warn">Research use only: not a medical device.</p>',
+        "<h2>Results on the test subset</h2>", _html_table(display_rows(table), DISPLAY, ref_rows),
+        "<ul>" + "".join(f"<li>{e(n)}</li>" for n in _notes(result)) + "</ul>",
+        "<h2>CLAHE on vs off</h2>", f"<p>{e(clahe_summary(result.get('clahe_effect', [])))}</p>",
+        _html_table(clahe_display(result.get("clahe_effect", [])), CLAHE_DISPLAY),
+    ]
+    if failed:
+        body += ["<h2>Failed runs</h2>", "<ul>" + "".join(
+            f"<li>{e(r['name'])} ({e(str(r['stage']))}): <code>{e(str(r['error']))}</code></li>" for r in failed
+        ) + "</ul>"]
+    body.append("<h2>Figures</h2>")
+    for title, p in _figure_list(files):
+        body.append(f'<figure><figcaption>{e(title)}</figcaption><img alt="{e(title)}" '
+                    f'src="{_data_uri(out_dir / p)}"></figure>')
+    body += ["<h2>Reproducibility</h2>", "<ul>" + "".join(
+        f"<li><b>{e(k)}</b>: <code>{e(v)}</code></li>" for k, v in _repro_items(meta)) + "</ul>",
+        f"<p>Config ({e(str(meta.get('config_path')))}), verbatim:</p><pre>{e(meta['config_text'])}</pre>"]
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{e(meta['title'])}</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def write_report(result: dict[str, Any], out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Write every plot, table.csv, report.md and report.html; returns (table rows, files relative to out_dir)."""
+    from cxrscreen.experiments.report import read_test_probs
+
+    out_dir = Path(out_dir)
+    (out_dir / "curves").mkdir(parents=True, exist_ok=True)
+    (out_dir / "confusion").mkdir(parents=True, exist_ok=True)
+    runs = result["runs"]
+    styles = _style(runs)
+    histories = {r["name"]: read_history(out_dir / r["run_dir"] / "history.csv") for r in runs}
+    histories = {k: h for k, h in histories.items() if len(h)}
+    files: dict[str, Any] = {"curves": {}, "confusion": {}}
+    for name, h in histories.items():
+        files["curves"][name] = str(plot_run_curves(name, h, out_dir / "curves" / f"{name}.png")
+                                    .relative_to(out_dir))
+    files["curves_all"] = str(plot_curves_all(histories, styles, out_dir / "curves_all.png").relative_to(out_dir))
+    probs, aucs = {}, {}
+    for r in runs:
+        if r["status"] == "ok":
+            probs[r["name"]] = read_test_probs(out_dir / r["files"]["probs"])
+            aucs[r["name"]] = r["metrics"]["covid_auc"]["value"]
+            m = r["metrics"]
+            files["confusion"][r["name"]] = str(plot_confusion(
+                r["name"], m["confusion_matrix"], m["class_names"], out_dir / "confusion" / f"{r['name']}.png"
+            ).relative_to(out_dir))
+    files["roc_covid"] = str(plot_roc(probs, aucs, styles, result["reference"], out_dir / "roc_covid.png")
+                             .relative_to(out_dir))
+    table = table_rows(result)
+    files["table"] = str(write_table_csv(table, out_dir / "table.csv").relative_to(out_dir))
+    (out_dir / "report.md").write_text(render_markdown(result, table, files))
+    (out_dir / "report.html").write_text(render_html(result, table, files, out_dir))
+    files.update({"report_md": "report.md", "report_html": "report.html", "compare_json": "compare.json"})
+    return table, files
+
+
+def write_test_probs(path: Path, paths: list[str], labels: np.ndarray, groups: list[str], sources: list[str],
+                     probs: np.ndarray, classes: list[str]) -> Path:
+    """CSV image, label, split_group, source, p_<class>... (probabilities at full precision)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "split_group", "source", *[f"p_{c}" for c in classes]])
+        for i, p in enumerate(paths):
+            w.writerow([p, classes[int(labels[i])], groups[i], sources[i], *[repr(float(v)) for v in probs[i]]])
+    return path
+
+
+def read_test_probs(path: Path) -> pd.DataFrame:
+    """The per-image probabilities written by `write_test_probs`."""
+    return pd.read_csv(path, dtype={"image": str, "label": str, "split_group": str, "source": str},
+                       keep_default_na=False)
+

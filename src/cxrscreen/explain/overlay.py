@@ -1,0 +1,67 @@
+"""overlay: moved from cxrscreen.explain."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from cxrscreen.errors import CXRError
+
+
+def overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Grey X-ray (H, W) in [0, 1] and a heat map (H, W) in [0, 1] -> BGR uint8 (H, W, 3) overlay."""
+    grey = np.clip(pixels * 255.0, 0, 255).astype(np.uint8)
+    base = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    colour = cv2.applyColorMap(np.clip(heat * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    weight = (alpha * np.clip(heat, 0, 1) ** 0.5)[..., None]
+    return (base * (1 - weight) + colour * weight).astype(np.uint8)
+
+
+def draw_text(img: np.ndarray, lines: list[str]) -> None:
+    """Write lines of text at the top left, scaled to the image width, on a dark band (in place)."""
+    h, w = img.shape[:2]
+    scale = max(0.35, w / 1100)
+    thick = max(1, int(round(scale * 2)))
+    step = int(28 * scale) + 6
+    cv2.rectangle(img, (0, 0), (w, step * len(lines) + 6), (0, 0, 0), -1)
+    for i, line in enumerate(lines):
+        cv2.putText(img, line, (6, step * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick,
+                    cv2.LINE_AA)
+
+
+_COLOURS = [(60, 60, 230), (60, 200, 60), (230, 150, 40), (200, 60, 200), (40, 200, 230)]  # BGR
+
+
+def draw_boxes(pixels: np.ndarray, boxes: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write a PNG of a grey image (H, W; float in [0, 1] or uint8) with boxes, class and score.
+
+    boxes: dicts with "box" (x0, y0, x1, y1 in the image's pixels), "class" and "score", as in
+    ``result_boxes``. Returns the path written (folders are created).
+    """
+    img = np.asarray(pixels)
+    if img.dtype != np.uint8:
+        img = np.clip(np.rint(img.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    canvas = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    thick = max(1, round(max(img.shape) / 300))
+    names: dict[str, int] = {}
+    for b in boxes:
+        colour = _COLOURS[names.setdefault(str(b["class"]), len(names)) % len(_COLOURS)]
+        x0, y0, x1, y1 = (round(float(v)) for v in b["box"])
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, thick)
+        text = f"{b['class']} {100 * float(b['score']):.0f}%"
+        scale = 0.4 * thick
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        ty = max(th + base, y0)
+        cv2.rectangle(canvas, (x0, ty - th - base), (x0 + tw, ty), colour, -1)
+        cv2.putText(canvas, text, (x0, ty - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick,
+                    cv2.LINE_AA)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), canvas):
+        raise CXRError("could not write the image", path)
+    return path
+

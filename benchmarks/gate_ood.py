@@ -3,7 +3,7 @@
 - real: the evaluation half of ../shared/data/cxr (md5(split_group) odd: no patient the gate was fitted on),
   accepted fraction overall and per source; target: >= 99 % accepted;
 - seen kinds: fresh images (other seeds) of the kinds the gate was fitted on; unseen kinds: kinds never
-  used for fitting (scripts/fit_gate.py UNSEEN_KINDS); flagged fraction per kind; target: >= 95 % flagged;
+  used for fitting (cxrscreen.gate.recipe.UNSEEN_KINDS); flagged fraction per kind; target: >= 95 % flagged;
 - as_upload: the same non-X-rays decoded from bytes (as the web app does), where the colour rule cannot
   re-read the file: what the grey-level model alone catches;
 - grey-level and aspect rules on every real X-ray (both halves; target: none flagged);
@@ -29,14 +29,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import fit_gate as recipe  # noqa: E402  (the data recipe shared with the fit script)
-
+from cxrscreen.gate import recipe  # the data recipe shared with the fit (scripts/fit_gate.py)
 from cxrscreen.gate.model import Gate, bundled_gate_path
 from cxrscreen.io.xray import XRay, read_xray, read_xray_bytes
-from cxrscreen.synthetic import to_uint8, write_dicom  # noqa: E402
+from cxrscreen.synthetic import to_uint8, write_dicom
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = (REPO / ".." / "shared" / "data" / "cxr").resolve()
 
 
 def _reason(flags: list[str]) -> str:
@@ -73,7 +72,7 @@ def bench_real(gate: Gate, data_dir: Path) -> tuple[dict[str, Any], list[XRay], 
     for p in rows["image"]:
         x = read_xray(data_dir / p)
         t = time.perf_counter()
-        flags.append(gate.flags(x, None))
+        flags.append(gate.flags(x))
         times.append(time.perf_counter() - t)
         xrays.append(x)
     out: dict[str, Any] = {"accepted": _frac(flags, flagged=False), "per_source": {}}
@@ -91,11 +90,11 @@ def bench_kinds(gate: Gate, kinds: dict[str, recipe.Generator], n: int, seed: in
     upload: dict[str, list[list[str]]] = {}
     reasons: Counter[str] = Counter()
     for kind, x in recipe.make_others(kinds, n, folder, seed=seed, role="eval"):
-        f = gate.flags(x, None)
+        f = gate.flags(x)
         per_kind.setdefault(kind, []).append(f)
         reasons[_reason(f)] += 1
         xb = read_xray_bytes(Path(x.path).read_bytes(), name="<upload>")
-        upload.setdefault(kind, []).append(gate.flags(xb, None))
+        upload.setdefault(kind, []).append(gate.flags(xb))
     allf = [f for v in per_kind.values() for f in v]
     allu = [f for v in upload.values() for f in v]
     files = {"flagged": _frac(allf, flagged=True), "by_reason": dict(reasons.most_common()),
@@ -170,7 +169,7 @@ def bench_transforms(gate: Gate, xrays: list[XRay], n: int, seed: int, folder: P
             rgb = np.clip(np.rint(g[..., None] * cast), 0, 255).astype(np.uint8)
             made[name] = _save(rgb, folder / f"{i}_{name}.jpg")
         for name, path in made.items():
-            out.setdefault(name, []).append(gate.flags(read_xray(path), None))
+            out.setdefault(name, []).append(gate.flags(read_xray(path)))
     return {k: {"flagged": _frac(v, flagged=True), "by_reason": dict(Counter(_reason(f) for f in v))}
             for k, v in out.items()}
 
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run every part and print the JSON report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gate", type=Path, default=None, help="gate JSON (default: the bundled one)")
-    ap.add_argument("--data", type=Path, default=recipe.DATA_DIR)
+    ap.add_argument("--data", type=Path, default=DATA_DIR)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-seen-kind", type=int, default=30)
     ap.add_argument("--per-unseen-kind", type=int, default=40)

@@ -1,1 +1,1 @@
-"""gate."""
+"""The input gate: withholds a diagnosis for inputs that are not frontal chest X-rays."""

@@ -1,4 +1,6 @@
-"""features: moved from cxrscreen.gate."""
+"""The gate's features and rules: what a decoded image looks like (histogram, symmetry, profiles, edges,
+bands, aspect) and the rules that flag it before any model (DICOM modality and view, colour, grey levels,
+blank frames, odd aspect ratios)."""
 
 from __future__ import annotations
 

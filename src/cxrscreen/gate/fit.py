@@ -1,13 +1,17 @@
-"""fit: moved from cxrscreen.gate."""
+"""Fitting the gate: ``fit_gate`` on given images, ``fit_gate_from_recipe`` on the data recipe of
+``cxrscreen.gate.recipe``."""
 
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxrscreen.gate.features import gate_features, rule_flags
+from cxrscreen.gate import recipe
+from cxrscreen.gate.features import FEATURE_VERSION, gate_features, rule_flags
 from cxrscreen.gate.model import Gate, Logistic, Novelty
 from cxrscreen.io.xray import XRay
 
@@ -92,3 +96,40 @@ def fit_gate(
     return Gate(logistic=logistic, novelty=novelty, p_threshold=p_thr, novelty_threshold=n_thr,
                 colour_fraction=colour_fraction, info=summary)
 
+
+def fit_gate_from_recipe(
+    data_dir: Path,
+    *,
+    seed: int = 0,
+    per_kind: int = 40,
+    c: float = 0.1,
+    components: int = 2,
+    real_accept: float = 0.997,
+    photometric: bool = True,
+) -> Gate:
+    """Fit the gate on the recipe of ``cxrscreen.gate.recipe``: the fit half of ``data_dir`` (with one
+    photometric copy of each X-ray, in its original's group, when ``photometric``) against ``per_kind``
+    generated images of each seen kind (written to a temporary folder and read back)."""
+    rows = recipe.real_manifest(data_dir, "fit")
+    real = recipe.read_real(data_dir, rows)
+    groups = list(rows["split_group"])
+    if photometric:  # one re-mapped copy per X-ray, in its original's group
+        rng = np.random.default_rng(seed)
+        real += [recipe.photometric_variant(x, rng) for x in real]
+        groups += groups
+    with tempfile.TemporaryDirectory(prefix="gate_fit_") as tmp:
+        pairs = list(recipe.make_others(recipe.SEEN_KINDS, per_kind, Path(tmp), seed=seed, role="fit"))
+        info = {
+            "data": "real: ../shared/data/cxr rows whose md5(split_group) is even (the fit half); other: "
+                    "generated and skimage.data kinds below, written as PNG/JPEG and read with read_xray "
+                    "(scripts/fit_gate.py)",
+            "real_per_source": {k: int(v) for k, v in rows["source"].value_counts().sort_index().items()},
+            "real_images": len(rows),
+            "real_photometric_copies": bool(photometric),
+            "other_kinds": sorted(recipe.SEEN_KINDS),
+            "other_per_kind": per_kind,
+            "unseen_kinds_held_out": sorted(recipe.UNSEEN_KINDS),
+            "feature_version": FEATURE_VERSION,
+        }
+        return fit_gate(real, [x for _, x in pairs], seed=seed, groups=groups,
+                        c=c, components=components, real_accept=real_accept, info=info)

@@ -150,11 +150,11 @@ class Gate:
         p, nov = self.score_features(gate_features(xray))
         return {"p": float(p), "novelty": float(nov)}
 
-    def flags(self, xray: XRay, image_u8: np.ndarray | None = None) -> list[str]:
+    def flags(self, xray: XRay) -> list[str]:
         """Reasons to withhold a diagnosis; [] for an input that looks like a frontal chest X-ray.
 
-        ``image_u8`` (the model's preprocessed square) is accepted for the predictor's interface; the gate
-        works on the decoded image, whose borders, geometry and grey levels cropping and CLAHE would hide.
+        The gate works on the decoded image, whose borders, geometry and grey levels the model's cropping
+        and CLAHE would hide.
         """
         out = self.rules(xray)
         if out:
@@ -201,7 +201,7 @@ class Gate:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Gate:
         """Inverse of :meth:`to_dict`; ValueError for another feature version or a malformed file."""
-        if d.get("kind") != "cxrscreen-gate" or d.get("format") != 1:
+        if (d.get("kind"), d.get("format")) != ("cxrscreen-gate", 1):  # the file's format tag
             raise ValueError("not a cxrscreen gate file (format 1)")
         if d.get("feature_version") != FEATURE_VERSION:
             raise ValueError(f"gate fitted on features {d.get('feature_version')!r}, "

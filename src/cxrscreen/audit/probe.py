@@ -1,9 +1,8 @@
-"""probe: moved from cxrscreen.audit."""
+"""The source probe: can a model with the audited recipe tell which hospital an image comes from?"""
 
 from __future__ import annotations
 
-import math
-import time
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix, f1_score
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
 from cxrscreen import CLASSES
 from cxrscreen.audit.masking import _chance
@@ -21,14 +20,14 @@ from cxrscreen.data.dataset import XRayTensorDataset
 from cxrscreen.data.manifest import read_manifest
 from cxrscreen.data.splits import read_split, split_grouped, write_split
 from cxrscreen.data.subsets import SubsetData, load_subset
-from cxrscreen.engine.loop import evaluate_epoch, train_one_epoch
+from cxrscreen.engine.loop import EpochLoop, predict_logits
 from cxrscreen.engine.setup import pick_device, seed_everything
 from cxrscreen.errors import CXRError
 from cxrscreen.models.registry import create_model
 from cxrscreen.runs.run_dir import LoadedRun
-from cxrscreen.tasks.classification import class_weights
+from cxrscreen.tasks.classification import classifier_recipe
 from cxrscreen.training.config import TrainConfig
-from cxrscreen.transforms.augment import eval_transform, train_transform
+from cxrscreen.transforms.augment import eval_transform
 from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir
 
 
@@ -70,7 +69,10 @@ def source_probe(
     seed: int,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train cfg's architecture and preprocessing to predict `source` on a grouped split; test figures."""
+    """Train cfg's architecture and preprocessing to predict `source` on a grouped split; test figures.
+
+    The classifier recipe and the one epoch loop (in memory: the weights of the lowest val loss are kept).
+    """
     split = split_grouped(pool, seed=seed, test_frac=0.2, val_frac=0.1)
     split_csv = write_split(split, Path(out_dir) / "split.csv")
     cache = PreprocessedCache(cfg.preprocess, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
@@ -80,63 +82,29 @@ def source_probe(
     if len(y["train"]) == 0 or len(y["test"]) == 0:
         raise CXRError("the probe split has no train or no test images", split_csv)
 
+    cfg = dataclasses.replace(cfg, monitor="val_loss")  # the probe keeps the epoch of the lowest val loss
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model = create_model(cfg.arch, num_classes=len(sources), in_chans=1, weights=cfg.weights).to(device)
-    weight = class_weights(y["train"], len(sources)) if cfg.balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(
-        weight=None if weight is None else weight.to(device), label_smoothing=cfg.label_smoothing
-    )
-    eval_criterion = nn.CrossEntropyLoss(weight=weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_ds = XRayTensorDataset(sets["train"].images, y["train"], train_transform(cfg.preprocess, cfg.augment))
-    n_epoch = min(cfg.max_train_images_per_epoch or len(train_ds), len(train_ds))
-    if cfg.balance == "sampler":
-        w = 1.0 / np.bincount(y["train"], minlength=len(sources))[y["train"]]
-        sampler: Any = WeightedRandomSampler(w.tolist(), n_epoch, replacement=True, generator=generator)
-    else:
-        sampler = RandomSampler(train_ds, num_samples=n_epoch, generator=generator)
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        drop_last=len(train_ds) > cfg.batch_size,
-    )
+    recipe = classifier_recipe(cfg, model, (sets["train"].images, y["train"]), (sets["val"].images, y["val"]),
+                               num_classes=len(sources), device=device, generator=generator)
+    loop = EpochLoop(cfg, recipe, generator, device, has_val=len(y["val"]) > 0, name="probe ", log=log)
+    done = loop.run()
+    history = [{k: r[k] for k in ("epoch", "train_loss", "val_loss", "train_images")} for r in done["history"]]
+    probs = run_probabilities_of(model, sets["test"].images, cfg, device)
+    return probe_figures(y["test"], probs.argmax(1), sources, sets, history, seconds=done["train_seconds"])
 
-    def loader(k: str) -> DataLoader:
-        ds = XRayTensorDataset(sets[k].images, y[k], eval_transform(cfg.preprocess))
-        return DataLoader(ds, batch_size=max(cfg.batch_size, 64))
 
-    t_start = time.monotonic()
-    deadline = cfg.budget_minutes * 60 if cfg.budget_minutes else None
-    out_of_time = (lambda: time.monotonic() - t_start > deadline) if deadline else None
-    best_loss, best_state, bad, history = math.inf, None, 0, []
-    for epoch in range(1, cfg.epochs + 1):
-        train_loss, seen = train_one_epoch(
-            model, train_loader, criterion, optimizer, device=device, deadline=out_of_time
-        )
-        val_loss, _, _ = evaluate_epoch(model, loader("val"), eval_criterion, device=device)
-        scheduler.step()
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "train_images": seen})
-        log(f"probe epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-        if best_state is None or not np.isfinite(best_loss) or val_loss < best_loss:
-            best_loss, bad = val_loss, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-        if bad >= cfg.patience or (out_of_time is not None and out_of_time()):
-            break
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    _, probs, _ = evaluate_epoch(model, loader("test"), eval_criterion, device=device)
-    return probe_figures(
-        y["test"], probs.argmax(1), sources, sets, history, seconds=round(time.monotonic() - t_start, 1)
-    )
+def run_probabilities_of(model: nn.Module, images: np.ndarray, cfg: TrainConfig, device: torch.device
+                         ) -> np.ndarray:
+    """Softmax probabilities of a freshly trained classifier on preprocessed uint8 images."""
+    loader = DataLoader(XRayTensorDataset(images, np.zeros(len(images), np.int64), eval_transform(cfg.preprocess)),
+                        batch_size=max(cfg.batch_size, 64))
+    logits, _ = predict_logits(model, loader, device=device)
+    return torch.softmax(torch.from_numpy(logits), 1).numpy()
 
 
 def probe_figures(

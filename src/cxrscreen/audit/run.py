@@ -18,8 +18,6 @@ It writes `audit.json`, `audit.md` (plain-language findings) and PNG plots into 
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,13 +27,13 @@ from cxrscreen.audit.masking import PARTS, _summary, masking_report, masking_set
 from cxrscreen.audit.plots import plot_loso, plot_masking, plot_masking_examples, plot_probe
 from cxrscreen.audit.probe import _pool, _recipe, source_probe
 from cxrscreen.audit.report import write_markdown
-from cxrscreen.data.lung_boxes import LungBoxes, default_lung_boxes_path
+from cxrscreen.data.lung_boxes import LungBoxes, default_annotations_path
 from cxrscreen.data.manifest import manifest_csv
 from cxrscreen.engine.setup import pick_device
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.evaluate import evaluate_run
-from cxrscreen.io.files import file_sha256
-from cxrscreen.runs.provenance import package_versions
+from cxrscreen.io.files import file_sha256, write_json
+from cxrscreen.runs.provenance import provenance
 from cxrscreen.runs.run_dir import load_run
 
 
@@ -75,7 +73,7 @@ def run_audit(
     out_dir.mkdir(parents=True, exist_ok=True)
     eval_device = pick_device(device or "auto")
     run = load_run(run_dir, device=eval_device)
-    if run.config.get("kind", "classifier") != "classifier":
+    if not run.task.has_logits:
         raise CXRError("the audit needs a classifier run", run_dir)
     cfg = _recipe(run, budget_minutes=budget_minutes_per_model, epochs=loso_epochs, cache_dir=cache_dir, device=device)
     eval_cache = cache_dir if cache_dir is not None else (Path(cfg.cache_dir) if cfg.cache_dir else None)
@@ -97,15 +95,14 @@ def run_audit(
             "loso_epochs": loso_epochs,
             "recipe": cfg.to_dict(),
             "preprocess": run.preprocess.to_dict(),
-            "versions": package_versions(),
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **provenance(),
         },
         "findings": [],
         "plots": [],
     }
 
     def save() -> None:
-        (out_dir / "audit.json").write_text(json.dumps(result, indent=2, default=str))
+        write_json(out_dir / "audit.json", result)
 
     internal: dict[str, Any] | None = None
     if "per_source" in parts or "loso" in parts:
@@ -113,7 +110,7 @@ def run_audit(
         ev = evaluate_run(
             run, data_dir, split_csv=split_csv, subset="test", n_boot=n_boot, seed=seed, cache_dir=eval_cache
         )
-        (out_dir / "per_source_eval.json").write_text(json.dumps(ev, indent=2, default=str))
+        write_json(out_dir / "per_source_eval.json", ev)
         internal = {s: _summary(r) for s, r in ev["per_source"].items()}
         if "per_source" in parts:
             single = [s for s, v in internal.items() if len(v["support"]) == 1]
@@ -136,7 +133,7 @@ def run_audit(
             save()
 
     if "masking" in parts:
-        path = Path(lung_boxes) if lung_boxes is not None else default_lung_boxes_path(data_dir)
+        path = Path(lung_boxes) if lung_boxes is not None else default_annotations_path(data_dir)
         if not path.is_file():
             result["masking"] = {"skipped": f"no lung-box annotations at {path}"}
             result["findings"].append(f"Masking test skipped: no lung-box annotations at {path}.")

@@ -1,4 +1,4 @@
-"""predict: moved from cxrscreen.cli."""
+"""`cxrscreen predict`, `explain` and `serve`: the model on files, folders and uploads."""
 
 from __future__ import annotations
 
@@ -57,15 +57,14 @@ def predict(
     predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule)
     if not (as_json or as_csv):
         console.print(f"decision rule: {rule.describe()}", markup=False)
-    explainer = None
+    draw = None
     names = None
-    is_detector = run.config.get("kind") == "detector"
     if heatmap is not None:
         names = OutputNames(heatmap)
-        if not is_detector:
-            from cxrscreen.explain.cam import Explainer
-
-            explainer = Explainer(run)
+        try:
+            draw = run.task.drawer(run)  # Grad-CAM overlays for classifiers, the boxes for detectors
+        except CXRError as exc:
+            _fail(exc)
     writer = None
     if as_csv:
         writer = csv.writer(sys.stdout)
@@ -78,14 +77,7 @@ def predict(
         elif names is not None and prep is not None and res["probabilities"] is not None:
             label = labels.get(res["path"], Path(Path(res["path"]).name))
             try:
-                if is_detector:
-                    from cxrscreen.explain.overlay import draw_boxes
-
-                    res["heatmap"] = str(draw_boxes(prep.xray.pixels, res.get("boxes", []),
-                                                    names.path(label, "boxes")))
-                elif explainer is not None:
-                    res["heatmap"] = str(explainer.write_overlay(prep, res, heatmap, target=target,
-                                                                 out_path=names.path(label, "heatmap")))
+                res["heatmap"] = str(draw(prep, res, names.path(label, run.task.drawing), target))
             except CXRError as exc:
                 res["error"] = f"heatmap failed: {exc.problem}"
                 failed += 1
@@ -125,10 +117,9 @@ def explain(
 
 
 def _load_gate(run: Any) -> Any:
-    try:
-        from cxrscreen.gate.model import gate_for_run
-    except ImportError:
-        return None
+    """`gate.model.gate_for_run`, looked up at call time (tests replace this name)."""
+    from cxrscreen.gate.model import gate_for_run
+
     return gate_for_run(run)
 
 

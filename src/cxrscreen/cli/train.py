@@ -1,4 +1,4 @@
-"""train: moved from cxrscreen.cli."""
+"""`cxrscreen train`: a run directory from a manifest, a split and a recipe."""
 
 from __future__ import annotations
 
@@ -41,15 +41,7 @@ def train(
         if config is not None:
             cfg = TrainConfig.from_yaml(config, **overrides)
         else:
-            from cxrscreen.models.registry import get_spec
-            from cxrscreen.transforms.preprocess import PreprocessConfig
-
-            size = overrides.pop("image_size")
-            cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
-            if size is None:
-                size = get_spec(cfg.arch).default_size
-            if size is not None:
-                cfg.preprocess = PreprocessConfig(**{**cfg.preprocess.to_dict(), "image_size": size})
+            cfg = TrainConfig.from_recipe({}, **overrides)
         if no_clahe:
             from cxrscreen.transforms.preprocess import PreprocessConfig
 

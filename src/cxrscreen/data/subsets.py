@@ -1,18 +1,23 @@
-"""subsets: moved from cxrscreen.training."""
+"""A split's subsets in memory (images, labels, groups, sources, paths) and the images an epoch draws."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from torch.utils.data import RandomSampler, Sampler, WeightedRandomSampler
 
 from cxrscreen.data.manifest import manifest_root, read_manifest, resolve_image_paths
 from cxrscreen.data.splits import read_split
 from cxrscreen.errors import CXRError
 from cxrscreen.transforms.cache import PreprocessedCache, load_images
+
+if TYPE_CHECKING:
+    from cxrscreen.training.config import TrainConfig
 
 
 @dataclass
@@ -83,3 +88,12 @@ def load_train_val(
         raise CXRError("the split has no usable train images", split_csv)
     return subsets["train"], subsets["val"]
 
+
+def epoch_sampler(cfg: TrainConfig, labels: np.ndarray, n_classes: int, generator: torch.Generator) -> Sampler[int]:
+    """The images one epoch draws: min(cfg.max_train_images_per_epoch, all) of them, classes drawn evenly
+    (with replacement) when cfg.balance is "sampler", else a random order without replacement."""
+    n = min(cfg.max_train_images_per_epoch or len(labels), len(labels))
+    if cfg.balance == "sampler":
+        w = 1.0 / np.bincount(labels, minlength=n_classes)[labels]
+        return WeightedRandomSampler(w.tolist(), n, replacement=True, generator=generator)
+    return RandomSampler(range(len(labels)), num_samples=n, generator=generator)

@@ -1,1 +1,1 @@
-"""engine."""
+"""The engine: the one training loop and run setup."""

@@ -1,15 +1,18 @@
-"""setup: moved from cxrscreen.training."""
+"""Run setup: seeds, the device, torch threads and the preprocessed-image cache of a config."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from cxrscreen.training.config import TrainConfig
 from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir
+
+if TYPE_CHECKING:
+    from cxrscreen.training.config import TrainConfig
 
 
 def seed_everything(seed: int) -> None:

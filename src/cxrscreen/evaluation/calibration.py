@@ -11,25 +11,27 @@ and the reliability diagram to eval/reliability.png.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DataLoader
 
-from cxrscreen.data.dataset import XRayTensorDataset
+from cxrscreen.data.manifest import manifest_hash
 from cxrscreen.data.subsets import SubsetData, load_subset
-from cxrscreen.engine.loop import predict_logits
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.decision import DecisionRule, decide
-from cxrscreen.evaluation.metrics import binary_rates, covid_vs_rest, expected_calibration_error, reliability_bins
-from cxrscreen.io.files import file_sha256
+from cxrscreen.evaluation.metrics import (
+    binary_rates,
+    covid_vs_rest,
+    ece_from_bins,
+    expected_calibration_error,
+    reliability_bins,
+)
+from cxrscreen.io.files import file_sha256, write_json
+from cxrscreen.runs.provenance import provenance
 from cxrscreen.runs.run_dir import LoadedRun, load_run, read_config, write_config
-from cxrscreen.transforms.augment import eval_transform
 from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir
 
 T_MIN, T_MAX = 0.05, 20.0
@@ -131,14 +133,6 @@ def choose_threshold(
     }
 
 
-def ece_from_bins(bins: Sequence[dict[str, float]]) -> float:
-    """Top-label ECE from `metrics.reliability_bins` rows (count-weighted |accuracy - confidence|)."""
-    total = sum(b["count"] for b in bins)
-    if total == 0:
-        return 0.0
-    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / total)
-
-
 def reliability_diagram(
     bins_before: Sequence[dict[str, float]],
     bins_after: Sequence[dict[str, float]],
@@ -176,11 +170,8 @@ def reliability_diagram(
 
 # ------------------------------------------------------------------------------------------ run level
 def run_logits(run: LoadedRun, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
-    """Uncalibrated logits (N, C) of preprocessed uint8 images (N, S, S), with the run's eval transform."""
-    ds = XRayTensorDataset(images, np.zeros(len(images), dtype=np.int64), eval_transform(run.preprocess))
-    device = next(run.model.parameters()).device
-    logits, _ = predict_logits(run.model, DataLoader(ds, batch_size=batch_size), device=device)
-    return logits.astype(np.float64).reshape(len(images), len(run.classes))
+    """Uncalibrated logits (N, C) of preprocessed uint8 images (N, S, S), from the run's task."""
+    return run.task.logits(run, images, batch_size=batch_size).reshape(len(images), len(run.classes))
 
 
 def _subset_figures(data: SubsetData, logits: np.ndarray, temperature: float) -> dict[str, Any]:
@@ -244,8 +235,8 @@ def calibrate_run(
     """
     run_dir, data_dir, split_csv = Path(run_dir), Path(data_dir), Path(split_csv)
     run = load_run(run_dir)
-    if run.config.get("kind", "classifier") != "classifier":
-        raise CXRError(f"calibration fits classifier logits; {run.arch} is a {run.config.get('kind')}", run_dir)
+    if not run.task.has_logits:
+        raise CXRError(f"calibration fits classifier logits; {run.arch} is a {run.kind}", run_dir)
     if "covid" not in run.classes:
         raise CXRError(f"the run's classes {run.classes} have no 'covid' class", run_dir)
     covid = run.classes.index("covid")
@@ -325,16 +316,16 @@ def calibrate_run(
             "arch": run.arch,
             "weights_sha256": run.config.get("weights_sha256"),
             "data": str(data_dir),
-            "manifest_sha256": file_sha256(data_dir / "manifest.csv" if data_dir.is_dir() else data_dir),
+            "manifest_sha256": manifest_hash(data_dir),
             "split": str(split_csv),
             "split_sha256": file_sha256(split_csv),
             "n_bins": N_BINS,
             "bootstrap": {"n": n_boot, "seed": seed, "unit": "split_group"},
             "skipped_files": {**val.errors, **test.errors},
             "reliability_png": str(png),
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **provenance(),
         },
     }
-    (eval_dir / "calibration.json").write_text(json.dumps(report, indent=2))
+    write_json(eval_dir / "calibration.json", report)
     return report
 

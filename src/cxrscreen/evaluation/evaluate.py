@@ -7,41 +7,26 @@ patients (split_group), and the same figures per source.
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
-from cxrscreen.data.dataset import XRayTensorDataset
+from cxrscreen.data.manifest import manifest_hash
 from cxrscreen.data.subsets import SubsetData, load_subset
-from cxrscreen.engine.loop import predict_logits
 from cxrscreen.evaluation.metrics import classification_report
 from cxrscreen.io.files import file_sha256
-from cxrscreen.runs.provenance import package_versions
+from cxrscreen.runs.provenance import provenance
 from cxrscreen.runs.run_dir import LoadedRun
-from cxrscreen.transforms.augment import eval_transform
 from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir
 
 
 def run_probabilities(
     run: LoadedRun, images: np.ndarray, *, batch_size: int = 64, calibrated: bool = True
 ) -> np.ndarray:
-    """Class probabilities (N, C) of preprocessed uint8 images (N, S, S), temperature applied if fitted.
-
-    Detectors (config kind "detector") give probabilities by their image rule; no temperature applies.
-    """
-    if run.config.get("kind") == "detector":
-        from cxrscreen.tasks.detection import detector_probabilities
-
-        return detector_probabilities(run.model, images, len(run.classes), batch_size=min(batch_size, 16))
-    ds = XRayTensorDataset(images, np.zeros(len(images), dtype=np.int64), eval_transform(run.preprocess))
-    device = next(run.model.parameters()).device
-    logits, _ = predict_logits(run.model, DataLoader(ds, batch_size=batch_size), device=device)
-    t = run.temperature if calibrated else 1.0
-    return torch.softmax(torch.from_numpy(logits) / t, 1).numpy()
+    """Class probabilities (N, C) of preprocessed uint8 images (N, S, S) by the run's task: a classifier's
+    softmax with its fitted temperature (when `calibrated`), a detector's image rule."""
+    return run.task.outputs(run, images, batch_size=batch_size, calibrated=calibrated)[0]
 
 
 def report_for(
@@ -88,7 +73,7 @@ def evaluate_subset(
         "arch": run.arch,
         "weights_sha256": run.config.get("weights_sha256"),
         "data": str(data_dir),
-        "manifest_sha256": file_sha256(Path(data_dir) / "manifest.csv" if Path(data_dir).is_dir() else data_dir),
+        "manifest_sha256": manifest_hash(data_dir),
         "split": None if split_csv is None else str(split_csv),
         "split_sha256": None if split_csv is None else file_sha256(split_csv),
         "subset": subset if split_csv else "all",
@@ -96,8 +81,7 @@ def evaluate_subset(
         "covid_threshold": threshold,
         "bootstrap": {"n": n_boot, "seed": seed, "unit": "split_group"},
         "skipped_files": data.errors,
-        "versions": package_versions(),
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **provenance(),
     }
     return out, data, probs
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from cxrscreen.errors import CXRError
-from cxrscreen.explain.overlay import draw_text, overlay
+from cxrscreen.explain.overlay import draw_text, overlay, write_png
 from cxrscreen.models.registry import cam_target_layer
 from cxrscreen.predict.predictor import Prepared, format_probabilities
 from cxrscreen.runs.run_dir import LoadedRun
@@ -27,8 +26,8 @@ class Explainer:
     """Grad-CAM for a loaded classifier; the target layer comes from the model registry."""
 
     def __init__(self, run: LoadedRun) -> None:
-        if run.config.get("kind", "classifier") != "classifier":
-            raise CXRError(f"heatmaps are for classifiers; {run.arch} is a {run.config.get('kind')}")
+        if not run.task.has_logits:
+            raise CXRError(f"heatmaps are for classifiers; {run.arch} is a {run.kind}")
         self.run = run
         self.layer = cam_target_layer(run.arch, run.model)
 
@@ -61,9 +60,7 @@ class Explainer:
         lines = [f"{label}  (heatmap: {target})", format_probabilities(result["probabilities"])]
         draw_text(img, lines)
         out = Path(out_path) if out_path is not None else Path(out_dir) / f"{Path(prep.path).stem}_heatmap.png"
-        if not cv2.imwrite(str(out), img):
-            raise CXRError("could not write the heatmap PNG", out)
-        return out
+        return write_png(img, out)
 
 
 def hot_centroid(heat: np.ndarray, quantile: float = 0.9) -> tuple[float, float]:

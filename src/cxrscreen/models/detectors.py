@@ -31,6 +31,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models import MobileNet_V3_Large_Weights, VGG16_Weights, mobilenet_v3_large
@@ -49,6 +50,8 @@ DETECTORS: dict[str, dict[str, Any]] = {
     "ssd300_vgg16": {"default_size": 300, "fixed_size": 300, "min_size": 300},
     "ssdlite320_mobilenet_v3_large": {"default_size": 320, "fixed_size": None, "min_size": 64},
 }
+
+Detections = dict[str, np.ndarray]  # "boxes" (K, 4) float32 x0 y0 x1 y1, "labels" (K,) int64, "scores" (K,)
 
 
 # --------------------------------------------------------------------------------------------- building

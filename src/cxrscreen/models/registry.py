@@ -100,6 +100,16 @@ def get_spec(name: str) -> ModelSpec:
         raise CXRError(f"unknown architecture {name!r}; known: {', '.join(available_models())}") from None
 
 
+def resolve_image_size(arch: str, requested: int | None = None, configured: int | None = None) -> int:
+    """The input side of a run, the one rule: the command line's, else the recipe's, else the architecture's
+    registry default (CXRError for an unknown architecture)."""
+    if requested is not None:
+        return int(requested)
+    if configured is not None:
+        return int(configured)
+    return get_spec(arch).default_size
+
+
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
     """Resolve a dotted attribute path ("features.0.0") inside a model."""
     return model.get_submodule(path)

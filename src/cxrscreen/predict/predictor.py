@@ -23,7 +23,7 @@ from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.decision import DecisionRule, decide_names
 from cxrscreen.io.xray import XRay, read_xray
 from cxrscreen.runs.run_dir import LoadedRun, load_run
-from cxrscreen.transforms.preprocess import Geometry, Preprocessor, to_model_tensor
+from cxrscreen.transforms.preprocess import Geometry, Preprocessor
 
 
 def default_model_dir() -> Path:
@@ -70,27 +70,25 @@ class Predictor:
         img, geom = self.preprocess(xray.pixels)
         return Prepared(path=xray.path, xray=xray, image=img, geometry=geom)
 
-    @property
-    def is_detector(self) -> bool:
-        return self.run.config.get("kind") == "detector"
-
     @torch.no_grad()
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, C) calibrated probabilities of preprocessed uint8 images (detectors: their image rule)."""
-        if self.is_detector:
-            from cxrscreen.tasks.detection import detector_probabilities
+        """(N, C) calibrated probabilities of preprocessed uint8 images (by the run's task)."""
+        return self.run.task.outputs(self.run, images, batch_size=self.batch_size)[0]
 
-            return detector_probabilities(self.run.model, np.stack(images), len(self.run.classes),
-                                          batch_size=self.batch_size)
-        x = torch.stack([to_model_tensor(im, self.run.preprocess) for im in images]).to(self.device)
-        logits = self.run.model(x).float().cpu()
-        return torch.softmax(logits / self.run.temperature, 1).numpy()
+    def outputs(self, preps: Sequence[Prepared]) -> list[tuple[np.ndarray, dict[str, Any]]]:
+        """(probabilities, task result fields) per prepared input: one model pass for the batch."""
+        probs, extra = self.run.task.outputs(self.run, [p.image for p in preps], [p.geometry for p in preps],
+                                             batch_size=self.batch_size)
+        return list(zip(probs, extra, strict=True))
 
     def decide(self, probs: np.ndarray) -> str:
         """The predicted class of one probability row under this predictor's decision rule."""
         return decide_names(probs[None], self.run.classes, self.rule)[0]
 
-    def _result(self, prep: Prepared, probs: np.ndarray) -> dict[str, Any]:
+    def result(self, prep: Prepared, probs: np.ndarray, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The result dict of one prepared input from its probabilities and the task's result fields
+        (detectors: "boxes", in original pixels; empty for a flagged input: a labelled box reads as a
+        diagnosis)."""
         res: dict[str, Any] = {
             "path": prep.path,
             "class": self.decide(probs),
@@ -100,34 +98,19 @@ class Predictor:
             "flags": [],
         }
         if self.gate is not None:
-            flags = self.gate.flags(prep.xray, prep.image)
+            flags = self.gate.flags(prep.xray)
             if flags:
                 res["flags"] = flags
                 res["class"] = None  # no diagnosis for an input that is not a frontal chest X-ray
                 res["probabilities"] = None  # nor the model's probabilities, which would read as one
+        for key, value in (extra or {}).items():
+            res[key] = [] if res["flags"] else value
         return res
-
-    def result(self, prep: Prepared, probs: np.ndarray) -> dict[str, Any]:
-        """The result dict of one prepared input from its probabilities (class, flags; see the module)."""
-        return self._result(prep, probs)
 
     def predict_prepared(self, preps: Sequence[Prepared]) -> list[dict[str, Any]]:
         if not preps:
             return []
-        # detectors: one detection pass gives the probabilities and the boxes
-        if self.is_detector:
-            from cxrscreen.tasks.detection import detect, image_probabilities, result_boxes
-
-            dets = detect(self.run.model, [p.image for p in preps], batch_size=self.batch_size)
-            results = []
-            for p, pr, d in zip(preps, image_probabilities(dets, len(self.run.classes)), dets, strict=True):
-                res = self._result(p, pr)
-                # original image pixels; none for a flagged input (a labelled box reads as a diagnosis)
-                res["boxes"] = [] if res["flags"] else result_boxes(d, p.geometry, self.run.classes)
-                results.append(res)
-            return results
-        probs = self.probabilities([p.image for p in preps])
-        return [self._result(p, pr) for p, pr in zip(preps, probs, strict=True)]
+        return [self.result(p, pr, ex) for p, (pr, ex) in zip(preps, self.outputs(preps), strict=True)]
 
     def predict_xray(self, xray: XRay) -> dict[str, Any]:
         """Result for one decoded X-ray."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -19,9 +19,12 @@ from torch import nn
 
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.decision import DecisionRule
-from cxrscreen.io.files import sha256_file
+from cxrscreen.io.files import file_sha256, write_json
 from cxrscreen.models.registry import create_model
 from cxrscreen.transforms.preprocess import PreprocessConfig
+
+if TYPE_CHECKING:
+    from cxrscreen.tasks.base import Task
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -40,15 +43,32 @@ def save_weights(model: nn.Module, run_dir: Path, *, dtype: torch.dtype | None =
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     path = Path(run_dir) / WEIGHTS_FILE
     save_file(state, str(path))
-    return sha256_file(path)
+    return file_sha256(path)
+
+
+def run_config(
+    *,
+    kind: str,
+    arch: str,
+    classes: list[str],
+    preprocess: PreprocessConfig,
+    training: dict[str, Any],
+    seed: int,
+    data: dict[str, Any],
+    **fields: Any,
+) -> dict[str, Any]:
+    """The one schema of a run directory's config.json (trained runs and the lung localizer): what the
+    model is (kind, arch, classes, preprocessing), how it was trained (training options, seed), on what
+    (data: manifest and split hashes, image counts), with what (versions, command, time), then `fields`."""
+    from cxrscreen.runs.provenance import provenance
+
+    return {"arch": arch, "kind": kind, "classes": list(classes), "preprocess": preprocess.to_dict(),
+            "training": training, "seed": seed, **provenance(), "data": data, **fields}
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
     """Write config.json atomically."""
-    path = Path(run_dir) / CONFIG_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=False, default=str))
-    tmp.replace(path)
+    write_json(Path(run_dir) / CONFIG_FILE, config)
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -77,6 +97,17 @@ class LoadedRun:
     @property
     def arch(self) -> str:
         return self.config["arch"]
+
+    @property
+    def kind(self) -> str:
+        return str(self.config.get("kind", "classifier"))
+
+    @property
+    def task(self) -> Task:
+        """The task of this run's kind (`cxrscreen.tasks`): its probabilities, result fields, drawing."""
+        from cxrscreen.tasks import task_for
+
+        return task_for(self.kind)
 
     @property
     def classes(self) -> list[str]:
@@ -117,7 +148,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Load
         raise CXRError(f"no {WEIGHTS_FILE} in the run directory", run_dir)
     expected = config.get("weights_sha256")
     if expected:
-        actual = sha256_file(wpath)
+        actual = file_sha256(wpath)
         if actual != expected:
             raise CXRError(
                 f"weights checksum mismatch: sha256 is {actual}, config.json expects {expected}; "
@@ -130,12 +161,9 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Load
         model.load_state_dict(state)
     except Exception as exc:  # safetensors header errors, shape mismatches
         raise CXRError(f"weights do not load into {config['arch']} ({exc})", wpath) from exc
-    model.eval().to(device)
-    if config.get("kind", "classifier") == "classifier":
-        # channels-last: PyTorch's CPU kernels for depthwise convolutions run about twice as fast in this
-        # layout (EfficientNet-Lite0 at 192 px: 32 -> 64 images/s on 2 threads); logits agree within 1e-5
-        model.to(memory_format=torch.channels_last)
-    return LoadedRun(model=model, config=config, run_dir=run_dir)
+    run = LoadedRun(model=model.eval().to(device), config=config, run_dir=run_dir)
+    run.model = run.task.for_inference(run.model)
+    return run
 
 
 def read_history(path: Path) -> pd.DataFrame:

@@ -10,7 +10,6 @@ Forward passes and Grad-CAM share one lock because the Grad-CAM hooks see every 
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -20,8 +19,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import cv2
-import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -29,6 +26,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cxrscreen.errors import CXRError
+from cxrscreen.explain.overlay import heatmap_png_base64
+from cxrscreen.gate.model import gate_for_run
 from cxrscreen.io.xray import MAX_PIXELS, read_xray_bytes
 from cxrscreen.predict.predictor import Predictor, Prepared, load_model
 from cxrscreen.runs.run_dir import LoadedRun
@@ -192,18 +191,6 @@ def _read_model_card(run_dir: Path) -> dict[str, Any] | None:
         raise CXRError(f"model card is not valid JSON ({exc})", path) from exc
 
 
-def _overlay_png(prep: Prepared, heat: np.ndarray) -> str:
-    """The X-ray with its heatmap as base64 PNG (the decoded size). No text is drawn on it: the page shows
-    the class, the probabilities and the caption beside the image, not over it."""
-    from cxrscreen.explain.overlay import overlay
-
-    img = overlay(prep.xray.pixels, heat)
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:
-        raise CXRError("could not encode the heatmap PNG", prep.path)
-    return base64.b64encode(buf.tobytes()).decode("ascii")
-
-
 def decision_rule(run: LoadedRun) -> dict[str, Any]:
     """How the class is chosen from the probabilities, in the form of a result's `decision` field."""
     return run.decision_rule().to_dict()
@@ -218,7 +205,7 @@ class _Service:
         self.predictor = Predictor(run, gate=gate)
         self.lock = threading.Lock()  # forward passes and Grad-CAM
         self.decode_slots = threading.BoundedSemaphore(max_decodes)
-        self.batcher = MicroBatcher(self.predictor.probabilities, max_batch=max_batch, wait_s=batch_wait_s,
+        self.batcher = MicroBatcher(self.predictor.outputs, max_batch=max_batch, wait_s=batch_wait_s,
                                     lock=self.lock)
         self._explainer: Explainer | None = None
 
@@ -231,11 +218,8 @@ class _Service:
     def analyse(self, data: bytes, name: str, heatmap: bool, target: str | None) -> dict[str, Any]:
         """Decode, predict and optionally explain one upload (blocking: call it in a worker thread)."""
         prep = self.decode(data, name)
-        if self.predictor.is_detector:
-            with self.lock:
-                result = self.predictor.predict_prepared([prep])[0]
-        else:
-            result = self.predictor.result(prep, self.batcher(prep.image))
+        probs, extra = self.batcher(prep)
+        result = self.predictor.result(prep, probs, extra)
         if not heatmap:
             return result
         if result["probabilities"] is None:  # flagged: no diagnosis, nothing to explain
@@ -251,7 +235,8 @@ class _Service:
             target = target or result["class"] or max(probs, key=probs.get)
             heat = self._explainer.heatmap(prep, target)
         result["heatmap_target"] = target
-        result["heatmap_png_base64"] = _overlay_png(prep, heat)
+        # no text on it: the page shows the class, the probabilities and the caption beside the image
+        result["heatmap_png_base64"] = heatmap_png_base64(prep.xray.pixels, heat, prep.path)
         return result
 
 
@@ -294,7 +279,7 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
         """What is being served: architecture, classes, preprocessing, weights hash, calibration, card."""
         return {
             "arch": run.arch,
-            "kind": run.config.get("kind", "classifier"),
+            "kind": run.kind,
             "classes": run.classes,
             "preprocess": run.preprocess.to_dict(),
             "weights_sha256": run.config.get("weights_sha256"),
@@ -330,15 +315,6 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
     return app
 
 
-def _default_gate(run: LoadedRun) -> Any:
-    """The project's input gate for this run when cxrscreen.gate exists, else None (as the CLI does)."""
-    try:
-        from cxrscreen.gate.model import gate_for_run
-    except ImportError:
-        return None
-    return gate_for_run(run)
-
-
 def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           torch_threads: int | None = None) -> None:
     """Load a run directory (or the bundled model when None) and serve the app with uvicorn.
@@ -350,4 +326,4 @@ def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 
 
         torch.set_num_threads(max(1, torch_threads))
     run = load_model(model)
-    uvicorn.run(create_app(run, gate=_default_gate(run)), host=host, port=port)
+    uvicorn.run(create_app(run, gate=gate_for_run(run)), host=host, port=port)

@@ -1,15 +1,36 @@
-"""detection: moved from cxrscreen.models.detection."""
+"""Detection: torchvision's SSD on lung boxes; an image's class is decided from its detections (`IMAGE_RULE`).
+
+The model file (`models.detectors`) holds the architectures; this module holds the task: the dataset of
+boxes, the batch loss and validation pass, the image rule, the result boxes, and the training recipe.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from torchvision.models.detection.ssd import SSD
 from torchvision.ops import box_iou, nms
+
+from cxrscreen.data.lung_boxes import BoxSource, image_sizes, size_of
+from cxrscreen.data.subsets import SubsetData, epoch_sampler
+from cxrscreen.engine.loop import HISTORY_COLUMNS, Recipe
+from cxrscreen.errors import CXRError
+from cxrscreen.evaluation.metrics import mean_average_precision
+from cxrscreen.models.detectors import Detections, check_input_size, create_detector
+from cxrscreen.tasks.base import Drawer, TrainContext
+from cxrscreen.tasks.classification import val_figures
+from cxrscreen.transforms.boxes import boxes_to_model
+from cxrscreen.transforms.preprocess import PreprocessConfig, geometry_for
+
+if TYPE_CHECKING:
+    from cxrscreen.runs.run_dir import LoadedRun
+    from cxrscreen.training.config import TrainConfig
 
 from cxrscreen.transforms.boxes import DetectionAugment
 from cxrscreen.transforms.preprocess import Geometry
@@ -22,7 +43,6 @@ IMAGE_RULE: dict[str, str] = {
 REPORT_MIN_SCORE = 0.2  # boxes shown in prediction results / drawings
 REPORT_MAX_BOXES = 10
 
-Detections = dict[str, np.ndarray]  # "boxes" (K, 4) float32 x0 y0 x1 y1, "labels" (K,) int64, "scores" (K,)
 
 
 def to_input(image_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -171,44 +191,6 @@ def lr_factor(step: int, epoch: int, *, epochs: int, warmup_steps: int) -> float
     return warm * (0.1 ** int(done >= 2 / 3)) * (0.1 ** int(done >= 5 / 6))
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]],
-    optimizer: torch.optim.Optimizer,
-    *,
-    device: torch.device,
-    lr_at: Callable[[int], float] | None = None,
-    step: int = 0,
-    on_batch: Callable[[int], None] | None = None,
-    deadline: Callable[[], bool] | None = None,
-) -> tuple[float, int, int]:
-    """Train a detector over ``loader`` once (batches from ``collate``).
-
-    lr_at(step) -> learning rate set before each iteration (global step counter ``step`` onwards).
-    deadline: checked after each batch; True stops the epoch (time budgets).
-    Returns (mean summed SSD loss per image, images seen, global step after the epoch).
-    """
-    model.train()
-    total, seen = 0.0, 0
-    for images, targets in loader:
-        if lr_at is not None:
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step)
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        losses = model(images, targets)
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        total += float(loss.detach()) * len(images)
-        seen += len(images)
-        if on_batch is not None:
-            on_batch(len(images))
-        if deadline is not None and deadline():
-            break
-    return total / max(seen, 1), seen, step
 
 
 @torch.no_grad()
@@ -233,3 +215,151 @@ def evaluate(
         dets.extend(d)
     return (total / seen if seen else float("nan")), dets
 
+
+
+# ------------------------------------------------------------------------------------------------ the task
+BOXES_FILE = "boxes.csv"
+
+
+def detection_batch(model: nn.Module, batch: tuple[list, list], device: torch.device) -> tuple[torch.Tensor, int]:
+    """The detector's batch loss (batches from `collate`): the summed SSD losses of the batch."""
+    images = [im.to(device, non_blocking=True) for im in batch[0]]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch[1]]
+    return sum(model(images, targets).values()), len(images)
+
+
+def subset_targets(
+    data: SubsetData,
+    source: BoxSource,
+    preprocess: PreprocessConfig,
+    sizes: dict[str, tuple[int, int]],
+) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
+    """Boxes (model pixels) and detector labels (class + 1) per image of a subset, and box-source counts."""
+    boxes, labels, counts = [], [], {}
+    for path, cls in zip(data.paths, data.labels, strict=True):
+        hw = size_of(path, sizes)
+        ib = source.get(path, hw)
+        mb, _ = boxes_to_model(geometry_for(preprocess, hw), ib.boxes)
+        boxes.append(mb)
+        labels.append(np.full(len(mb), int(cls) + 1, np.int64))
+        counts[ib.source] = counts.get(ib.source, 0) + 1
+    return boxes, labels, counts
+
+
+def detector_recipe(
+    model: nn.Module,
+    train_ds: DetectionDataset,
+    sampler: Any,
+    *,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    batch_size: int,
+    num_workers: int = 0,
+    warmup_epochs: int = 1,
+    warmup_max: int = 500,
+    validate: Callable[[], dict[str, Any]] = dict,
+) -> Recipe:
+    """AdamW with a linear warm-up over the first `warmup_epochs` (at most `warmup_max` iterations) and the
+    SSD paper's steps (`lr_factor`), over batches of `train_ds` drawn by `sampler`."""
+    n = len(sampler)
+    loader = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate, drop_last=n > batch_size)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
+    warmup = min(len(loader) * warmup_epochs, warmup_max)
+    return Recipe(model=model, optimizer=optimizer, train_loader=loader, batch_loss=detection_batch,
+                  validate=validate, images_per_epoch=n,
+                  lr_at=lambda s, e: lr * lr_factor(s, e, epochs=epochs, warmup_steps=warmup),
+                  history_columns=[*HISTORY_COLUMNS, "val_map50"],
+                  config={"warmup_iterations": warmup})
+
+
+class DetectionTask:
+    """Registry kind "detector": torchvision's SSD on lung boxes labelled by the image's class.
+
+    Targets: every image gets its two lung boxes, each labelled with the image's class (detector label
+    class index + 1): annotated boxes where the COCO file covers the image, else the rows of the boxes file
+    `cfg.boxes` (or `<out_dir>/boxes.csv`; written by `cxrscreen localize label`), else the atlas. The SSD
+    augmentation (`transforms.boxes.DetectionAugment`); `balance="sampler"` samples classes evenly; the SSD
+    loss has no class weights, so `balance="loss"` trains unweighted (recorded in config.json). Validation:
+    val_loss (SSD losses), the image-rule figures and val_map50. Probabilities: `IMAGE_RULE`.
+    """
+
+    kind = "detector"
+    has_logits = False
+    drawing = "boxes"
+
+    def check_config(self, cfg: TrainConfig, out_dir: Path) -> None:
+        check_input_size(cfg.arch, cfg.preprocess.image_size)
+        if cfg.boxes and not Path(cfg.boxes).is_file():
+            raise CXRError("boxes file not found (write it with `cxrscreen localize label`)", Path(cfg.boxes))
+
+    def recipe(self, ctx: TrainContext) -> Recipe:
+        cfg, tr, va, classes = ctx.cfg, ctx.train, ctx.val, ctx.classes
+        boxes_file = Path(cfg.boxes) if cfg.boxes else ctx.out_dir / BOXES_FILE
+        source = BoxSource.for_data(ctx.data_dir, boxes_file)
+        sizes = image_sizes(ctx.data_dir)
+        tr_boxes, tr_lbls, tr_src = subset_targets(tr, source, cfg.preprocess, sizes)
+        va_boxes, va_lbls, va_src = subset_targets(va, source, cfg.preprocess, sizes)
+        ctx.log(f"boxes: train {tr_src}, val {va_src}")
+        if cfg.balance == "loss":
+            ctx.log("balance 'loss': the SSD loss has no class weights; training unweighted (use 'sampler' to "
+                    "balance)")
+        model = create_detector(cfg.arch, num_classes=len(classes), weights_backbone=cfg.weights).to(ctx.device)
+        train_ds = DetectionDataset(tr.images, tr_boxes, tr_lbls, DetectionAugment(cfg.preprocess.image_size))
+        val_loader = DataLoader(DetectionDataset(va.images, va_boxes, va_lbls), batch_size=cfg.batch_size,
+                                collate_fn=collate)
+        val_truths = list(zip(va_boxes, va_lbls, strict=True))
+
+        def validate() -> dict[str, Any]:
+            val_loss, dets = evaluate(model, val_loader, device=ctx.device)
+            row: dict[str, Any] = {"val_loss": val_loss}
+            if len(va.labels):
+                row.update(val_figures(image_probabilities(dets, len(classes)), va.labels, classes))
+                row["val_map50"] = mean_average_precision(dets, val_truths, range(1, len(classes) + 1))
+            return row
+
+        recipe = detector_recipe(model, train_ds, epoch_sampler(cfg, tr.labels, len(classes), ctx.generator),
+                                 lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
+                                 batch_size=cfg.batch_size, num_workers=cfg.num_workers, validate=validate)
+        warmup = recipe.config.pop("warmup_iterations")
+        recipe.config = {
+            "image_rule": IMAGE_RULE,
+            "boxes_source": {**source.describe(), "train_images_by_source": tr_src, "val_images_by_source": va_src},
+            "detector": {
+                "labels": "detector label k + 1 is classes[k]; 0 is background",
+                "input": "grey (1, S, S) in [0, 1]; normalised inside the model (mean 0.5, std 0.25), no resize",
+                "weights_backbone": cfg.weights,
+                "optimizer": "adamw",
+                "schedule": f"linear warm-up over {warmup} iterations, x0.1 after 2/3 and after 5/6 of the epochs",
+                "augmentation": "photometric, zoom-out, IoU crop, horizontal flip, sanitise (SSD paper)",
+                "balance_applied": "sampler" if cfg.balance == "sampler" else "none",
+            },
+        }
+        return recipe
+
+    def for_inference(self, model: nn.Module) -> nn.Module:
+        return model.eval()
+
+    def logits(self, run: LoadedRun, images: Sequence[np.ndarray] | np.ndarray, *, batch_size: int = 64
+               ) -> np.ndarray:
+        raise CXRError(f"{run.arch} is a {self.kind}: it gives detections, not class logits "
+                       "(calibration, Grad-CAM and the audit need a classifier)", run.run_dir)
+
+    def outputs(self, run: LoadedRun, images: Sequence[np.ndarray] | np.ndarray,
+                geometries: Sequence[Geometry] | None = None, *, batch_size: int = 32, calibrated: bool = True
+                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        dets = detect(run.model, images, batch_size=min(batch_size, 16))
+        probs = image_probabilities(dets, len(run.classes))
+        if geometries is None:
+            return probs, [{} for _ in dets]
+        return probs, [{"boxes": result_boxes(d, g, run.classes)} for d, g in zip(dets, geometries, strict=True)]
+
+    def drawer(self, run: LoadedRun) -> Drawer:
+        from cxrscreen.explain.overlay import draw_boxes
+
+        def draw(prep: Any, result: dict[str, Any], out_path: Path, target: str | None) -> Path:
+            return Path(draw_boxes(prep.xray.pixels, result.get("boxes", []), out_path))
+
+        return draw

@@ -1,4 +1,4 @@
-"""config: moved from cxrscreen.training."""
+"""The training config (`TrainConfig`, stored in config.json under "training") and the finished-run check."""
 
 from __future__ import annotations
 
@@ -12,15 +12,10 @@ from typing import Any
 import yaml
 
 from cxrscreen.errors import CXRError
+from cxrscreen.models.registry import resolve_image_size
 from cxrscreen.runs.run_dir import read_config
 from cxrscreen.transforms.augment import AugmentConfig
 from cxrscreen.transforms.preprocess import PreprocessConfig
-
-HISTORY_COLUMNS = [
-    "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1",
-    "val_covid_sensitivity", "val_covid_specificity", "val_worst_source_loss", "val_worst_source_accuracy",
-    "stage", "lr", "seconds", "train_images",
-]
 
 
 @dataclass
@@ -68,6 +63,7 @@ class TrainConfig:
             d["preprocess"] = PreprocessConfig.from_dict(d["preprocess"])
         if isinstance(d.get("augment"), dict):
             aug = dict(d["augment"])
+            aug.pop("extra", None)  # a retired field that config.json files written before it went carry
             if "scale" in aug:
                 aug["scale"] = tuple(aug["scale"])
             d["augment"] = AugmentConfig(**aug)
@@ -80,14 +76,17 @@ class TrainConfig:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise CXRError(f"cannot read training config ({exc})", path) from exc
-        data = data.get("train", data)
+        return cls.from_recipe(data.get("train", data), **overrides)
+
+    @classmethod
+    def from_recipe(cls, data: dict[str, Any], **overrides: Any) -> TrainConfig:
+        """A recipe dict (a YAML file's `train:` block; {} for none) with non-None overrides applied; the
+        input size by `models.registry.resolve_image_size` (override, else recipe, else the arch's default)."""
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None and k != "image_size"}}
         pre = dict(data.get("preprocess") or {})
-        for k in ("image_size",):
-            if overrides.get(k) is not None:
-                pre[k] = overrides.pop(k)
-        overrides.pop("image_size", None)
+        arch = data.get("arch", cls.arch)
+        pre["image_size"] = resolve_image_size(arch, overrides.get("image_size"), pre.get("image_size"))
         data["preprocess"] = pre
-        data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
 
 

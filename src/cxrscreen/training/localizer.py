@@ -22,12 +22,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import RandomSampler
 
 from cxrscreen.data.lung_boxes import (
     BOXES_COLUMNS,
@@ -45,12 +46,13 @@ from cxrscreen.data.lung_boxes import (
     size_of,
 )
 from cxrscreen.data.manifest import manifest_root, read_manifest, resolve_image_paths
+from cxrscreen.engine.loop import EpochLoop
 from cxrscreen.errors import CXRError
+from cxrscreen.evaluation.formatting import format_value
 from cxrscreen.evaluation.metrics import mean_average_precision
-from cxrscreen.models.detectors import check_input_size, create_detector
-from cxrscreen.runs.provenance import package_versions
-from cxrscreen.runs.run_dir import LoadedRun, save_weights, write_config
-from cxrscreen.tasks.detection import DetectionDataset, Detections, collate, detect, lr_factor, train_one_epoch
+from cxrscreen.models.detectors import Detections, check_input_size, create_detector
+from cxrscreen.runs.run_dir import LoadedRun, run_config, save_weights, write_config
+from cxrscreen.tasks.detection import DetectionDataset, detect, detector_recipe
 from cxrscreen.transforms.boxes import DetectionAugment
 from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir, load_images
 from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, geometry_for
@@ -77,34 +79,21 @@ def train_localizer(
 ) -> torch.nn.Module:
     """Train a right / left lung detector from scratch on uint8 squares (N, S, S).
 
-    boxes[i]: (K, 4) model pixels; lungs[i]: (K,) 1 = right, 2 = left. AdamW, warm-up and the SSD step
-    schedule (``lr_factor``), SSD augmentation with the flip swapping right and left. Returns the model
-    in eval mode.
+    boxes[i]: (K, 4) model pixels; lungs[i]: (K,) 1 = right, 2 = left. The detector recipe (AdamW, warm-up
+    over two epochs, at most 100 iterations, the SSD step schedule) with the flip swapping right and left, in the one
+    epoch loop (no validation: the last epoch is kept). Returns the model in eval mode.
     """
     check_input_size(arch, images.shape[-1])
     torch.manual_seed(seed)
-    model = create_detector(arch, num_classes=len(LUNG_CLASSES)).to(device)
+    dev = torch.device(device)
+    model = create_detector(arch, num_classes=len(LUNG_CLASSES)).to(dev)
     ds = DetectionDataset(images, boxes, lungs, DetectionAugment(images.shape[-1], swap=FLIP_SWAP))
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=gen, collate_fn=collate,
-                        drop_last=len(ds) > batch_size)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    warmup = min(len(loader) * 2, 100)
-    t0 = time.monotonic()
-    deadline = (lambda: time.monotonic() - t0 > budget_minutes * 60) if budget_minutes else None
-    step = 0
-    for epoch in range(1, epochs + 1):
-
-        def lr_at(s: int, e: int = epoch) -> float:
-            return lr * lr_factor(s, e, epochs=epochs, warmup_steps=warmup)
-
-        loss, _, step = train_one_epoch(model, loader, opt, device=torch.device(device), lr_at=lr_at, step=step,
-                                        deadline=deadline)
-        if epoch == 1 or epoch % 5 == 0 or epoch == epochs:
-            log(f"localizer epoch {epoch}/{epochs}: loss {loss:.3f} ({time.monotonic() - t0:.0f} s)")
-        if deadline is not None and deadline():
-            log(f"localizer: time budget of {budget_minutes} min reached after epoch {epoch}")
-            break
+    sampler = RandomSampler(range(len(ds)), generator=gen)
+    recipe = detector_recipe(model, ds, sampler, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                             batch_size=batch_size, warmup_epochs=2, warmup_max=100)
+    settings = SimpleNamespace(epochs=epochs, patience=epochs, monitor="train_loss", budget_minutes=budget_minutes)
+    EpochLoop(settings, recipe, gen, dev, has_val=False, name="localizer ", log=log).run()
     return model.eval()
 
 
@@ -273,8 +262,7 @@ def crossval_localizer(
     }
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+_fmt = format_value  # 3 decimals, "n/a" for None
 
 
 def _atlas_of(truths: Sequence[ImageBoxes], hws: Sequence[tuple[int, int]]) -> dict[int, tuple[float, ...]]:
@@ -312,20 +300,14 @@ def fit_localizer(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sha = save_weights(model, out)
-    config = {
-        "kind": "localizer",
-        "arch": arch,
-        "classes": list(LUNG_CLASSES),
-        "preprocess": preprocess.to_dict(),
-        "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                     "budget_minutes": budget_minutes, "optimizer": "adamw", "schedule": "warm-up, x0.1 at 2/3, 5/6"},
-        "seed": seed,
-        "versions": package_versions(),
-        "data": {"manifest": str(data_dir), "annotations": ann.path, "annotations_sha256": ann.sha256,
-                 "images": len(data.paths)},
-        "weights_sha256": sha,
-        "train_seconds": round(time.monotonic() - t0, 1),
-    }
+    config = run_config(
+        kind="localizer", arch=arch, classes=list(LUNG_CLASSES), preprocess=preprocess,
+        training={"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "budget_minutes": budget_minutes,
+                  "optimizer": "adamw", "schedule": "warm-up, x0.1 at 2/3, 5/6"},
+        seed=seed,
+        data={"manifest": str(data_dir), "annotations": ann.path, "annotations_sha256": ann.sha256,
+              "images": len(data.paths)},
+        weights_sha256=sha, train_seconds=round(time.monotonic() - t0, 1))
     write_config(out, config)
     return config
 
@@ -359,8 +341,8 @@ def label_boxes(
     df = read_manifest(data_dir)
     paths = resolve_image_paths(df, manifest_root(data_dir))
     sizes = image_sizes(data_dir)
-    if localizer is not None and localizer.config.get("kind") != "localizer":
-        raise CXRError(f"not a lung localizer (kind {localizer.config.get('kind')!r})", localizer.run_dir)
+    if localizer is not None and tuple(localizer.classes) != LUNG_CLASSES:
+        raise CXRError(f"not a lung localizer (classes {localizer.classes})", localizer.run_dir)
     cache = None
     if localizer is not None:
         cache = PreprocessedCache(localizer.preprocess, cache_dir if cache_dir is not None else default_cache_dir())

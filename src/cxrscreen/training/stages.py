@@ -1,4 +1,4 @@
-"""stages: moved from cxrscreen.training."""
+"""Linear probing, then fine-tuning: which parameters learn in which epoch of a classifier run."""
 
 from __future__ import annotations
 

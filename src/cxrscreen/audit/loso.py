@@ -1,4 +1,4 @@
-"""loso: moved from cxrscreen.audit."""
+"""Leave one source out: the audited recipe retrained without each source and tested on it."""
 
 from __future__ import annotations
 

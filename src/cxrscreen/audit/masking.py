@@ -1,4 +1,4 @@
-"""masking: moved from cxrscreen.audit."""
+"""Lung masking: the audited model on images with the lungs blacked out, and the verdicts that follow."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from cxrscreen.evaluation.evaluate import run_probabilities
 from cxrscreen.evaluation.metrics import classification_report
 from cxrscreen.io.xray import read_xray
 from cxrscreen.runs.run_dir import LoadedRun
+from cxrscreen.transforms.boxes import boxes_to_model
 from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir
 from cxrscreen.transforms.preprocess import Geometry, Preprocessor
 
@@ -33,16 +34,16 @@ ATLAS_NOTE = (
 )
 
 
-def boxes_to_model(geom: Geometry, boxes: Sequence[Box]) -> list[PixelBox]:
-    """Original-pixel boxes -> model-pixel boxes [x0, x1) x [y0, y1), widened to whole pixels and clipped.
+def pixel_boxes(geom: Geometry, boxes: Sequence[Box]) -> list[PixelBox]:
+    """Original-pixel boxes -> model-pixel boxes [x0, x1) x [y0, y1): mapped and clipped by
+    `transforms.boxes.boxes_to_model` (in float64), then widened to whole pixels.
 
-    Boxes that fall wholly outside the model input (e.g. cut off by a centre crop) are dropped.
+    Boxes with no whole pixel inside the model input (e.g. cut off by a centre crop) are dropped.
     """
+    mapped, _ = boxes_to_model(geom, np.asarray(boxes, np.float64), min_side=-math.inf, dtype=np.float64)
     out: list[PixelBox] = []
-    for box in boxes:
-        x0, y0, x1, y1 = geom.box_to_model(box)
-        ix0, iy0 = max(0, math.floor(x0)), max(0, math.floor(y0))
-        ix1, iy1 = min(geom.size, math.ceil(x1)), min(geom.size, math.ceil(y1))
+    for x0, y0, x1, y1 in mapped:
+        ix0, iy0, ix1, iy1 = math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)
         if ix1 > ix0 and iy1 > iy0:
             out.append((ix0, iy0, ix1, iy1))
     return out
@@ -110,7 +111,7 @@ def masking_set(
         _, geom = pre(pixels)
         orig, kind = lung_boxes.boxes_for(path, pixels.shape)
         geoms.append(geom)
-        boxes.append(boxes_to_model(geom, orig))
+        boxes.append(pixel_boxes(geom, orig))
         kinds.append(kind)
     return MaskingSet(data=data, geometries=geoms, boxes=boxes, kinds=kinds)
 

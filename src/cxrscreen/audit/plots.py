@@ -1,4 +1,4 @@
-"""plots: moved from cxrscreen.audit."""
+"""The audit's figures: masking, source probe and leave-one-source-out plots, and masked examples."""
 
 from __future__ import annotations
 

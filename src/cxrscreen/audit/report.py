@@ -1,4 +1,4 @@
-"""report: moved from cxrscreen.audit."""
+"""The audit's markdown report: the verdicts of every part in words, with their figures."""
 
 from __future__ import annotations
 
@@ -6,13 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from cxrscreen.audit.masking import BOX_SUBSETS, CONDITIONS
-
+from cxrscreen.evaluation.formatting import format_value
 
 # ------------------------------------------------------------------------------------------------ report
-def _f(v: Any) -> str:
-    if isinstance(v, dict):
-        v = v.get("value")
-    return "n/a" if v is None else f"{v:.3f}"
+_f = format_value  # a figure (or {"value": ...}) to 3 decimals, "n/a" when missing
 
 
 def _loso_note(e: dict[str, Any]) -> str:

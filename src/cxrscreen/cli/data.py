@@ -1,4 +1,4 @@
-"""data: moved from cxrscreen.cli."""
+"""`cxrscreen data`: build a manifest from sources, and split it by a protocol."""
 
 from __future__ import annotations
 
@@ -45,27 +45,14 @@ def data_split(
 ) -> None:
     """Split a manifest into train / val / test, grouped by split_group so no patient crosses subsets."""
     from cxrscreen.data.manifest import read_manifest
-    from cxrscreen.data.splits import combine_splits, read_split, split_grouped, split_paper, split_source, write_split
+    from cxrscreen.data.splits import split_by_protocol, write_split
 
     try:
         df = read_manifest(data_dir)
-        if protocol == "grouped":
-            split = split_grouped(df, seed=seed, test_frac=test_frac, val_frac=val_frac)
-        elif protocol == "paper":
-            split, messages = split_paper(df, seed=seed, val_frac=val_frac)
-            for m in messages:
-                console.print(f"note: {m}", markup=False)
-        elif protocol == "source":
-            if not holdout_source:
-                raise CXRError("--protocol source needs --holdout-source NAME")
-            split = split_source(df, holdout_source=holdout_source, seed=seed, val_frac=val_frac)
-        elif protocol == "combine":
-            pairs = [p.split("=", 1) for p in part or []]
-            if not pairs or any(len(p) != 2 for p in pairs):
-                raise CXRError("--protocol combine needs --part SPLIT_CSV=DATA_DIR for each merged source")
-            split = combine_splits(df, [(read_split(csv), read_manifest(d)) for csv, d in pairs])
-        else:
-            raise CXRError(f"unknown protocol {protocol!r}; use grouped, paper, source or combine")
+        split, messages = split_by_protocol(protocol, df, seed=seed, test_frac=test_frac, val_frac=val_frac,
+                                            holdout_source=holdout_source, part=part)
+        for m in messages:
+            console.print(f"note: {m}", markup=False)
         write_split(split, out_csv)
     except CXRError as exc:
         _fail(exc)

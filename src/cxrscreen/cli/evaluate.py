@@ -1,4 +1,4 @@
-"""evaluate: moved from cxrscreen.cli."""
+"""`cxrscreen evaluate`, `calibrate`, `audit` and `compare`: figures of trained models."""
 
 from __future__ import annotations
 
@@ -14,18 +14,11 @@ from rich.table import Table
 from cxrscreen.cli.app import _Bar, _fail, _log, _shown, app, console, out
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.decision import DecisionRule
-
-
-def _ci(d: dict[str, Any] | None) -> str:
-    """'0.950 [0.920, 0.970]' from {"value", "ci95"}."""
-    if not d or d["value"] is None:
-        return "n/a"
-    lo_hi = d.get("ci95")
-    return f"{d['value']:.3f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
+from cxrscreen.evaluation.formatting import format_ci, format_value
 
 
 def _print_eval(result: dict[str, Any], title: str) -> None:
-    ci = _ci
+    ci = format_ci
 
     table = Table(title=escape(_shown(title)))
     for col in ("scope", "n", "accuracy", "macro-F1", "COVID sensitivity", "COVID specificity", "COVID AUC"):
@@ -141,7 +134,7 @@ def compare(
         _fail(exc)
 
     def num(v: float | None, digits: int = 3) -> str:
-        return "" if v is None else f"{v:.{digits}f}"
+        return format_value(v, digits, missing="")
 
     table = Table(title=escape(f"{result['meta']['title']}: test subset (* reported by the study, not rerun)"))
     for col in ("run", "CLAHE", "status", "accuracy", "macro-F1", "COVID sens.", "COVID spec.", "COVID AUC", "img/s"):
@@ -179,8 +172,7 @@ def calibrate(
         _fail(exc)
     cal, op = result["calibration"], result["operating_point"]
 
-    def num(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
+    num = format_value
 
     table = Table(title=escape(f"calibration of {_shown(model)} (T = {cal['temperature']:.3f}, fitted on val)"))
     for col in ("subset", "n", "ECE before", "ECE after", "NLL before", "NLL after"):
@@ -195,7 +187,8 @@ def calibrate(
               f"(target sensitivity {op['target_sensitivity']:.2f} on val: "
               f"sensitivity {num(op['val_sensitivity'])}, specificity {num(op['val_specificity'])}; "
               f"{op['n_val_covid']} COVID / {op['n_val_other']} other)")
-    out.print(f"on test: sensitivity {_ci(op['test_sensitivity'])}, specificity {_ci(op['test_specificity'])}")
+    out.print(f"on test: sensitivity {format_ci(op['test_sensitivity'])}, "
+              f"specificity {format_ci(op['test_specificity'])}")
     chosen = DecisionRule.from_dict(result["decision"]["chosen"])
     out.print(f"decision rule stored: {chosen.describe()} ({result['decision']['chosen_by']}: "
               + ", ".join(f"{c['rule']['rule']} {c['worst']:.3f}" for c in result["decision"]["candidates"]

@@ -1,4 +1,4 @@
-"""localize: moved from cxrscreen.cli."""
+"""`cxrscreen localize`: cross-validate, fit and run the lung localizer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""models: moved from cxrscreen.cli."""
+"""`cxrscreen models`: the registered architectures."""
 
 from __future__ import annotations
 

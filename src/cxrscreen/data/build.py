@@ -77,12 +77,12 @@ def build_dataset(sources: list[tuple[str, Path]], out_dir: Path) -> dict[str, A
     out = abs_path(out_dir)
     frames: list[pd.DataFrame] = []
     inputs: list[dict[str, Any]] = []
-    for i, (kind, path) in enumerate(sources):
-        if kind not in ADAPTERS:
-            raise CXRError(f"unknown source kind {kind!r} (known: {', '.join(ADAPTERS)})", path)
-        if kind == "manifest" and abs_path(manifest_csv(path)) == out / MANIFEST_NAME:
+    for i, (adapter, path) in enumerate(sources):
+        if adapter not in ADAPTERS:
+            raise CXRError(f"unknown source kind {adapter!r} (known: {', '.join(ADAPTERS)})", path)
+        if adapter == "manifest" and abs_path(manifest_csv(path)) == out / MANIFEST_NAME:
             raise CXRError("the output folder is this input manifest's folder: it would be overwritten", path)
-        loaded = ADAPTERS[kind](Path(path))
+        loaded = ADAPTERS[adapter](Path(path))
         frames.append(loaded.records.assign(_input=i))
         inputs.append(dict(loaded.summary))
     df = pd.concat(frames, ignore_index=True).fillna("")

@@ -1,4 +1,5 @@
-"""lung_boxes: moved from cxrscreen.localizer."""
+"""lung_boxes: the COCO lung boxes (``annotations/lung_boxes.coco.json``: right lung = category 1, left = 2,
+``bbox`` [x, y, w, h]) read once by `LungAnnotations`; `LungBoxes` is the audit's view of them."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from cxrscreen.io.xray import read_xray
 
 LUNG_CLASSES: tuple[str, ...] = ("right_lung", "left_lung")  # detector labels 1 and 2 (= COCO category ids)
 RIGHT, LEFT = 1, 2
+LUNG_CATEGORIES: dict[int, str] = {RIGHT: "right", LEFT: "left"}  # COCO category id -> lung (patient's side)
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in original pixels
+PixelBox = tuple[int, int, int, int]  # x0, y0, x1, y1 in model pixels, half-open
 FLIP_SWAP: dict[int, int] = {RIGHT: LEFT, LEFT: RIGHT}
 ANNOTATIONS = "annotations/lung_boxes.coco.json"
 BOXES_COLUMNS = ["image", "lung", "x0", "y0", "x1", "y1", "score", "source"]
@@ -76,12 +81,17 @@ def atlas_boxes(atlas: dict[int, tuple[float, float, float, float]], hw: tuple[i
 
 @dataclass
 class LungAnnotations:
-    """The COCO lung boxes: per file_name ((H, W) annotated, ImageBoxes), and their atlas."""
+    """The COCO lung boxes: per file_name ((H, W) annotated, ImageBoxes), and their atlas.
+
+    annotated: COCO file_name -> ((H, W) of the annotated image, boxes x0, y0, x1, y1 as read, in file order).
+    atlas: mean boxes as fractions (x0 / W, y0 / H, x1 / W, y1 / H), per lung label.
+    """
 
     index: PathIndex
     atlas: dict[int, tuple[float, float, float, float]]
     path: str
     sha256: str
+    annotated: dict[str, tuple[tuple[int, int], list[Box]]]
 
     @classmethod
     def from_coco(cls, path: str | Path) -> LungAnnotations:
@@ -92,7 +102,7 @@ class LungAnnotations:
             anns = list(coco["annotations"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CXRError(f"not a readable COCO lung-box file ({exc})", path) from exc
-        per: dict[str, tuple[tuple[int, int], list[list[float]], list[int]]] = {}
+        per: dict[str, tuple[tuple[int, int], list[Box], list[int]]] = {}
         fractions: dict[int, list[tuple[float, ...]]] = {RIGHT: [], LEFT: []}
         for a in anns:
             if a.get("category_id") not in fractions or a.get("image_id") not in images:
@@ -101,7 +111,7 @@ class LungAnnotations:
             w, h = float(im["width"]), float(im["height"])
             x, y, bw, bh = map(float, a["bbox"])
             entry = per.setdefault(str(im["file_name"]), ((int(h), int(w)), [], []))
-            entry[1].append([x, y, x + bw, y + bh])
+            entry[1].append((x, y, x + bw, y + bh))
             entry[2].append(int(a["category_id"]))
             fractions[a["category_id"]].append((x / w, y / h, (x + bw) / w, (y + bh) / h))
         if any(not v for v in fractions.values()):
@@ -112,7 +122,8 @@ class LungAnnotations:
                                "annotation"))
             for k, (hw, b, lg) in per.items()
         }
-        return cls(PathIndex(index), atlas, str(path), file_sha256(path))  # type: ignore[arg-type]
+        annotated = {k: (hw, b) for k, (hw, b, _) in per.items()}
+        return cls(PathIndex(index), atlas, str(path), file_sha256(path), annotated)  # type: ignore[arg-type]
 
     def boxes_for(self, path: str | Path, hw: tuple[int, int]) -> ImageBoxes | None:
         """The annotated boxes of a file scaled to shape (H, W), or None when it is not annotated."""
@@ -205,66 +216,41 @@ def size_of(path: str | Path, sizes: dict[str, tuple[int, int]]) -> tuple[int, i
     return sizes.get(str(path)) or tuple(read_xray(path).pixels.shape)  # type: ignore[return-value]
 
 
-LUNG_CATEGORIES: dict[int, str] = {1: "right", 2: "left"}  # COCO category id -> lung (patient's side)
-
-Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in original pixels
-PixelBox = tuple[int, int, int, int]  # x0, y0, x1, y1 in model pixels, half-open
-
-
 # ------------------------------------------------------------------------------------------- lung boxes
-def default_lung_boxes_path(data_dir: Path) -> Path:
-    """<manifest folder>/annotations/lung_boxes.coco.json."""
-    return manifest_root(data_dir) / "annotations" / "lung_boxes.coco.json"
-
-
 @dataclass
 class LungBoxes:
-    """Lung boxes per annotated image (from a COCO file) and the atlas of their mean.
+    """The audit's view of `LungAnnotations`: boxes as (x0, y0, x1, y1) tuples and the atlas keyed by
+    "right" / "left".
 
     annotated: COCO file_name -> ((height, width) of the annotated image, boxes x0, y0, x1, y1).
     atlas: mean boxes as fractions (x0 / W, y0 / H, x1 / W, y1 / H), one per lung.
     """
 
-    annotated: dict[str, tuple[tuple[int, int], list[Box]]]
-    atlas: dict[str, Box]
-    path: str
-    sha256: str
+    annotations: LungAnnotations
 
     @classmethod
-    def from_coco(cls, path: Path) -> LungBoxes:
-        """Read a COCO file whose categories 1 and 2 are the right and left lung."""
-        try:
-            coco = json.loads(Path(path).read_text())
-            images = {im["id"]: im for im in coco["images"]}
-            anns = coco["annotations"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CXRError(f"not a readable COCO lung-box file ({exc})", path) from exc
-        annotated: dict[str, tuple[tuple[int, int], list[Box]]] = {}
-        fractions: dict[str, list[Box]] = {name: [] for name in LUNG_CATEGORIES.values()}
-        for a in anns:
-            if a.get("category_id") not in LUNG_CATEGORIES or a.get("image_id") not in images:
-                continue
-            im = images[a["image_id"]]
-            w, h = float(im["width"]), float(im["height"])
-            x, y, bw, bh = map(float, a["bbox"])
-            entry = annotated.setdefault(str(im["file_name"]), ((int(h), int(w)), []))
-            entry[1].append((x, y, x + bw, y + bh))
-            fractions[LUNG_CATEGORIES[a["category_id"]]].append((x / w, y / h, (x + bw) / w, (y + bh) / h))
-        if any(not v for v in fractions.values()):
-            raise CXRError("the COCO file has no boxes for one of the lungs (categories 1, 2)", path)
-        atlas: dict[str, Box] = {}
-        for k, v in fractions.items():
-            x0, y0, x1, y1 = (float(f) for f in np.mean(v, axis=0))
-            atlas[k] = (x0, y0, x1, y1)
-        return cls(annotated=annotated, atlas=atlas, path=str(path), sha256=file_sha256(path))
+    def from_coco(cls, path: str | Path) -> LungBoxes:
+        """Read a COCO file whose categories 1 and 2 are the right and left lung (`LungAnnotations.from_coco`)."""
+        return cls(LungAnnotations.from_coco(path))
 
-    def _key(self, path: str | Path) -> str | None:
-        parts = Path(path).parts
-        for n in sorted({len(PurePosixPath(k).parts) for k in self.annotated}):
-            key = "/".join(parts[-n:])
-            if key in self.annotated:
-                return key
-        return None
+    def __post_init__(self) -> None:
+        self._index = PathIndex(self.annotations.annotated)
+
+    @property
+    def annotated(self) -> dict[str, tuple[tuple[int, int], list[Box]]]:
+        return self.annotations.annotated
+
+    @property
+    def atlas(self) -> dict[str, Box]:
+        return {LUNG_CATEGORIES[k]: v for k, v in sorted(self.annotations.atlas.items())}  # type: ignore[misc]
+
+    @property
+    def path(self) -> str:
+        return self.annotations.path
+
+    @property
+    def sha256(self) -> str:
+        return self.annotations.sha256
 
     def boxes_for(self, path: str | Path, hw: tuple[int, int]) -> tuple[list[Box], str]:
         """Boxes in the original pixels of an image of shape hw, and "annotated" or "atlas".
@@ -272,10 +258,9 @@ class LungBoxes:
         An image is matched when its path ends with a COCO file_name (manifest `image` paths).
         """
         h, w = hw
-        key = self._key(path)
-        if key is not None:
-            (ah, aw), boxes = self.annotated[key]
+        hit = self._index.get(path)
+        if hit is not None:
+            (ah, aw), boxes = hit
             sx, sy = w / aw, h / ah
             return [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes], "annotated"
         return [(fx0 * w, fy0 * h, fx1 * w, fy1 * h) for fx0, fy0, fx1, fy1 in self.atlas.values()], "atlas"
-

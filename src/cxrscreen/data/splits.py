@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxrscreen.data.manifest import LABELS, check_columns, read_csv_strings
+from cxrscreen.data.manifest import LABELS, check_columns, read_csv_strings, read_manifest
 from cxrscreen.errors import CXRError
 
 SUBSETS: tuple[str, ...] = ("train", "val", "test")
@@ -360,8 +360,47 @@ def combine_splits(manifest: pd.DataFrame, parts: Sequence[tuple[pd.DataFrame, p
     return pd.DataFrame({"image": manifest["image"].to_numpy(), "subset": subset.to_numpy()})
 
 
-PROTOCOLS: dict[str, Callable[..., Any]] = {
-    "grouped": split_grouped,
-    "paper": split_paper,
-    "source": split_source,
+# ------------------------------------------------------------------------------------------- protocols
+# `cxrscreen data split --protocol NAME`: each takes the manifest and the command's options and returns the
+# split and notes to show.
+Protocol = Callable[..., tuple[pd.DataFrame, list[str]]]
+
+
+def _protocol_grouped(df: pd.DataFrame, *, seed: int, test_frac: float, val_frac: float, **_: Any
+                      ) -> tuple[pd.DataFrame, list[str]]:
+    return split_grouped(df, seed=seed, test_frac=test_frac, val_frac=val_frac), []
+
+
+def _protocol_paper(df: pd.DataFrame, *, seed: int, val_frac: float, **_: Any) -> tuple[pd.DataFrame, list[str]]:
+    return split_paper(df, seed=seed, val_frac=val_frac)
+
+
+def _protocol_source(df: pd.DataFrame, *, seed: int, val_frac: float, holdout_source: str | None = None, **_: Any
+                     ) -> tuple[pd.DataFrame, list[str]]:
+    if not holdout_source:
+        raise CXRError("--protocol source needs --holdout-source NAME")
+    return split_source(df, holdout_source=holdout_source, seed=seed, val_frac=val_frac), []
+
+
+def _protocol_combine(df: pd.DataFrame, *, part: Sequence[str] | None = None, **_: Any
+                      ) -> tuple[pd.DataFrame, list[str]]:
+    pairs = [p.split("=", 1) for p in part or []]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise CXRError("--protocol combine needs --part SPLIT_CSV=DATA_DIR for each merged source")
+    return combine_splits(df, [(read_split(csv), read_manifest(d)) for csv, d in pairs]), []
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "grouped": _protocol_grouped,
+    "paper": _protocol_paper,
+    "source": _protocol_source,
+    "combine": _protocol_combine,
 }
+
+
+def split_by_protocol(name: str, df: pd.DataFrame, **options: Any) -> tuple[pd.DataFrame, list[str]]:
+    """Run the protocol ``name`` of `PROTOCOLS` (options: seed, test_frac, val_frac, holdout_source, part)."""
+    if name not in PROTOCOLS:
+        *rest, last = PROTOCOLS
+        raise CXRError(f"unknown protocol {name!r}; use {', '.join(rest)} or {last}")
+    return PROTOCOLS[name](df, **options)

@@ -1,1 +1,1 @@
-"""evaluation."""
+"""Evaluation: the decision rule, metrics with CIs, run evaluation and calibration."""

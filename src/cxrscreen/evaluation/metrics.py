@@ -8,7 +8,7 @@ images of one patient together, so the intervals are not too narrow.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,7 +16,9 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 from torchvision.ops import box_iou
 
 from cxrscreen.evaluation.decision import DecisionRule, decide
-from cxrscreen.tasks.detection import Detections
+
+if TYPE_CHECKING:
+    from cxrscreen.models.detectors import Detections
 
 
 def safe_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
@@ -154,21 +156,6 @@ def classification_report(
     }
 
 
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE: weighted mean |accuracy - confidence| over equal-width confidence bins."""
-    y = np.asarray(y)
-    p = np.asarray(p)
-    conf = p.max(1)
-    correct = (p.argmax(1) == y).astype(float)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
-
-
 def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> list[dict[str, float]]:
     """Per confidence bin: lower/upper edge, mean confidence, accuracy, count (for a reliability diagram)."""
     y = np.asarray(y)
@@ -185,6 +172,19 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> list[dic
                  "accuracy": float(correct[m].mean()), "count": int(m.sum())}
             )
     return rows
+
+
+def ece_from_bins(bins: Sequence[dict[str, float]]) -> float:
+    """Top-label ECE from `reliability_bins` rows: count-weighted mean |accuracy - confidence|."""
+    total = sum(b["count"] for b in bins)
+    if total == 0:
+        return 0.0
+    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / total)
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE over equal-width confidence bins (the ECE of `reliability_bins`)."""
+    return ece_from_bins(reliability_bins(y, p, n_bins))
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -1,1 +1,1 @@
-"""experiments."""
+"""Experiments: the study's model comparison and its report."""

@@ -7,12 +7,16 @@ interrupted one continues from its checkpoint), evaluates it on the split's test
 inference images/s on this machine, and writes the report (see `report.py`) and compare.json.
 
 One failing pair is recorded as failed, with its error, and the others go on.
+
+A comparison YAML may start from another: ``base: other.yaml`` (a path relative to the file) merges the
+other file under this one; this file's top-level keys replace the base's whole (a ``train:`` here replaces
+the base's ``train:``, it is not merged key by key). The report's verbatim config shows both files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import datetime as dt
 import json
 import os
 import platform
@@ -37,9 +41,9 @@ from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.evaluate import evaluate_subset, run_probabilities
 from cxrscreen.evaluation.metrics import grouped_bootstrap_ci
 from cxrscreen.experiments.report import read_test_probs, write_test_probs
-from cxrscreen.io.files import file_sha256
-from cxrscreen.models.registry import count_parameters, get_spec
-from cxrscreen.runs.provenance import package_versions
+from cxrscreen.io.files import file_sha256, write_json
+from cxrscreen.models.registry import available_models, count_parameters, get_spec, resolve_image_size
+from cxrscreen.runs.provenance import provenance, utc_now
 from cxrscreen.runs.run_dir import HISTORY_FILE, LoadedRun, load_run, read_config, read_history, write_config
 from cxrscreen.training.config import TrainConfig
 from cxrscreen.training.train import train
@@ -67,12 +71,33 @@ STUDY_REFERENCE: dict[str, Any] = {
     ),
 }
 
+BASE_KEY = "base"  # a comparison YAML's `base: other.yaml` (see the module doc)
 TOP_LEVEL_KEYS = ("title", "models", "train", "clahe", "seed", "budget_minutes", "n_boot", "inference", "gpu_recipe")
 # TrainConfig fields that change how a run is executed, not what it learns: a run may resume with new values.
 OPERATIONAL_FIELDS = ("budget_minutes", "cache_dir", "device", "threads", "num_workers")
 PROBS_FILE = "test_probs.csv"
 EVAL_FILE = "test.json"
 INFERENCE_FILE = "inference.json"
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[Any, str]:
+    """A comparison YAML with its ``base:`` file (recursively) merged under it: (mapping, text), the text being
+    the file's own followed by its base's."""
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CXRError(f"cannot read comparison config ({exc})", path) from exc
+    if not isinstance(data, dict) or BASE_KEY not in data:
+        return data, text
+    base = path.parent / str(data.pop(BASE_KEY))
+    seen = (*seen, path.resolve())
+    if base.resolve() in seen:
+        raise CXRError(f"`{BASE_KEY}: {base.name}` leads back to a file that names it as its base", path)
+    base_data, base_text = _read_yaml(base, seen)
+    if not isinstance(base_data, dict):
+        raise CXRError("the comparison config must be a mapping", base)
+    return {**base_data, **data}, f"{text.rstrip()}\n\n# ---- {base} ({BASE_KEY} of the above) ----\n{base_text}"
 
 
 @dataclass
@@ -85,7 +110,7 @@ class ModelEntry:
 
     def size(self) -> int:
         """The input size (the registry's default when not given; CXRError for an unknown architecture)."""
-        return int(self.image_size) if self.image_size is not None else get_spec(self.arch).default_size
+        return resolve_image_size(self.arch, configured=self.image_size)
 
 
 @dataclass
@@ -106,12 +131,8 @@ class CompareConfig:
 
     @classmethod
     def from_yaml(cls, path: Path) -> CompareConfig:
-        """Read and validate a comparison YAML; CXRError naming the file on any problem."""
-        try:
-            text = Path(path).read_text()
-            data = yaml.safe_load(text) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise CXRError(f"cannot read comparison config ({exc})", path) from exc
+        """Read and validate a comparison YAML (and its ``base:``); CXRError naming the file on any problem."""
+        data, text = _read_yaml(Path(path))
         try:
             cfg = cls.from_dict(data, text=text)
         except CXRError as exc:
@@ -169,8 +190,10 @@ class CompareConfig:
         if dup:
             raise CXRError(f"two entries give the same run name: {', '.join(dup)}")
         for e in models:
+            if e.arch not in available_models():
+                continue  # an unknown architecture is recorded as a failed row when the comparison runs
             try:
-                train_config_for(cfg, e, clahe[0], size=e.image_size or 224)
+                train_config_for(cfg, e, clahe[0], size=e.size())
             except (CXRError, TypeError, ValueError) as exc:
                 raise CXRError(f"models entry {e.arch}: {exc}") from exc
         return cfg
@@ -264,11 +287,6 @@ def inference_timing(run: LoadedRun, images: np.ndarray, *, batch_size: int = 32
             "wall_s": wall, "cpu_s": cpu, "cpu_share": cpu / (wall * torch.get_num_threads())}
 
 
-def inference_rate(run: LoadedRun, images: np.ndarray, *, batch_size: int = 32, n_images: int = 96) -> float:
-    """Images/s (wall clock) of the model on preprocessed images in memory, batch 32, after a warm-up batch."""
-    return inference_timing(run, images, batch_size=batch_size, n_images=n_images)["images_per_s"]
-
-
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     """Where timings were taken: host, CPU, threads, device, load average."""
     dev = torch.device(device)
@@ -303,6 +321,8 @@ def _training_matches(run_dir: Path, cfg: TrainConfig) -> tuple[dict[str, Any] |
         return None, set()
     old = read_config(run_dir)
     stored, new = old.get("training") or {}, cfg.to_dict()
+    with contextlib.suppress(CXRError, TypeError, ValueError):  # as TrainConfig writes it now: a field
+        stored = TrainConfig.from_dict(stored).to_dict()  # added since takes its default, a retired one goes
     return old, {k for k in set(stored) | set(new) if stored.get(k) != new.get(k)}
 
 
@@ -423,7 +443,7 @@ def compare_one(
             write_test_probs(probs_path, data.paths, data.labels, data.groups, data.sources, probs, run.classes)
             images = data.images
             ev_path.parent.mkdir(parents=True, exist_ok=True)
-            ev_path.write_text(json.dumps(ev, indent=2, default=str))
+            write_json(ev_path, ev)
         else:
             log(f"{name}: test evaluation is current, reused")
         row["metrics"] = _metrics(ev)
@@ -446,8 +466,8 @@ def compare_one(
             log(f"{name}: timing inference ({n_img} images, batch {batch})")
             timing = inference_timing(run, images, batch_size=batch, n_images=n_img)
             row["inference"] = {**key, **{k: round(v, 3) for k, v in timing.items()}, "machine": machine_info(dev),
-                                "measured": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-            inf_path.write_text(json.dumps(row["inference"], indent=2))
+                                "measured": utc_now()}
+            write_json(inf_path, row["inference"])
         if row.get("parameters") is None and run is not None:
             row["parameters"] = count_parameters(run.model)
         row.update(status="ok", stage=None)
@@ -551,12 +571,6 @@ def default_command(config: Path | str | None, data_dir: Path, split_csv: Path, 
     return shlex.join(args)
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-
 def run_compare(
     config: Path | CompareConfig,
     data_dir: Path,
@@ -591,7 +605,6 @@ def run_compare(
     result: dict[str, Any] = {
         "meta": {
             "title": cc.title,
-            "command": command or default_command(cc.path, data_dir, split_csv, out_dir, budget_minutes),
             "config_path": cc.path,
             "config_text": cc.text,
             "gpu_recipe_applied": gpu_recipe,
@@ -604,9 +617,8 @@ def run_compare(
             "data": {"manifest": str(data_dir), "manifest_sha256": manifest_sha, "split": str(split_csv),
                      "split_sha256": split_sha,
                      "subset_images": {s: int((split["subset"] == s).sum()) for s in ("train", "val", "test")}},
-            "versions": package_versions(),
-            "machine": machine_info(pick_device(device or "auto")),
-            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **provenance(command=command or default_command(cc.path, data_dir, split_csv, out_dir, budget_minutes),
+                         machine=machine_info(pick_device(device or "auto")), started=utc_now()),
         },
         "runs": [],
         "reference": STUDY_REFERENCE,
@@ -619,14 +631,14 @@ def run_compare(
                           split_sha=split_sha, budget_minutes=budget_minutes, cache_dir=cache_dir, device=device,
                           log=log, progress_factory=progress_factory)
         result["runs"].append(row)
-        _write_json(out_dir / "compare.json", result)
+        write_json(out_dir / "compare.json", result)
     result["clahe_effect"] = clahe_effect(result["runs"], out_dir, n_boot=cc.n_boot, seed=cc.seed)
-    result["meta"]["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    result["meta"]["finished"] = utc_now()
     from cxrscreen.experiments.report import write_report
 
     result["table"], result["files"] = write_report(result, out_dir)
     result["complete"] = True
-    _write_json(out_dir / "compare.json", result)
+    write_json(out_dir / "compare.json", result)
     n_failed = sum(r["status"] != "ok" for r in result["runs"])
     log(f"wrote {out_dir / 'report.html'} ({len(pairs) - n_failed} of {len(pairs)} runs ok)")
     return result

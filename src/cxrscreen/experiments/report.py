@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxrscreen.evaluation.formatting import format_ci, format_value
 from cxrscreen.runs.run_dir import read_history
 
 TABLE_COLUMNS = [
@@ -193,16 +194,12 @@ def plot_confusion(name: str, cm: list[list[int]], class_names: list[str], path:
 
 # ------------------------------------------------------------------------------------------- formatting
 def _num(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return ""
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    """Floats to ``digits`` decimals, other values as they are, "" when missing (None, NaN)."""
+    return format_value(v, digits, missing="") if v is None or isinstance(v, float) else str(v)
 
 
 def _ci(row: dict[str, Any], key: str) -> str:
-    v, lo, hi = row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"]
-    if v is None:
-        return ""
-    return f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+    return format_ci(row[key], (row[f"{key}_ci_low"], row[f"{key}_ci_high"]), missing="")
 
 
 def _params(v: Any) -> str:
@@ -233,9 +230,7 @@ def display_rows(table: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def _signed_ci(v: float | None, ci: list[float] | None) -> str:
-    if v is None:
-        return ""
-    return f"{v:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+    return format_ci(v, ci, missing="", signed=True)
 
 
 CLAHE_DISPLAY = [

@@ -1,1 +1,1 @@
-"""explain."""
+"""Explanations: Grad-CAM heatmaps and the overlays drawn on the X-ray."""

@@ -1,7 +1,9 @@
-"""overlay: moved from cxrscreen.explain."""
+"""overlay: every picture the package draws: heat map over the X-ray, text band, detection boxes, and
+their PNG encoding (to a file, or base64 for the web page)."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,28 @@ def overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.nda
     colour = cv2.applyColorMap(np.clip(heat * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
     weight = (alpha * np.clip(heat, 0, 1) ** 0.5)[..., None]
     return (base * (1 - weight) + colour * weight).astype(np.uint8)
+
+
+def encode_png(img: np.ndarray, where: str | Path | None = None, what: str = "PNG") -> bytes:
+    """PNG bytes of an image (grey or BGR uint8); CXRError naming ``where`` when it cannot be encoded."""
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise CXRError(f"could not encode the {what}", where)
+    return buf.tobytes()
+
+
+def write_png(img: np.ndarray, path: str | Path) -> Path:
+    """Write an image (grey or BGR uint8) as PNG (folders are created); CXRError naming the file on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), img):
+        raise CXRError("could not write the image", path)
+    return path
+
+
+def heatmap_png_base64(pixels: np.ndarray, heat: np.ndarray, where: str | Path | None = None) -> str:
+    """The X-ray with its heat map (`overlay`, no text drawn on it) as a base64 PNG of the same size."""
+    return base64.b64encode(encode_png(overlay(pixels, heat), where, "heatmap PNG")).decode("ascii")
 
 
 def draw_text(img: np.ndarray, lines: list[str]) -> None:
@@ -59,9 +83,5 @@ def draw_boxes(pixels: np.ndarray, boxes: Sequence[dict[str, Any]], path: str | 
         cv2.rectangle(canvas, (x0, ty - th - base), (x0 + tw, ty), colour, -1)
         cv2.putText(canvas, text, (x0, ty - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick,
                     cv2.LINE_AA)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), canvas):
-        raise CXRError("could not write the image", path)
-    return path
+    return write_png(canvas, path)
 

@@ -1,1 +1,1 @@
-"""io."""
+"""Input and output: the one image reader, file hashing and atomic JSON."""

@@ -1,1 +1,1 @@
-"""predict."""
+"""Prediction: a run or the bundled model on files, folders and uploads."""

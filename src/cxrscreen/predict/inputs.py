@@ -1,4 +1,4 @@
-"""inputs: moved from cxrscreen.predict."""
+"""Inputs to predict: files and folders given on the command line, and the output names that mirror them."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""runs."""
+"""Run directories: config.json, weights, history, provenance, loading."""

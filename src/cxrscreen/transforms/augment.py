@@ -1,9 +1,8 @@
-"""augment: moved from cxrscreen.transforms."""
+"""The training and evaluation presets: augmentation options and the tensor transforms built from them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torchvision.transforms import v2
@@ -26,7 +25,6 @@ class AugmentConfig:
     contrast: float = 0.3
     blur_p: float = 0.2
     erase_p: float = 0.25
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def train_transform(config: PreprocessConfig, aug: AugmentConfig | None = None) -> v2.Compose:

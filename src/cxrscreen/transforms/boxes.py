@@ -1,4 +1,5 @@
-"""boxes: moved from cxrscreen.models.detection."""
+"""Boxes through the preprocessing: original pixels to the model's square, and the SSD augmentation that
+moves images and their boxes together (photometric, zoom-out, IoU crop, flip)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from cxrscreen.transforms.preprocess import Geometry
 
 
 # ------------------------------------------------------------------------------------------------ boxes
-def boxes_to_model(geom: Geometry, boxes: np.ndarray, min_side: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+def boxes_to_model(geom: Geometry, boxes: np.ndarray, min_side: float = 2.0, *,
+                   dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Original-pixel boxes (K, 4) x0 y0 x1 y1 -> model-pixel boxes clipped to [0, size].
 
-    Returns (boxes (M, 4) float32, kept (M,) indices into the input): boxes with a side below
+    Returns (boxes (M, 4) of ``dtype``, kept (M,) indices into the input): boxes with a side below
     ``min_side`` model pixels after clipping (e.g. cut away by a centre crop) are dropped.
     """
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    out = np.array([geom.box_to_model(tuple(b)) for b in boxes], np.float32).reshape(-1, 4)
+    boxes = np.asarray(boxes, dtype).reshape(-1, 4)
+    out = np.array([geom.box_to_model(tuple(b)) for b in boxes], dtype).reshape(-1, 4)
     out = np.clip(out, 0, geom.size)
     keep = np.flatnonzero(((out[:, 2] - out[:, 0]) >= min_side) & ((out[:, 3] - out[:, 1]) >= min_side))
     return out[keep], keep

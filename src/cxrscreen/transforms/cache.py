@@ -1,8 +1,8 @@
-"""cache: moved from cxrscreen.data.dataset."""
+"""The preprocessed-image cache: each file decoded and preprocessed once per preprocessing config, keyed
+by the file's content hash; loading a list of files into memory with per-file errors kept."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrscreen.errors import CXRError
+from cxrscreen.io.files import file_sha1
 from cxrscreen.io.xray import read_xray
 from cxrscreen.transforms.preprocess import PreprocessConfig, Preprocessor
 
@@ -21,14 +22,6 @@ def default_cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "cxrscreen"
-
-
-def content_hash(path: Path) -> str:
-    """sha1 of a file's bytes (CXRError if it cannot be read)."""
-    try:
-        return hashlib.sha1(path.read_bytes()).hexdigest()
-    except OSError as exc:
-        raise CXRError(f"cannot read file ({exc.strerror or exc})", path) from exc
 
 
 class PreprocessedCache:
@@ -51,7 +44,7 @@ class PreprocessedCache:
         if self.dir is None:
             self.misses += 1
             return self.preprocess(read_xray(path).pixels)[0]
-        key = content_hash(path)
+        key = file_sha1(path)  # CXRError naming the file when it cannot be read
         file = self.dir / f"{key}.npy"
         if file.exists():
             try:

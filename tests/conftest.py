@@ -15,6 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = (REPO / ".." / "shared" / "data" / "cxr").resolve()
 
 
+# Fixtures that hand out the real data folder (and skip without it): tests/conftest.py `data_dir`,
+# tests/data/conftest.py `cxr_dir`. Every test using one, directly or through another fixture, is marked
+# real_data.
+REAL_DATA_FIXTURES = frozenset({"data_dir", "cxr_dir"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_DATA_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_data)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """../shared/data/cxr (skips when absent)."""

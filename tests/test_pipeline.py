@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-import cxrscreen.training.train as training
 from cxrscreen.cli import app
 from cxrscreen.engine import loop as engine
 from cxrscreen.errors import CXRError
@@ -65,7 +64,7 @@ def test_training_writes_run_dir(trained_run: Path, small_data):
 def test_finished_run_is_not_trained_again(trained_run: Path, small_data, monkeypatch, tmp_path):
     data, split = small_data
     cfg = TrainConfig.from_dict(json.loads((trained_run / "config.json").read_text())["training"])
-    monkeypatch.setattr(training, "train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
     train(cfg, data, split, trained_run, log=lambda s: None)
     with pytest.raises(CXRError, match="another configuration"):
         train(_cfg(tmp_path, epochs=3), data, split, trained_run, log=lambda s: None)
@@ -80,7 +79,7 @@ def test_run_stored_before_a_training_option_existed_is_still_found(trained_run:
     cfg = TrainConfig.from_dict(stored["training"])
     del stored["training"]["boxes"]  # as written before TrainConfig had the field
     (run / "config.json").write_text(json.dumps(stored))
-    monkeypatch.setattr(training, "train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: pytest.fail("retrained"))
     assert train(cfg, data, split, run, log=lambda s: None)["finished"] is True
 
 
@@ -95,13 +94,13 @@ def test_interrupted_run_resumes_from_checkpoint(small_data, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(training, "train_one_epoch", flaky)
+    monkeypatch.setattr(engine, "train_one_epoch", flaky)
     cfg = _cfg(tmp_path, epochs=2, preprocess=PreprocessConfig(image_size=48))
     with pytest.raises(KeyboardInterrupt):
         train(cfg, data, split, tmp_path / "r", log=lambda s: None)
     assert len(pd.read_csv(tmp_path / "r" / "history.csv")) == 1
     logs: list[str] = []
-    monkeypatch.setattr(training, "train_one_epoch", real)
+    monkeypatch.setattr(engine, "train_one_epoch", real)
     train(cfg, data, split, tmp_path / "r", log=logs.append)
     assert any("resuming" in s and "epoch 1" in s for s in logs)
     assert list(pd.read_csv(tmp_path / "r" / "history.csv")["epoch"]) == [1, 2]
@@ -141,7 +140,10 @@ def test_predict_cli_goes_past_a_bad_file(trained_run: Path, data_dir: Path, tmp
     assert res.exit_code == 1
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert [Path(r["path"]).name for r in rows] == ["broken.png", "000001-12.jpg"]
-    assert rows[0]["error"] and "broken.png" not in rows[0]["error"] or rows[0]["error"]
+    # the reason alone (the file is named in "path"), and no class or probabilities for it
+    assert rows[0]["error"] == "not a recognised image file (expected PNG, JPEG, TIFF, BMP or DICOM)"
+    assert rows[0]["class"] is None and rows[0]["probabilities"] is None
+    assert f"{bad}: error: not a recognised image file" in res.stderr
     assert rows[1]["error"] is None and abs(sum(rows[1]["probabilities"].values()) - 1) < 1e-5
     assert rows[1]["class"] in ("covid", "normal", "pneumonia")
     text = CliRunner().invoke(app, ["predict", str(good), "--model", str(trained_run)])

@@ -150,7 +150,7 @@ def test_model_info(client: TestClient, run: LoadedRun) -> None:
 class RejectAll:
     """A gate that flags every input."""
 
-    def flags(self, xray: Any, image: np.ndarray) -> list[str]:
+    def flags(self, xray: Any) -> list[str]:
         return ["not a chest X-ray"]
 
 

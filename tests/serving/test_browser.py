@@ -87,11 +87,11 @@ def _real_xray(data_dir: Path) -> Path:
     from cxrscreen.gate.model import gate_for_run
     from cxrscreen.io.xray import read_xray
     from cxrscreen.predict.predictor import load_model
-    from tests.test_gate import _eval_half_sample
+    from tests.gate.test_gate import _eval_half_sample
 
     gate = gate_for_run(load_model(None))
     for p in _eval_half_sample(data_dir, per_source=3):
-        if not gate.flags(read_xray(p), None):
+        if not gate.flags(read_xray(p)):
             return p
     pytest.fail("no accepted real X-ray in the sample")
 

@@ -14,7 +14,6 @@ from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.calibration import (
     calibrate_run,
     choose_threshold,
-    ece_from_bins,
     fit_temperature,
     nll,
     reliability_diagram,
@@ -22,7 +21,7 @@ from cxrscreen.evaluation.calibration import (
     softmax,
 )
 from cxrscreen.evaluation.evaluate import run_probabilities
-from cxrscreen.evaluation.metrics import binary_rates, expected_calibration_error, reliability_bins
+from cxrscreen.evaluation.metrics import binary_rates, ece_from_bins, expected_calibration_error, reliability_bins
 from cxrscreen.predict.predictor import Predictor
 from cxrscreen.runs.run_dir import load_run
 from cxrscreen.training.config import TrainConfig
@@ -156,9 +155,17 @@ def test_calibrate_run_end_to_end(tiny_run):
     assert pred.decide(above) == "covid"
     if below is not None:
         assert pred.decide(below) != "covid"
-    # the stored threshold, not the arg-max, decides in at least one of the two cases
-    argmax_differs = above.argmax() != 0 or (below is not None and below.argmax() == 0)
-    assert argmax_differs or thr <= eps
+    # a row where the stored threshold and the arg-max disagree: p(covid) just above the threshold but not
+    # the largest (thr < 0.45), or just below it but the largest (thr >= 0.45 > 1/3)
+    assert list(run.classes) == ["covid", "normal", "pneumonia"]
+    by_argmax = Predictor(run, rule=run.decision_rule(argmax=True))
+    if thr < 0.45:
+        row = np.array([thr + eps, 0.0, 1 - thr - eps])
+        assert by_argmax.decide(row) == "pneumonia" and pred.decide(row) == "covid"
+    else:
+        r = 1 - thr + eps
+        row = np.array([thr - eps, 0.6 * r, 0.4 * r])  # not covid: the most probable of the other classes
+        assert by_argmax.decide(row) == "covid" and pred.decide(row) == "normal"
 
     images = np.random.default_rng(0).integers(0, 256, (4, 48, 48), dtype=np.uint8)
     np.testing.assert_allclose(softmax(run_logits(run, images)),

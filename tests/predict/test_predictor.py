@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cxrscreen.cli import app
 from cxrscreen.errors import CXRError
-from cxrscreen.io.files import sha256_file
+from cxrscreen.io.files import file_sha256
 from cxrscreen.predict.inputs import iter_image_files
 from cxrscreen.predict.predictor import default_model_dir, format_probabilities, load_model
 from cxrscreen.runs.run_dir import load_run
@@ -31,7 +31,7 @@ def test_bundled_model_is_small_and_matches_its_checksum():
     d = default_model_dir()
     cfg = json.loads((d / "config.json").read_text())
     assert (d / "model.safetensors").stat().st_size <= 25 * 1024 * 1024
-    assert sha256_file(d / "model.safetensors") == cfg["weights_sha256"]
+    assert file_sha256(d / "model.safetensors") == cfg["weights_sha256"]
     assert (d / "MODEL_CARD.md").is_file() and (d / "model_card.json").is_file()
     run = load_model(None)
     assert run.classes == ["covid", "normal", "pneumonia"]

@@ -23,6 +23,7 @@ from cxrscreen.data.lung_boxes import (
     default_annotations_path,
     read_boxes_file,
 )
+from cxrscreen.engine.loop import train_one_epoch
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.evaluate import evaluate_run, run_probabilities
 from cxrscreen.evaluation.metrics import average_precision
@@ -36,9 +37,9 @@ from cxrscreen.tasks.detection import (
     IMAGE_RULE,
     DetectionDataset,
     collate,
+    detection_batch,
     image_probabilities,
     result_boxes,
-    train_one_epoch,
 )
 from cxrscreen.training.config import TrainConfig
 from cxrscreen.training.localizer import crossval_localizer, label_boxes
@@ -168,7 +169,7 @@ def test_tiny_detector_loss_falls():
     model = create_detector(TINY, num_classes=2)
     loader = [collate([DetectionDataset(imgs, boxes, labels)[i] for i in range(2)])]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = [train_one_epoch(model, loader, opt, device=torch.device("cpu"))[0] for _ in range(4)]
+    losses = [train_one_epoch(model, loader, detection_batch, opt, device=torch.device("cpu"))[0] for _ in range(4)]
     assert losses[-1] < 0.8 * losses[0], losses
 
 

@@ -10,15 +10,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import cxrscreen.training.train as training
+from cxrscreen.engine import loop as engine
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.evaluate import evaluate_run
 from cxrscreen.experiments.compare import STUDY_REFERENCE, CompareConfig, run_compare, train_config_for
-from cxrscreen.experiments.report import RERUN
+from cxrscreen.experiments.report import RERUN, table_rows
 from cxrscreen.runs.run_dir import load_run
 from tests.conftest import read_real_manifest, write_real_subset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "compare_tiny.yaml"
 PAPER = REPO / "configs" / "compare_paper.yaml"
 RUNS = ["resnet18_48_clahe-on", "resnet18_48_clahe-off", "mobilenet_v3_small_64_clahe-on",
@@ -150,7 +150,7 @@ def test_html_is_self_contained(compared) -> None:
 def test_second_compare_does_not_retrain(compared, monkeypatch) -> None:
     out = compared["out"]
     stamps = {n: (out / "runs" / n / "model.safetensors").stat().st_mtime_ns for n in RUNS}
-    monkeypatch.setattr(training, "train_one_epoch", _fail_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", _fail_epoch)
     # a new budget on the command line does not make finished runs "another configuration"
     again = run_compare(TINY, compared["data"], compared["split"], out, cache_dir=compared["cache"],
                         budget_minutes=5, log=_quiet)
@@ -166,7 +166,7 @@ def test_failing_models_are_recorded_and_the_rest_go_on(tiny_data, monkeypatch) 
     cc.models = CompareConfig.from_dict({"models": [{"arch": "no_such_net"}, {"arch": "resnet18", "image_size": 40}],
                                          "clahe": [True]}).models
     cc.clahe = [True]
-    monkeypatch.setattr(training, "train_one_epoch", _fail_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", _fail_epoch)
     out = tiny_data["root"] / "failing"
     result = run_compare(cc, tiny_data["data"], tiny_data["split"], out, cache_dir=tiny_data["cache"], log=_quiet)
     unknown, broken = result["runs"]
@@ -191,7 +191,11 @@ def test_paper_config_lists_the_study_models_and_gpu_recipe() -> None:
     gpu = cc.with_gpu_recipe()
     g = train_config_for(gpu, next(e for e in gpu.models if e.arch == "inception_v3"), True)
     assert g.weights == "imagenet" and g.preprocess.image_size == 299 and g.device == "cuda"
-    assert STUDY_REFERENCE["covid_sensitivity"] == 0.9492
+    # the study's reported row of the table: its figures, its test set size (100 + 444 + 443) and counts
+    ref = table_rows({"runs": [], "reference": STUDY_REFERENCE})[-1]
+    assert ref["status"] == "reported" and ref["run"] == "study (reported)" and ref["accuracy"] is None
+    assert (ref["covid_sensitivity"], ref["covid_specificity"], ref["n_test"]) == (0.9492, 0.92, 987)
+    assert "train 104/205/204; test 100/444/443" in ref["note"]
 
 
 def test_config_errors_name_the_problem(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "inference.py"
 
 
 @pytest.fixture(scope="module")

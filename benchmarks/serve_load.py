@@ -65,9 +65,10 @@ def _start_server(port: int, torch_threads: int | None) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
     threads = "" if torch_threads is None else f"import torch; torch.set_num_threads({int(torch_threads)}); "
-    code = (threads + "import sys, uvicorn; from cxrscreen.serving.app import create_app, _default_gate; "
-            "from cxrscreen.predict import load_model; run = load_model(None); app = create_app(run, "
-            "gate=_default_gate(run)); "
+    code = (threads + "import sys, uvicorn; from cxrscreen.serving.app import create_app; "
+            "from cxrscreen.gate.model import gate_for_run; "
+            "from cxrscreen.predict.predictor import load_model; run = load_model(None); app = create_app(run, "
+            "gate=gate_for_run(run)); "
             f"uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning')")
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from cxrscreen.evaluation.decision import DecisionRule
+from cxrscreen.evaluation.formatting import format_ci
 from cxrscreen.models.registry import get_spec
 from cxrscreen.runs.run_dir import load_run, save_weights, write_config
 
@@ -32,20 +33,13 @@ def _load(path: Path | None) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
-def _fmt(d: dict[str, Any] | None) -> str:
-    if not d or d.get("value") is None:
-        return "n/a"
-    ci = d.get("ci95")
-    return f"{d['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
 def _eval_rows(ev: dict[str, Any]) -> list[str]:
     rows = ["| scope | n | accuracy | macro-F1 | COVID sensitivity [95 % CI] | COVID specificity [95 % CI] "
             "| COVID AUC |", "|---|---|---|---|---|---|---|"]
     for name, r in [("all", ev), *ev.get("per_source", {}).items()]:
         c = r["covid_vs_rest"]
-        rows.append(f"| {name} | {r['n']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {_fmt(c['sensitivity'])} | "
-                    f"{_fmt(c['specificity'])} | {_fmt(c['auc'])} |")
+        rows.append(f"| {name} | {r['n']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
+                    f"{format_ci(c['sensitivity'])} | {format_ci(c['specificity'])} | {format_ci(c['auc'])} |")
     return rows
 
 
@@ -115,7 +109,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
     ]
     lines += ["## Decision rule", "", f"The class every output shows and every figure counts: {rule.describe()} "
-              "(`cxrscreen.decision`; `predict --argmax` or `--threshold X` change it)."
+              "(`cxrscreen.evaluation.decision`; `predict --argmax` or `--threshold X` change it)."
               + (f" Chosen by `cxrscreen calibrate`: {choice['chosen_by']} ("
                  + ", ".join(f"{c['rule']['rule']} {c['worst']:.3f}" for c in choice["candidates"]) + ")."
                  if choice else ""), ""]
@@ -141,7 +135,7 @@ def card_markdown(card: dict[str, Any]) -> str:
                   f"threshold reaching sensitivity {op['target_sensitivity']} on val (val sensitivity "
                   f"{op['val_sensitivity']:.3f}, specificity {op['val_specificity']:.3f}; val holds "
                   f"{', '.join(op.get('val_sources') or [])}). On the merged test: sensitivity "
-                  f"{_fmt(op['test_sensitivity'])}, specificity {_fmt(op['test_specificity'])}.", ""]
+                  f"{format_ci(op['test_sensitivity'])}, specificity {format_ci(op['test_specificity'])}.", ""]
         per = op.get("test_specificity_per_source") or {}
         if per:
             lines += ["COVID specificity at this threshold per source (merged test, non-COVID images):", "",

@@ -12,14 +12,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-
-def _ci(d: dict[str, Any] | None) -> str:
-    if not d or d.get("value") is None:
-        return "n/a"
-    ci = d.get("ci95")
-    return f"{d['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+from cxrscreen.evaluation.formatting import format_ci
 
 
 def rows_for(path: Path, per_source: bool) -> list[list[str]]:
@@ -33,7 +27,7 @@ def rows_for(path: Path, per_source: bool) -> list[list[str]]:
     for name, r in scopes:
         c = r["covid_vs_rest"]
         out.append([str(path) if name == "all" else f"  {name}", str(r["n"]), f"{r['accuracy']:.3f}",
-                    f"{r['macro_f1']:.3f}", _ci(c["sensitivity"]), _ci(c["specificity"]), _ci(c["auc"])])
+                    f"{r['macro_f1']:.3f}", *(format_ci(c[k]) for k in ("sensitivity", "specificity", "auc"))])
     return out
 
 

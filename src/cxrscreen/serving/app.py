@@ -33,6 +33,7 @@ from cxrscreen.io import MAX_PIXELS, read_xray_bytes
 from cxrscreen.predict import Predictor, Prepared, load_model
 from cxrscreen.runs import LoadedRun
 from cxrscreen.serving.page import INDEX_HTML
+from cxrscreen.severity.model import severity_info
 
 if TYPE_CHECKING:  # cxrscreen.explain imports pytorch-grad-cam (seconds): loaded on the first heatmap
     from cxrscreen.explain import Explainer
@@ -192,12 +193,17 @@ def _read_model_card(run_dir: Path) -> dict[str, Any] | None:
         raise CXRError(f"model card is not valid JSON ({exc})", path) from exc
 
 
-def _overlay_png(prep: Prepared, heat: np.ndarray) -> str:
+def _overlay_png(prep: Prepared, heat: np.ndarray, severity: dict[str, Any] | None = None) -> str:
     """The X-ray with its heatmap as base64 PNG (the decoded size). No text is drawn on it: the page shows
-    the class, the probabilities and the caption beside the image, not over it."""
+    the class, the probabilities and the caption beside the image, not over it; with severity, the six
+    zones' outlines, letters and estimates."""
     from cxrscreen.explain import overlay
 
     img = overlay(prep.xray.pixels, heat)
+    if severity:
+        from cxrscreen.severity.zones import draw_zones
+
+        draw_zones(img, severity, caption=False)
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise CXRError("could not encode the heatmap PNG", prep.path)
@@ -221,6 +227,7 @@ class _Service:
         self.batcher = MicroBatcher(self.predictor.probabilities, max_batch=max_batch, wait_s=batch_wait_s,
                                     lock=self.lock)
         self._explainer: Explainer | None = None
+        self._severity: Any = None  # severity.SeverityScorer, created on the first request that asks for it
 
     def decode(self, data: bytes, label: str) -> Prepared:
         """Decode (at most `max_decodes` at once, reduced to DECODE_MAX_SIDE) and preprocess one upload."""
@@ -228,14 +235,23 @@ class _Service:
             xray = read_xray_bytes(data, name=label, max_pixels=MAX_PIXELS, max_side=DECODE_MAX_SIDE)
             return self.predictor.prepare(xray)
 
-    def analyse(self, data: bytes, name: str, heatmap: bool, target: str | None) -> dict[str, Any]:
-        """Decode, predict and optionally explain one upload (blocking: call it in a worker thread)."""
+    def analyse(self, data: bytes, name: str, heatmap: bool, target: str | None,
+                severity: bool = False) -> dict[str, Any]:
+        """Decode, predict and optionally explain and score severity of one upload (blocking: call it in a
+        worker thread)."""
         prep = self.decode(data, name)
         if self.predictor.is_detector:
             with self.lock:
                 result = self.predictor.predict_prepared([prep])[0]
         else:
             result = self.predictor.result(prep, self.batcher(prep.image))
+        if severity:
+            with self.lock:
+                if self._severity is None:
+                    from cxrscreen.severity.scorer import SeverityScorer
+
+                    self._severity = SeverityScorer.for_run(self.run)
+                self._severity.annotate(result, prep.xray)
         if not heatmap:
             return result
         if result["probabilities"] is None:  # flagged: no diagnosis, nothing to explain
@@ -251,7 +267,7 @@ class _Service:
             target = target or result["class"] or max(probs, key=probs.get)
             heat = self._explainer.heatmap(prep, target)
         result["heatmap_target"] = target
-        result["heatmap_png_base64"] = _overlay_png(prep, heat)
+        result["heatmap_png_base64"] = _overlay_png(prep, heat, result.get("severity"))
         return result
 
 
@@ -305,6 +321,7 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
             "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": MAX_PIXELS,
                        "decode_max_side": DECODE_MAX_SIDE, "max_concurrent_decodes": max_decodes},
             "model_card": model_card,
+            "severity": severity_info(run.run_dir),
         }
 
     @app.post("/api/predict", response_model=None)
@@ -313,17 +330,22 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
         heatmap: Annotated[bool, Query(description="add a Grad-CAM overlay PNG (base64)")] = False,
         target: Annotated[str | None, Query(description="class the heatmap explains (default: the "
                                                         "predicted class, else the most probable)")] = None,
+        severity: Annotated[bool, Query(description="add COVID-19 severity (geographic extent, opacity, per "
+                                                    "lung, zones; null for a normal call or a flagged image)")
+                            ] = False,
     ) -> dict[str, Any] | JSONResponse:
         """Class, probability of each class, and flags for one uploaded image (flagged: class and
         probabilities null)."""
         name = upload_label(file.filename)
+        if severity and severity_info(run.run_dir) is None:
+            return _error(422, "this model ships no severity regressor", name)
         if target is not None and target not in run.classes:
             return _error(422, f"unknown target class {target!r}; classes: {', '.join(run.classes)}", name)
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return _error(413, f"{name}: file is over the upload limit of {max_upload_bytes:,} bytes", name)
         try:
-            return await run_in_threadpool(service.analyse, data, name, heatmap, target)
+            return await run_in_threadpool(service.analyse, data, name, heatmap, target, severity)
         except CXRError as exc:
             return _error(422, str(exc), name)
 

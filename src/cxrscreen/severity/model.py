@@ -158,3 +158,17 @@ class SeverityRegressor:
         return cls(FeatureSpec.from_dict(cfg["features"]), t["mean"].astype(np.float64),
                    t["scale"].astype(np.float64), t["coef"].astype(np.float64), t["intercept"].astype(np.float64),
                    [float(cfg["alphas"][k]) for k in TARGETS], list(cfg["block_dims"]), meta)
+
+
+def severity_info(folder: str | Path) -> dict[str, Any] | None:
+    """What a model folder's severity.json says (features, penalties, cross-validated figures), or None
+    when it ships no regressor (what `/api/model` shows)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    keys = ("targets", "ranges", "regressor", "features", "alphas", "candidate", "cv", "reference")
+    return {k: cfg.get(k) for k in keys}

@@ -70,9 +70,9 @@ def region_mean(values: np.ndarray, box: Sequence[float]) -> float | None:
     return float(values[y0:y1, x0:x1].mean())
 
 
-def draw_zones(img: np.ndarray, severity: dict[str, Any]) -> np.ndarray:
-    """Draw the six zones with their letter and estimate, and a caption band at the bottom, on a BGR uint8
-    image in original pixels (in place; returned)."""
+def draw_zones(img: np.ndarray, severity: dict[str, Any], *, caption: bool = True) -> np.ndarray:
+    """Draw the six zones with their letter and estimate, and (caption) a band at the bottom saying they are
+    estimates, on a BGR uint8 image in original pixels (in place; returned)."""
     h, w = img.shape[:2]
     scale = max(0.35, w / 1100)
     thick = max(1, int(round(scale * 2)))
@@ -83,6 +83,8 @@ def draw_zones(img: np.ndarray, severity: dict[str, Any]) -> np.ndarray:
         label = f"{z['brixia']} {z['extent_estimate']:.1f}"
         cv2.putText(img, label, (x0 + 4, y0 + int(24 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick,
                     cv2.LINE_AA)
+    if not caption:
+        return img
     pl = severity["per_lung"]
     lines = [f"severity estimate: extent {severity['geographic_extent']:.1f}/8, opacity {severity['opacity']:.1f}/6;"
              f" right {pl['right']:.1f}/4, left {pl['left']:.1f}/4",
@@ -91,6 +93,8 @@ def draw_zones(img: np.ndarray, severity: dict[str, Any]) -> np.ndarray:
     top = h - step * len(lines) - 6
     cv2.rectangle(img, (0, top), (w, h), (0, 0, 0), -1)
     for i, line in enumerate(lines):
-        cv2.putText(img, line, (6, top + step * (i + 1) - 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+        width = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0]
+        fit = min(scale, scale * (w - 12) / max(width, 1))  # shrink a line that would run off the image
+        cv2.putText(img, line, (6, top + step * (i + 1) - 4), cv2.FONT_HERSHEY_SIMPLEX, fit, (255, 255, 255),
                     thick, cv2.LINE_AA)
     return img

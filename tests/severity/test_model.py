@@ -49,3 +49,18 @@ def test_predictions_are_clipped_to_the_score_ranges() -> None:
     far = pool(maps)[:1] * 1e6
     p = reg.predict(far)[0]
     assert 0 <= p[0] <= 8 and 0 <= p[1] <= 6
+
+
+def test_card_section_is_replaced_not_appended(tmp_path: Path) -> None:
+    import json
+
+    from cxrscreen.severity.card import START, update_card
+
+    reg, _ = _fit()
+    reg.save(tmp_path, {"candidate": "x"})
+    (tmp_path / "MODEL_CARD.md").write_text("# card\n")
+    (tmp_path / "model_card.json").write_text("{}")
+    assert update_card(tmp_path) and update_card(tmp_path)
+    text = (tmp_path / "MODEL_CARD.md").read_text()
+    assert text.startswith("# card") and text.count(START) == 1 and "not a Brixia score" in text
+    assert json.loads((tmp_path / "model_card.json").read_text())["severity"]["candidate"] == "x"

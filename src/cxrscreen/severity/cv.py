@@ -240,5 +240,7 @@ def fit_shipped(data_dir: str | Path, out_dir: str | Path, candidate: str, *, cv
                        **{t: {m: c[t][m] for m in ("mae", "pearson_r")} for t in TARGETS}}
         extra["reference"] = REFERENCE
     path = reg.save(out_dir, extra)
-    log(f"wrote {path} (alphas {reg.alphas})")
+    from cxrscreen.severity.card import update_card
+
+    log(f"wrote {path} (alphas {reg.alphas})" + ("; updated the model card" if update_card(out_dir) else ""))
     return json.loads(path.read_text())

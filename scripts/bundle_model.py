@@ -251,6 +251,9 @@ def main() -> None:
     }
     (args.out / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
     (args.out / "MODEL_CARD.md").write_text(card_markdown(card))
+    from cxrscreen.severity.card import update_card
+
+    update_card(args.out)  # the severity section, when severity.json is bundled (issue 13)
     print(json.dumps({"out": str(args.out), "weights_sha256": sha,
                       "bytes": (args.out / "model.safetensors").stat().st_size}))
 

@@ -56,12 +56,14 @@ def test_paper_counts(real_manifest: pd.DataFrame) -> None:
         for subset in ("train", "test"):
             assert counts[(label, subset)] == PAPER_COUNTS[subset][label], (label, subset)
     assert counts[("covid", "val")] == 10 and counts[("normal", "val")] == 21
-    # Pneumonia: 519 images < 204 + 443. Train is filled, test takes the rest, val comes out of train.
-    assert counts[("pneumonia", "test")] == 315
-    assert counts[("pneumonia", "train")] + counts[("pneumonia", "val")] == 204
+    # Pneumonia: 519 images < 204 + 20 + 443. Train gets its 204, val its 20, test the 295 left.
+    assert counts[("pneumonia", "train")] == 204
     assert counts[("pneumonia", "val")] == 20
-    assert "pneumonia: test has 315 images, the protocol asks for 443" in messages
-    assert all(m.startswith("pneumonia:") for m in messages)
+    assert counts[("pneumonia", "test")] == 295
+    assert messages == [
+        "pneumonia: test has 295 images, the protocol asks for 443 (the class has 519 images; "
+        "train and val are filled first)"
+    ]
     again, _ = split_paper(real_manifest, seed=0)
     assert again.equals(split)
     other, _ = split_paper(real_manifest, seed=1)
@@ -81,6 +83,26 @@ def test_paper_exact_with_groups_that_overshoot() -> None:
         out = _joined(df, split)
         assert out["subset"].value_counts().to_dict() == {"train": 4, "test": 4}
         assert messages == []
+
+
+def test_paper_train_exact_when_a_class_is_short() -> None:
+    # 30 "pneumonia" images in groups of 1-3 against train 20 + val 2 + test 20: train and val are exact,
+    # test takes the 8 left and says so; "normal" has enough and meets every count.
+    sizes = [3, 1, 2, 1, 3, 2, 1, 1, 2, 3, 1, 2, 1, 3, 2, 1, 1]  # 30 images
+    rows = [(f"p{g}-{i}.png", "pneumonia", f"p{g}") for g, n in enumerate(sizes) for i in range(n)]
+    rows += [(f"n{k}.png", "normal", f"n{k}") for k in range(60)]
+    df = pd.DataFrame(rows, columns=["image", "label", "split_group"])
+    counts = {"train": {"pneumonia": 20, "normal": 20}, "test": {"pneumonia": 20, "normal": 20}}
+    for seed in range(5):
+        split, messages = split_paper(df, seed=seed, val_frac=0.1, counts=counts)
+        table = _table(_joined(df, split))
+        assert table[("pneumonia", "train")] == 20 and table[("normal", "train")] == 20
+        assert table[("pneumonia", "val")] == 2 and table[("normal", "val")] == 2
+        assert table[("pneumonia", "test")] == 8 and table[("normal", "test")] == 20
+        assert messages == [
+            "pneumonia: test has 8 images, the protocol asks for 20 (the class has 30 images; "
+            "train and val are filled first)"
+        ]
 
 
 def test_source_holdout(real_manifest: pd.DataFrame) -> None:

@@ -27,6 +27,11 @@ def predict(
     argmax: Annotated[bool, typer.Option("--argmax", help="the most probable class, not the stored operating point")
                       ] = False,
     threshold: Annotated[float | None, typer.Option(help="call COVID at p(covid) >= this instead")] = None,
+    severity: Annotated[bool, typer.Option("--severity", help="add COVID-19 severity (geographic extent, opacity, "
+                                                              "per lung, zones) to images not called normal")
+                        ] = False,
+    localizer: Annotated[Path | None, typer.Option(help="lung localizer run for --severity's lung boxes "
+                                                        "(default: the atlas)")] = None,
 ) -> None:
     """Class and probability of each class for every image; bad files are reported on stderr and skipped.
 
@@ -54,7 +59,10 @@ def predict(
         rule = run.decision_rule(argmax=argmax, threshold=threshold)
     except CXRError as exc:
         _fail(exc)
-    predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule)
+    from cxrscreen.severity.output import make_scorer, severity_csv, severity_csv_header, severity_text, with_zones
+
+    scorer = make_scorer(run, severity, localizer, _fail)
+    predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule, severity=scorer)
     if not (as_json or as_csv):
         console.print(f"decision rule: {rule.describe()}", markup=False)
     draw = None
@@ -68,7 +76,8 @@ def predict(
     writer = None
     if as_csv:
         writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "class", *[f"p_{c}" for c in run.classes], "flags", "error", "heatmap"])
+        writer.writerow(["path", "class", *[f"p_{c}" for c in run.classes], "flags", "error", "heatmap",
+                         *severity_csv_header(scorer)])
     failed = len(empty)
     labels = {str(i.path): i.label for i in inputs}
     for res, prep in predictor.predict_files([i.path for i in inputs]):
@@ -77,7 +86,7 @@ def predict(
         elif names is not None and prep is not None and res["probabilities"] is not None:
             label = labels.get(res["path"], Path(Path(res["path"]).name))
             try:
-                res["heatmap"] = str(draw(prep, res, names.path(label, run.task.drawing), target))
+                res["heatmap"] = str(with_zones(draw(prep, res, names.path(label, run.task.drawing), target), res))
             except CXRError as exc:
                 res["error"] = f"heatmap failed: {exc.problem}"
                 failed += 1
@@ -91,13 +100,15 @@ def predict(
             probs = res["probabilities"] or {}
             writer.writerow([res["path"], res["class"] or "",
                              *[f"{probs[c]:.4f}" if c in probs else "" for c in run.classes],
-                             ";".join(res["flags"]), res["error"] or "", res.get("heatmap") or ""])
+                             ";".join(res["flags"]), res["error"] or "", res.get("heatmap") or "",
+                             *severity_csv(scorer, res)])
         elif res["error"]:
             continue
         elif res["class"] is None:
             out.print(f"{_shown(res['path'])}: no diagnosis ({_shown('; '.join(res['flags']))})", markup=False)
         else:
             out.print(f"{_shown(res['path'])}: {res['class']}  {format_probabilities(res['probabilities'])}"
+                      + severity_text(res)
                       + (f"  heatmap: {_shown(res['heatmap'])}" if res.get("heatmap") else ""), markup=False)
     if failed:
         console.print(f"{failed} input(s) failed", markup=False)
@@ -113,7 +124,7 @@ def explain(
 ) -> None:
     """Write a Grad-CAM overlay per image (class and probabilities written on it); same as predict --heatmap."""
     predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8,
-            argmax=False, threshold=None)
+            argmax=False, threshold=None, severity=False, localizer=None)
 
 
 def _load_gate(run: Any) -> Any:

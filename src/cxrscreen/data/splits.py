@@ -163,14 +163,14 @@ def _pick(pieces: list[tuple[int, int]], target: int, rng: np.random.Generator) 
 def _paper_class(
     pieces: list[tuple[int, int]],
     lock: np.ndarray,
-    busy: set[int],
     want: tuple[int, int, int],
     rng: np.random.Generator,
-) -> tuple[dict[int, int], int]:
-    """One class of :func:`split_paper`: ``({group: subset}, images moved from train to val)``.
+) -> dict[int, int]:
+    """One class of :func:`split_paper`: ``{group: subset}``.
 
-    ``pieces``: (group, images of this class); ``lock``: subset a group is fixed to (-1: free); ``busy``:
-    groups holding other classes' chosen images (never moved); ``want``: train, val, test counts.
+    ``pieces``: (group, images of this class); ``lock``: subset a group is fixed to (-1: free); ``want``:
+    train, val, test counts. With enough images, test, train and val are each picked exactly; with too few,
+    train is picked first, then val, and test takes every image left.
     """
     n_train, n_val, n_test = want
     taken: dict[int, int] = {}
@@ -178,22 +178,18 @@ def _paper_class(
     def free_for(sub: int) -> list[tuple[int, int]]:
         return [(g, n) for g, n in pieces if g not in taken and lock[g] in (-1, sub)]
 
-    def take(chosen: list[tuple[int, int]], sub: int) -> int:
+    def take(chosen: list[tuple[int, int]], sub: int) -> None:
         taken.update((g, sub) for g, _ in chosen)
-        return sum(n for _, n in chosen)
 
-    if sum(n for _, n in pieces) >= n_train + n_test:
+    if sum(n for _, n in pieces) >= n_train + n_val + n_test:
         take(_pick(free_for(_TEST), n_test, rng), _TEST)
         take(_pick(free_for(_TRAIN), n_train, rng), _TRAIN)
-    else:  # too few images: train first, test gets the rest
+        take(_pick(free_for(_VAL), n_val, rng), _VAL)
+    else:  # too few images: train first, then val from what is left, test takes the rest
         take(_pick(free_for(_TRAIN), n_train, rng), _TRAIN)
+        take(_pick(free_for(_VAL), n_val, rng), _VAL)
         take(free_for(_TEST), _TEST)
-    got_val = take(_pick(free_for(_VAL), n_val, rng), _VAL)
-    moved = 0
-    if got_val < n_val:  # too few left over: move whole train groups (of this class only) to val
-        movable = [(g, n) for g, n in pieces if taken.get(g) == _TRAIN and g not in busy]
-        moved = take(_pick(movable, n_val - got_val, rng), _VAL)
-    return taken, moved
+    return taken
 
 
 def split_paper(
@@ -209,11 +205,13 @@ def split_paper(
     Output: ``(split, messages)``: ``image, subset`` for the chosen rows only (the rest are left out), in
     manifest order; one message per count the data cannot meet.
 
-    Per class (scarcest relative to demand first), test then train are filled with whole groups picked in
-    seeded random order, skipping any group that would overshoot (see :func:`_pick`). Val takes
-    ``round(val_frac * train count)`` (half up) images from the class's leftover groups; if too few are
-    left over, the rest moves from train to val (train then falls short, with a message). Where a class has
-    fewer images than train + test need, train is filled first and test takes all that is left. Up to 20
+    Train always gets the protocol's count (where the groups can sum to it): the study trained on exactly
+    these images. Val (the study names none; early stopping needs one) takes ``round(val_frac * train
+    count)`` (half up) images that the test does not need. Per class (scarcest relative to demand first):
+    when the class has at least train + val + test images, test, train and val are filled in that order
+    with whole groups picked in seeded random order, skipping any group that would overshoot (see
+    :func:`_pick`), and the images left over are not used. When it has fewer, train is filled first, then
+    val, and test takes every image left, so test falls short of the protocol (with a message). Up to 20
     seeded tries per class are made and the first exact one (else the closest) is kept; a count can only
     miss when the groups cannot sum to it. A group holding several labels is fixed to the subset its first
     chosen images went to; its images of other labels go there too or are left out.
@@ -239,35 +237,30 @@ def split_paper(
         n_val = _round_half_up(val_frac * n_train)
         pieces = [(int(g), int(gcounts[g, li])) for g in np.flatnonzero(gcounts[:, li])]
         size = dict(pieces)
-        busy = {g for m in chosen.values() for g in m}
-        best: tuple[int, dict[int, int], int, dict[int, int]] | None = None
+        total = sum(size.values())
+        expect = {_TRAIN: min(n_train, total), _VAL: min(n_val, max(0, total - n_train)),
+                  _TEST: min(n_test, max(0, total - n_train - n_val))}
+        best: tuple[int, dict[int, int], dict[int, int]] | None = None
         for _ in range(20):
-            taken, moved = _paper_class(pieces, lock, busy, (n_train, n_val, n_test), rng)
+            taken = _paper_class(pieces, lock, (n_train, n_val, n_test), rng)
             got = dict.fromkeys(range(len(SUBSETS)), 0)
             for g, sub in taken.items():
                 got[sub] += size[g]
-            miss = abs(got[_TRAIN] + moved - n_train) + abs(got[_VAL] - n_val)
-            miss += abs(got[_TEST] - min(n_test, max(0, sum(size.values()) - n_train)))
+            miss = sum(abs(got[s] - expect[s]) for s in expect)
             if best is None or miss < best[0]:
-                best = (miss, taken, moved, got)
+                best = (miss, taken, got)
             if miss == 0:
                 break
         assert best is not None
-        _, taken, moved, got = best
+        _, taken, got = best
         chosen[li] = taken
         for g, sub in taken.items():
             lock[g] = sub
-        if got[_TEST] != n_test:
-            messages.append(f"{lab}: test has {got[_TEST]} images, the protocol asks for {n_test}")
-        if moved:
-            messages.append(
-                f"{lab}: val takes {moved} images from train (too few left over), "
-                f"so train has {got[_TRAIN]} images, the protocol asks for {n_train}"
-            )
-        elif got[_TRAIN] != n_train:
-            messages.append(f"{lab}: train has {got[_TRAIN]} images, the protocol asks for {n_train}")
-        if got[_VAL] != n_val:
-            messages.append(f"{lab}: val has {got[_VAL]} images, the protocol asks for {n_val}")
+        for sub, n_want in ((_TRAIN, n_train), (_VAL, n_val), (_TEST, n_test)):
+            if got[sub] != n_want:
+                short = sub == _TEST and total < n_train + n_val + n_test
+                why = f" (the class has {total} images; train and val are filled first)" if short else ""
+                messages.append(f"{lab}: {SUBSETS[sub]} has {got[sub]} images, the protocol asks for {n_want}{why}")
 
     subset_idx = np.full(len(df), -1, dtype=np.int64)
     lidx = pd.Categorical(df["label"], categories=list(LABELS)).codes

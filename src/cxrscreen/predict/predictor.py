@@ -5,7 +5,8 @@ chose the class, see `cxrscreen.decision`), and where they apply
 `error`, `flags`, `heatmap`, and for detectors `boxes` (list of {box: [x0, y0, x1, y1] in original
 image pixels, label, class, score}; see `models.detection.result_boxes`). A bad file yields a result
 with `error` set and the batch goes on. An input the gate flags gets `class` and `probabilities` None:
-no output shows a diagnosis or the model's probabilities for it.
+no output shows a diagnosis or the model's probabilities for it. With a severity scorer
+(`cxrscreen.severity.scorer`) each result also has `severity` (None for a normal call or a flagged input).
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class Predictor:
     """Runs a loaded model on X-rays: decode -> preprocess (the run's config) -> model -> probabilities."""
 
     def __init__(self, run: LoadedRun, *, batch_size: int = 32, gate: Any = None,
-                 rule: DecisionRule | None = None) -> None:
+                 rule: DecisionRule | None = None, severity: Any = None) -> None:
         self.run = run
+        self.severity = severity  # a severity.SeverityScorer: adds res["severity"] (issue 13)
         self.rule = rule if rule is not None else run.decision_rule()
         self.batch_size = batch_size
         self.preprocess = Preprocessor(run.preprocess)
@@ -105,6 +107,8 @@ class Predictor:
                 res["probabilities"] = None  # nor the model's probabilities, which would read as one
         for key, value in (extra or {}).items():
             res[key] = [] if res["flags"] else value
+        if self.severity is not None:  # None for a normal call or a flagged image
+            self.severity.annotate(res, prep.xray)
         return res
 
     def predict_prepared(self, preps: Sequence[Prepared]) -> list[dict[str, Any]]:

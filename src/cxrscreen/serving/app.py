@@ -32,6 +32,8 @@ from cxrscreen.io.xray import MAX_PIXELS, read_xray_bytes
 from cxrscreen.predict.predictor import Predictor, Prepared, load_model
 from cxrscreen.runs.run_dir import LoadedRun
 from cxrscreen.serving.page import INDEX_HTML
+from cxrscreen.severity.model import severity_info
+from cxrscreen.severity.zones import draw_zones
 
 if TYPE_CHECKING:  # cxrscreen.explain imports pytorch-grad-cam (seconds): loaded on the first heatmap
     from cxrscreen.explain.cam import Explainer
@@ -208,6 +210,7 @@ class _Service:
         self.batcher = MicroBatcher(self.predictor.outputs, max_batch=max_batch, wait_s=batch_wait_s,
                                     lock=self.lock)
         self._explainer: Explainer | None = None
+        self._severity: Any = None  # severity.SeverityScorer, created on the first request that asks for it
 
     def decode(self, data: bytes, label: str) -> Prepared:
         """Decode (at most `max_decodes` at once, reduced to DECODE_MAX_SIDE) and preprocess one upload."""
@@ -215,11 +218,20 @@ class _Service:
             xray = read_xray_bytes(data, name=label, max_pixels=MAX_PIXELS, max_side=DECODE_MAX_SIDE)
             return self.predictor.prepare(xray)
 
-    def analyse(self, data: bytes, name: str, heatmap: bool, target: str | None) -> dict[str, Any]:
-        """Decode, predict and optionally explain one upload (blocking: call it in a worker thread)."""
+    def analyse(self, data: bytes, name: str, heatmap: bool, target: str | None,
+                severity: bool = False) -> dict[str, Any]:
+        """Decode, predict and optionally explain and score severity of one upload (blocking: call it in a
+        worker thread)."""
         prep = self.decode(data, name)
         probs, extra = self.batcher(prep)
         result = self.predictor.result(prep, probs, extra)
+        if severity:
+            with self.lock:
+                if self._severity is None:
+                    from cxrscreen.severity.scorer import SeverityScorer
+
+                    self._severity = SeverityScorer.for_run(self.run)
+                self._severity.annotate(result, prep.xray)
         if not heatmap:
             return result
         if result["probabilities"] is None:  # flagged: no diagnosis, nothing to explain
@@ -235,8 +247,11 @@ class _Service:
             target = target or result["class"] or max(probs, key=probs.get)
             heat = self._explainer.heatmap(prep, target)
         result["heatmap_target"] = target
-        # no text on it: the page shows the class, the probabilities and the caption beside the image
-        result["heatmap_png_base64"] = heatmap_png_base64(prep.xray.pixels, heat, prep.path)
+        # no text on it: the page shows the class, the probabilities and the caption beside the image; with
+        # severity, the six zones' outlines, letters and estimates
+        sev = result.get("severity")
+        zones = (lambda img: draw_zones(img, sev, caption=False)) if sev else None
+        result["heatmap_png_base64"] = heatmap_png_base64(prep.xray.pixels, heat, prep.path, annotate=zones)
         return result
 
 
@@ -290,6 +305,7 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
             "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": MAX_PIXELS,
                        "decode_max_side": DECODE_MAX_SIDE, "max_concurrent_decodes": max_decodes},
             "model_card": model_card,
+            "severity": severity_info(run.run_dir),
         }
 
     @app.post("/api/predict", response_model=None)
@@ -298,17 +314,22 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
         heatmap: Annotated[bool, Query(description="add a Grad-CAM overlay PNG (base64)")] = False,
         target: Annotated[str | None, Query(description="class the heatmap explains (default: the "
                                                         "predicted class, else the most probable)")] = None,
+        severity: Annotated[bool, Query(description="add COVID-19 severity (geographic extent, opacity, per "
+                                                    "lung, zones; null for a normal call or a flagged image)")
+                            ] = False,
     ) -> dict[str, Any] | JSONResponse:
         """Class, probability of each class, and flags for one uploaded image (flagged: class and
         probabilities null)."""
         name = upload_label(file.filename)
+        if severity and severity_info(run.run_dir) is None:
+            return _error(422, "this model ships no severity regressor", name)
         if target is not None and target not in run.classes:
             return _error(422, f"unknown target class {target!r}; classes: {', '.join(run.classes)}", name)
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return _error(413, f"{name}: file is over the upload limit of {max_upload_bytes:,} bytes", name)
         try:
-            return await run_in_threadpool(service.analyse, data, name, heatmap, target)
+            return await run_in_threadpool(service.analyse, data, name, heatmap, target, severity)
         except CXRError as exc:
             return _error(422, str(exc), name)
 

@@ -53,6 +53,8 @@ INDEX_HTML = """<!doctype html>
   <p id="flags" class="flags"></p>
   <div id="bars"></div>
   <p id="rule" class="rule"></p>
+  <div id="severity" hidden><h2>Severity (estimate)</h2><p id="sevscores"></p>
+    <p id="sevnote" class="rule"></p></div>
   <figure id="figure" hidden>
     <img id="heatmap" alt="Grad-CAM heatmap over the uploaded X-ray">
     <figcaption id="caption"></figcaption>
@@ -128,7 +130,21 @@ function show(d) {
   } else {
     $("figure").hidden = true;
   }
+  showSeverity(d.severity);
   $("result").hidden = false;
+}
+// Severity: only for an image not called normal and not flagged (the API sends null otherwise).
+function showSeverity(s) {
+  if (!s) { $("severity").hidden = true; return; }
+  const z = s.zones.map((q) => q.brixia + " " + q.extent_estimate.toFixed(1)).join(", ");
+  $("sevscores").textContent = "Geographic extent " + s.geographic_extent.toFixed(1) + " / 8, opacity "
+    + s.opacity.toFixed(1) + " / 6. Per lung: right " + s.per_lung.right.toFixed(1) + " / 4, left "
+    + s.per_lung.left.toFixed(1) + " / 4. Zones (Brixia layout, drawn on the image): " + z + ".";
+  const cv = model && model.severity && model.severity.cv;
+  $("sevnote").textContent = (cv ? "Cross-validated error: extent MAE " + cv.geographic_extent.mae.value.toFixed(2)
+    + ", opacity MAE " + cv.opacity.mae.value.toFixed(2) + ". " : "") + "Per-lung and zone figures are "
+    + "estimates (lung boxes: " + Object.values(s.lung_boxes_source).join(", ") + "): " + s.estimate;
+  $("severity").hidden = false;
 }
 
 $("form").addEventListener("submit", async (ev) => {
@@ -139,6 +155,7 @@ $("form").addEventListener("submit", async (ev) => {
   body.append("file", file);
   let url = "api/predict?heatmap=true";
   if ($("target").value) url += "&target=" + encodeURIComponent($("target").value);
+  if (model && model.severity) url += "&severity=true";
   $("status").className = "";
   $("status").textContent = "Analysing " + file.name + " ...";
   $("result").hidden = true;

@@ -1,0 +1,175 @@
+"""The severity regressor: ridge regression of each score on standardised pooled backbone features.
+
+The ridge penalty of each score is chosen by an inner K-fold grouped by split_group, on the training
+images only (so a cross-validation around ``fit`` stays nested). Saved as ``severity.safetensors``
+(standardisation and coefficients, float32, a few KB) and ``severity.json`` (the feature spec, the
+penalties, the training data and, once measured, the cross-validated figures) beside the model weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from cxrscreen.errors import CXRError
+from cxrscreen.io.files import write_json
+from cxrscreen.severity.features import FeatureSpec
+from cxrscreen.severity.scores import TARGET_RANGES, TARGETS
+
+WEIGHTS_FILE = "severity.safetensors"
+CONFIG_FILE = "severity.json"
+DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 5, 22))
+
+
+def group_folds(groups: Sequence[str], k: int, seed: int = 0) -> np.ndarray:
+    """Fold index (0..k-1) per item: groups shuffled by `seed`, each whole group to the smallest fold."""
+    uniq, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    if len(uniq) < k:
+        raise CXRError(f"{len(uniq)} groups cannot make {k} folds")
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    fold_of, sizes = np.zeros(len(uniq), np.int64), np.zeros(k, np.int64)
+    for g in order[np.argsort(-counts[order], kind="stable")]:
+        f = int(np.argmin(sizes))
+        fold_of[g] = f
+        sizes[f] += counts[g]
+    return fold_of[inverse]
+
+
+def ridge_path(x: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge coefficients for every penalty at once (SVD): (A, D, T) coefficients and (A, T) intercepts."""
+    xm, ym = x.mean(0), y.mean(0)
+    u, s, vt = np.linalg.svd(x - xm, full_matrices=False)
+    uty = u.T @ (y - ym)
+    coefs = np.stack([vt.T @ ((s / (s**2 + a))[:, None] * uty) for a in alphas])
+    return coefs, ym[None, :] - np.einsum("d,adt->at", xm, coefs)
+
+
+def clip_scores(pred: np.ndarray) -> np.ndarray:
+    """(N, 2) predictions clipped to each score's range."""
+    lo = np.array([TARGET_RANGES[t][0] for t in TARGETS])
+    hi = np.array([TARGET_RANGES[t][1] for t in TARGETS])
+    return np.clip(pred, lo, hi)
+
+
+@dataclass
+class SeverityRegressor:
+    """Standardisation (mean, scale: (D,)), coefficients (2, D) on standardised features, intercepts (2,)."""
+
+    spec: FeatureSpec
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+    alphas: list[float]
+    block_dims: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, groups: Sequence[str], spec: FeatureSpec, block_dims: Sequence[int],
+            *, alphas: Sequence[float] = DEFAULT_ALPHAS, inner_k: int = 5, seed: int = 0) -> SeverityRegressor:
+        """Fit on pooled features x (N, D) and scores y (N, 2); each score's penalty by inner grouped CV."""
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if sum(block_dims) != x.shape[1]:
+            raise CXRError(f"feature width {x.shape[1]} is not the sum of the block widths {list(block_dims)}")
+        mean = x.mean(0)
+        scale = x.std(0)
+        scale[scale < 1e-8] = 1.0
+        z = (x - mean) / scale
+        k = min(inner_k, len(set(groups)))
+        folds = group_folds(groups, k, seed)
+        err = np.zeros((len(alphas), y.shape[1]))
+        for f in range(k):
+            tr, te = folds != f, folds == f
+            c, b = ridge_path(z[tr], y[tr], alphas)
+            pred = np.einsum("nd,adt->ant", z[te], c) + b[:, None, :]
+            err += np.abs(clip_scores(pred) - y[te][None]).sum(1)
+        best = err.argmin(0)
+        c, b = ridge_path(z, y, alphas)
+        coef = np.stack([c[best[t], :, t] for t in range(y.shape[1])])
+        intercept = np.array([b[best[t], t] for t in range(y.shape[1])])
+        return cls(spec, mean, scale, coef, intercept, [float(alphas[i]) for i in best], list(block_dims),
+                   {"n_train": int(len(y)), "n_groups": int(len(set(groups))), "inner_k": k, "alpha_grid": list(alphas),
+                    "inner_mae": {t: float(err[best[i], i] / len(y)) for i, t in enumerate(TARGETS)}})
+
+    def predict_raw(self, x: np.ndarray) -> np.ndarray:
+        """(N, 2) unclipped predictions of pooled features x (N, D)."""
+        return ((np.asarray(x, np.float64) - self.mean) / self.scale) @ self.coef.T + self.intercept
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """(N, 2) geographic extent (0-8) and opacity (0-6), clipped to their ranges."""
+        return clip_scores(self.predict_raw(x))
+
+    def spatial_map(self, maps: Sequence[np.ndarray], size: int) -> np.ndarray:
+        """(2, size, size) per-position contribution maps of one image's feature maps [(C, h, w) per stage].
+
+        The prediction is intercept + coef . (pooled - mean) / scale and each pooled feature is the mean of
+        its map, so ``intercept + sum over stages of coef . (map - mean) / scale`` at each position averages
+        to the (unclipped) prediction; each stage's map is resized bilinearly to size x size.
+        """
+        out = np.tile(self.intercept[:, None, None], (1, size, size)).astype(np.float64)
+        start = 0
+        for m, d in zip(maps, self.block_dims, strict=True):
+            sl = slice(start, start + d)
+            start += d
+            z = (m.astype(np.float64) - self.mean[sl, None, None]) / self.scale[sl, None, None]
+            contrib = np.einsum("td,dhw->thw", self.coef[:, sl], z)
+            for t in range(contrib.shape[0]):
+                out[t] += cv2.resize(contrib[t].astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+        return out
+
+    def save(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write severity.safetensors and severity.json into out_dir; returns the JSON's path."""
+        from cxrscreen.io.files import file_sha256
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {"mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": self.intercept}
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
+        cfg = {"targets": list(TARGETS), "ranges": {t: list(TARGET_RANGES[t]) for t in TARGETS},
+               "regressor": "ridge on standardised pooled features", "features": self.spec.to_dict(),
+               "block_dims": self.block_dims, "alphas": dict(zip(TARGETS, self.alphas, strict=True)),
+               "weights_sha256": file_sha256(out / WEIGHTS_FILE), **self.meta, **(extra or {})}
+        write_json(out / CONFIG_FILE, cfg)
+        return out / CONFIG_FILE
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SeverityRegressor:
+        """Read a saved regressor; CXRError when it is missing, corrupt or replaced."""
+        from cxrscreen.io.files import file_sha256
+
+        folder = Path(folder)
+        cpath, wpath = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        if not (cpath.is_file() and wpath.is_file()):
+            raise CXRError(f"no severity regressor ({CONFIG_FILE} and {WEIGHTS_FILE}) in this folder", folder)
+        try:
+            cfg = json.loads(cpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise CXRError(f"{CONFIG_FILE} is not valid JSON ({exc})", cpath) from exc
+        if cfg.get("weights_sha256") and file_sha256(wpath) != cfg["weights_sha256"]:
+            raise CXRError("severity weights checksum mismatch; the file is corrupt or was replaced", wpath)
+        t = load_file(str(wpath))
+        meta = {k: v for k, v in cfg.items() if k not in ("features", "block_dims", "alphas")}
+        return cls(FeatureSpec.from_dict(cfg["features"]), t["mean"].astype(np.float64),
+                   t["scale"].astype(np.float64), t["coef"].astype(np.float64), t["intercept"].astype(np.float64),
+                   [float(cfg["alphas"][k]) for k in TARGETS], list(cfg["block_dims"]), meta)
+
+
+def severity_info(folder: str | Path) -> dict[str, Any] | None:
+    """What a model folder's severity.json says (features, penalties, cross-validated figures), or None
+    when it ships no regressor (what `/api/model` shows)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    keys = ("targets", "ranges", "regressor", "features", "alphas", "candidate", "cv", "reference")
+    return {k: cfg.get(k) for k in keys}

@@ -1,0 +1,66 @@
+"""The ridge regressor: spatial map averages to the prediction; save / load round trip and checksum."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrscreen.errors import CXRError
+from cxrscreen.severity.features import FeatureSpec, pool
+from cxrscreen.severity.model import SeverityRegressor
+
+
+def _fit(seed: int = 0) -> tuple[SeverityRegressor, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    maps = [rng.normal(size=(30, 5, 4, 4)), rng.normal(size=(30, 7, 2, 2))]
+    x = pool(maps)
+    y = np.clip(np.stack([x[:, 0] * 2 + 4, x[:, 6] + 3], 1), 0, [8, 6])
+    reg = SeverityRegressor.fit(x, y, [str(i // 3) for i in range(30)], FeatureSpec(), [5, 7])
+    return reg, maps
+
+
+def test_spatial_map_averages_to_the_prediction() -> None:
+    reg, maps = _fit()
+    for i in range(3):
+        smap = reg.spatial_map([m[i] for m in maps], 16)
+        raw = reg.predict_raw(pool([m[i:i + 1] for m in maps]))[0]
+        np.testing.assert_allclose(smap.mean(axis=(1, 2)), raw, atol=1e-4)
+
+
+def test_save_load_round_trip_and_checksum(tmp_path: Path) -> None:
+    reg, maps = _fit()
+    reg.save(tmp_path, {"note": "test"})
+    back = SeverityRegressor.load(tmp_path)
+    x = pool(maps)
+    np.testing.assert_allclose(back.predict(x), reg.predict(x), atol=1e-4)
+    assert back.spec == reg.spec and back.alphas == reg.alphas and back.meta["note"] == "test"
+    assert (tmp_path / "severity.safetensors").stat().st_size < 10_000
+    raw = bytearray((tmp_path / "severity.safetensors").read_bytes())
+    raw[-3] ^= 0xFF
+    (tmp_path / "severity.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CXRError, match="checksum"):
+        SeverityRegressor.load(tmp_path)
+
+
+def test_predictions_are_clipped_to_the_score_ranges() -> None:
+    reg, maps = _fit()
+    far = pool(maps)[:1] * 1e6
+    p = reg.predict(far)[0]
+    assert 0 <= p[0] <= 8 and 0 <= p[1] <= 6
+
+
+def test_card_section_is_replaced_not_appended(tmp_path: Path) -> None:
+    import json
+
+    from cxrscreen.severity.card import START, update_card
+
+    reg, _ = _fit()
+    reg.save(tmp_path, {"candidate": "x"})
+    (tmp_path / "MODEL_CARD.md").write_text("# card\n")
+    (tmp_path / "model_card.json").write_text("{}")
+    assert update_card(tmp_path) and update_card(tmp_path)
+    text = (tmp_path / "MODEL_CARD.md").read_text()
+    assert text.startswith("# card") and text.count(START) == 1 and "not a Brixia score" in text
+    assert json.loads((tmp_path / "model_card.json").read_text())["severity"]["candidate"] == "x"

@@ -412,7 +412,8 @@ def compare_one(
     name = cc.run_name(entry, clahe)
     run_dir = runs_dir / name
     row: dict[str, Any] = {"name": name, "arch": entry.arch, "image_size": entry.image_size, "clahe": clahe,
-                           "weights": cc.weights_of(entry), "seed": cc.seed_of(entry), "kind": None, "status": "failed", "stage": "config", "error": None,
+                           "weights": cc.weights_of(entry), "seed": cc.seed_of(entry),
+                           "kind": None, "status": "failed", "stage": "config", "error": None,
                            "run_dir": str(Path("runs") / name), "trained_now": False}
     t0 = time.monotonic()
     try:
@@ -512,12 +513,17 @@ def _auc(pos: np.ndarray, score: np.ndarray) -> float | None:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+PAIRED_FIGURES = ("accuracy", "macro_f1", "covid_sensitivity", "covid_specificity", "covid_auc")
+
+
 def _paired_effect(on: pd.DataFrame, off: pd.DataFrame, classes: list[str], n_boot: int,
                    seed: int) -> dict[str, Any]:
-    """Bootstrap CIs (resampling split_group) of on - off for macro-F1 and COVID AUC on the same images."""
+    """Bootstrap CIs (resampling split_group) of on - off on the same images, for every figure of
+    `PAIRED_FIGURES` (arg-max decisions; COVID vs rest for sensitivity, specificity and AUC):
+    ``{figure}_ci95`` and, from the same probabilities, ``{figure}_paired_diff``."""
     m = on.merge(off, on=["image", "label", "split_group"], suffixes=("_on", "_off"))
     if len(m) != len(on) or len(m) != len(off) or not len(m):
-        return {"paired_images": int(len(m)), "macro_f1_ci95": None, "covid_auc_ci95": None,
+        return {"paired_images": int(len(m)), **{f"{f}_ci95": None for f in PAIRED_FIGURES},
                 "note": "the two runs were not tested on the same images; no paired interval"}
     y = np.array([classes.index(v) for v in m["label"]])
     cols = [f"p_{c}" for c in classes]
@@ -525,51 +531,155 @@ def _paired_effect(on: pd.DataFrame, off: pd.DataFrame, classes: list[str], n_bo
     pred_on, pred_off = p_on.argmax(1), p_off.argmax(1)
     k, n = classes.index("covid"), len(classes)
 
-    def d_f1(i: np.ndarray) -> float:
-        return _macro_f1(y[i], pred_on[i], n) - _macro_f1(y[i], pred_off[i], n)
-
-    def d_auc(i: np.ndarray) -> float | None:
-        a, b = _auc(y[i] == k, p_on[i, k]), _auc(y[i] == k, p_off[i, k])
-        return None if a is None or b is None else a - b
+    def figure(name: str, i: np.ndarray, pred: np.ndarray, p: np.ndarray) -> float | None:
+        yi, pi = y[i], pred[i]
+        if name == "accuracy":
+            return float(np.mean(yi == pi))
+        if name == "macro_f1":
+            return _macro_f1(yi, pi, n)
+        if name == "covid_auc":
+            return _auc(yi == k, p[i, k])
+        pos = (yi == k) if name == "covid_sensitivity" else (yi != k)
+        if not pos.any():
+            return None
+        hit = (pi == k) if name == "covid_sensitivity" else (pi != k)
+        return float(np.mean(hit[pos]))
 
     groups = list(m["split_group"])
-    f1_ci = grouped_bootstrap_ci(d_f1, groups, n_boot=n_boot, seed=seed)
-    auc_ci = grouped_bootstrap_ci(d_auc, groups, n_boot=n_boot, seed=seed)
-    return {"paired_images": int(len(m)), "macro_f1_ci95": None if f1_ci is None else list(f1_ci),
-            "covid_auc_ci95": None if auc_ci is None else list(auc_ci)}
+    out: dict[str, Any] = {"paired_images": int(len(m))}
+    every = np.arange(len(m))
+    for name in PAIRED_FIGURES:
+        def diff(i: np.ndarray, name: str = name) -> float | None:
+            a, b = figure(name, i, pred_on, p_on), figure(name, i, pred_off, p_off)
+            return None if a is None or b is None else a - b
+
+        ci = grouped_bootstrap_ci(diff, groups, n_boot=n_boot, seed=seed)
+        out[f"{name}_ci95"] = None if ci is None else list(ci)
+        out[f"{name}_paired_diff"] = diff(every)
+    return out
+
+
+def _row_key(r: dict[str, Any], *drop: str) -> tuple[Any, ...]:
+    """A run's arm without the named fields (arch, image_size, clahe, weights, seed)."""
+    full = {"arch": r["arch"], "image_size": r["image_size"], "clahe": r["clahe"],
+            "weights": r.get("weights", "none"), "seed": r.get("seed", 0)}
+    return tuple(v for k, v in full.items() if k not in drop)
+
+
+def _effect(a: dict[str, Any], b: dict[str, Any], out_dir: Path, n_boot: int, seed: int) -> dict[str, Any]:
+    """a - b for every figure of `PAIRED_FIGURES`, with paired CIs (``note`` when one run has no result)."""
+    entry: dict[str, Any] = {"a": a["name"], "b": b["name"]}
+    if "metrics" not in a or "metrics" not in b:
+        entry["note"] = "one of the two runs failed or was not evaluated"
+        return entry
+    ma, mb = a["metrics"], b["metrics"]
+    for f in PAIRED_FIGURES:
+        va, vb = (m[f]["value"] if isinstance(m[f], dict) else m[f] for m in (ma, mb))
+        entry.update({f"{f}_a": va, f"{f}_b": vb, f"{f}_diff": None if va is None or vb is None else va - vb})
+    try:
+        entry.update(_paired_effect(read_test_probs(out_dir / a["files"]["probs"]),
+                                    read_test_probs(out_dir / b["files"]["probs"]),
+                                    list(ma["class_names"]), n_boot, seed))
+    except (OSError, KeyError, ValueError) as exc:
+        entry["note"] = f"no paired interval ({exc})"
+    return entry
+
+
+def transfer_effect(rows: list[dict[str, Any]], out_dir: Path, *, n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Per (arch, size, CLAHE, seed) with both an ImageNet and a from-scratch run evaluated: ImageNet - scratch
+    in every figure of `PAIRED_FIGURES`, paired CIs (keys ``{figure}_a`` ImageNet, ``_b`` scratch)."""
+    by_key: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault(_row_key(r, "weights"), {})[r.get("weights", "none")] = r
+    out = []
+    for (arch, size, clahe, run_seed), pair in by_key.items():
+        if "imagenet" in pair and "none" in pair:
+            out.append({"arch": arch, "image_size": size, "clahe": clahe, "seed": run_seed,
+                        **_effect(pair["imagenet"], pair["none"], out_dir, n_boot, seed)})
+    return out
+
+
+def best_vs(rows: list[dict[str, Any]], arch: str, out_dir: Path, *, n_boot: int, seed: int) -> dict[str, Any]:
+    """The evaluated run with the highest COVID AUC against the best run of `arch` (paired CIs of best - arch);
+    {} when `arch` has no evaluated run."""
+    done = [r for r in rows if r["status"] == "ok" and r["metrics"]["covid_auc"]["value"] is not None]
+    mine = [r for r in done if r["arch"] == arch]
+    if not mine:
+        return {}
+    best = max(done, key=lambda r: r["metrics"]["covid_auc"]["value"])
+    best_mine = max(mine, key=lambda r: r["metrics"]["covid_auc"]["value"])
+    return {"best": best["name"], "arch_best": best_mine["name"],
+            **({} if best is best_mine else _effect(best, best_mine, out_dir, n_boot, seed))}
 
 
 def clahe_effect(rows: list[dict[str, Any]], out_dir: Path, *, n_boot: int, seed: int) -> list[dict[str, Any]]:
-    """Per (arch, size) with both settings evaluated: CLAHE on - off in macro-F1 and COVID AUC, paired CIs."""
-    by_key: dict[tuple[str, Any], dict[bool, dict[str, Any]]] = {}
+    """Per (arch, size, weights, seed) with both settings evaluated: CLAHE on - off in macro-F1 and COVID AUC
+    (and every other figure of `PAIRED_FIGURES`), paired CIs."""
+    by_key: dict[tuple[Any, ...], dict[bool, dict[str, Any]]] = {}
     for r in rows:
-        by_key.setdefault((r["arch"], r["image_size"]), {})[r["clahe"]] = r
+        by_key.setdefault(_row_key(r, "clahe"), {})[r["clahe"]] = r
     out = []
-    for (arch, size), pair in by_key.items():
+    for (arch, size, weights, run_seed), pair in by_key.items():
         if True not in pair or False not in pair:
             continue
         on, off = pair[True], pair[False]
-        entry: dict[str, Any] = {"arch": arch, "image_size": size, "on": on["name"], "off": off["name"]}
-        if "metrics" not in on or "metrics" not in off:
-            entry["note"] = "one of the two runs failed or was not evaluated"
-            out.append(entry)
+        entry: dict[str, Any] = {"arch": arch, "image_size": size, "weights": weights, "seed": run_seed,
+                                 "on": on["name"], "off": off["name"]}
+        eff = _effect(on, off, out_dir, n_boot, seed)
+        if "note" in eff and "macro_f1_a" not in eff:
+            out.append({**entry, "note": eff["note"]})
             continue
-        mo, mf = on["metrics"], off["metrics"]
-        auc_on, auc_off = mo["covid_auc"]["value"], mf["covid_auc"]["value"]
         entry.update({
-            "macro_f1_on": mo["macro_f1"], "macro_f1_off": mf["macro_f1"],
-            "macro_f1_diff": mo["macro_f1"] - mf["macro_f1"],
-            "covid_auc_on": auc_on, "covid_auc_off": auc_off,
-            "covid_auc_diff": None if auc_on is None or auc_off is None else auc_on - auc_off,
+            "macro_f1_on": eff["macro_f1_a"], "macro_f1_off": eff["macro_f1_b"], "macro_f1_diff": eff["macro_f1_diff"],
+            "covid_auc_on": eff["covid_auc_a"], "covid_auc_off": eff["covid_auc_b"],
+            "covid_auc_diff": eff["covid_auc_diff"],
         })
-        try:
-            entry.update(_paired_effect(read_test_probs(out_dir / on["files"]["probs"]),
-                                        read_test_probs(out_dir / off["files"]["probs"]),
-                                        list(mo["class_names"]), n_boot, seed))
-        except (OSError, KeyError, ValueError) as exc:
-            entry["note"] = f"no paired interval ({exc})"
+        entry.update({k: v for k, v in eff.items() if k.endswith(("_ci95", "_paired_diff")) or k in
+                      ("paired_images", "note")})
+        entry.update({f"{f}_{s}": eff.get(f"{f}_{t}") for f in PAIRED_FIGURES for s, t in (("on", "a"), ("off", "b"))
+                      if f not in ("macro_f1", "covid_auc")})
         out.append(entry)
     return out
+
+
+def pending_runs(cc: CompareConfig, rows: list[dict[str, Any]]) -> list[str]:
+    """Run names the config lists that have no row yet (not run, or interrupted before they finished)."""
+    done = {r["name"] for r in rows}
+    return [n for n in (cc.run_name(e, c) for e in cc.models for c in cc.clahe) if n not in done]
+
+
+def study_analyses(result: dict[str, Any], cc: CompareConfig, out_dir: Path) -> None:
+    """Fill result's clahe_effect, transfer_effect, vgg16_vs_best and pending from its runs (in place)."""
+    rows, n_boot, seed = result["runs"], cc.n_boot, cc.seed
+    result["clahe_effect"] = clahe_effect(rows, out_dir, n_boot=n_boot, seed=seed)
+    result["transfer_effect"] = transfer_effect(rows, out_dir, n_boot=n_boot, seed=seed)
+    result["vgg16_vs_best"] = best_vs(rows, "vgg16", out_dir, n_boot=n_boot, seed=seed)
+    result["pending"] = pending_runs(cc, rows)
+
+
+def report_finished(out_dir: Path, config: Path | CompareConfig, *, gpu_recipe: bool = False) -> dict[str, Any]:
+    """The report of the runs a (possibly still running or interrupted) comparison has finished.
+
+    Reads out_dir/compare.json (written after every run), recomputes the paired analyses from the finished
+    runs, lists the config's other runs as not run yet, and writes the report and compare.json (``complete``
+    stays false while any run is pending). Trains nothing.
+    """
+    cc = config if isinstance(config, CompareConfig) else CompareConfig.from_yaml(Path(config))
+    if gpu_recipe:
+        cc = cc.with_gpu_recipe()
+    out_dir = Path(out_dir)
+    path = out_dir / "compare.json"
+    if not path.is_file():
+        raise CXRError("no compare.json: run `cxrscreen compare` first", path)
+    result = json.loads(path.read_text())
+    study_analyses(result, cc, out_dir)
+    result["meta"]["report_written"] = utc_now()
+    from cxrscreen.experiments.report import write_report
+
+    result["table"], result["files"] = write_report(result, out_dir)
+    result["complete"] = not result["pending"]
+    write_json(path, result)
+    return result
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -644,7 +754,7 @@ def run_compare(
                           log=log, progress_factory=progress_factory)
         result["runs"].append(row)
         write_json(out_dir / "compare.json", result)
-    result["clahe_effect"] = clahe_effect(result["runs"], out_dir, n_boot=cc.n_boot, seed=cc.seed)
+    study_analyses(result, cc, out_dir)
     result["meta"]["finished"] = utc_now()
     from cxrscreen.experiments.report import write_report
 

@@ -240,10 +240,17 @@ CLAHE_DISPLAY = [
 ]
 
 
+def _arm(e: dict[str, Any]) -> str:
+    """An architecture with its starting weights and seed where they are not the default."""
+    tags = [t for t in ("ImageNet" if e.get("weights") == "imagenet" else "",
+                        f"seed {e['seed']}" if e.get("seed") not in (None, 0) else "") if t]
+    return e["arch"] + (f" ({', '.join(tags)})" if tags else "")
+
+
 def clahe_display(effect: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The CLAHE on vs off mini-table as strings."""
     return [{
-        "arch": e["arch"], "size": _num(e["image_size"]), "f1_on": _num(e.get("macro_f1_on")),
+        "arch": _arm(e), "size": _num(e["image_size"]), "f1_on": _num(e.get("macro_f1_on")),
         "f1_off": _num(e.get("macro_f1_off")), "f1_diff": _signed_ci(e.get("macro_f1_diff"), e.get("macro_f1_ci95")),
         "auc_on": _num(e.get("covid_auc_on")), "auc_off": _num(e.get("covid_auc_off")),
         "auc_diff": _signed_ci(e.get("covid_auc_diff"), e.get("covid_auc_ci95")), "note": e.get("note", ""),
@@ -264,6 +271,127 @@ def clahe_summary(effect: list[dict[str, Any]]) -> str:
             f"for {f1_up} of {len(done)}; the 95 % interval of the AUC difference lies above zero for {sig_up} "
             f"and below zero for {sig_down}. Each arm is one training run (one seed), so the intervals cover "
             "the test sample only, not training-to-training variation.")
+
+
+FIGURE_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "covid_sensitivity": "COVID sensitivity",
+                "covid_specificity": "COVID specificity", "covid_auc": "COVID AUC"}
+TRANSFER_DISPLAY = [("pair", "arm"), ("figure", "figure"), ("a", "ImageNet"), ("b", "from scratch"),
+                    ("diff", "ImageNet - scratch [95% CI]")]
+
+
+def transfer_display(effect: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """ImageNet vs from scratch: one row per (pair, figure), the paired interval of the difference."""
+    rows = []
+    for e in effect:
+        pair = f"{e['arch']} {e['image_size']} px, CLAHE {'on' if e['clahe'] else 'off'}"
+        for f, label in FIGURE_NAMES.items():
+            rows.append({"pair": pair, "figure": label, "a": _num(e.get(f"{f}_a")), "b": _num(e.get(f"{f}_b")),
+                         "diff": _signed_ci(e.get(f"{f}_diff"), e.get(f"{f}_ci95")) or e.get("note", "")})
+    return rows
+
+
+CONVERGENCE_DISPLAY = [
+    ("run", "run"), ("epochs", "epochs"), ("best", "best epoch (val loss)"), ("stop", "stop reason"),
+    ("train_last", "train loss, last"), ("train_drop", "train-loss drop over the last 5 epochs"),
+    ("val_min", "val loss, min"), ("val_jitter", "val-loss jitter"),
+]
+FLAT_DROP = 0.05  # a training-loss curve is called flat when it fell less than 5 % over its last 5 epochs
+
+
+def convergence(runs: list[dict[str, Any]], histories: dict[str, pd.DataFrame]) -> list[dict[str, Any]]:
+    """Per run with a history: epochs, best epoch, stop reason, the last training loss and its relative drop
+    over the last 5 epochs (``(L[-5] - L[-1]) / L[-5]``), the lowest val loss and the val-loss jitter: the mean
+    absolute change of the val loss from one epoch to the next, divided by its lowest value (lower: more
+    stable)."""
+    out = []
+    for r in runs:
+        h = histories.get(r["name"])
+        if h is None or "val_loss" not in h:
+            continue
+        tl, vl = h["train_loss"].dropna().to_numpy(float), h["val_loss"].dropna().to_numpy(float)
+        out.append({
+            "run": r["name"], "arch": r["arch"], "epochs": int(len(h)), "best_epoch": r.get("best_epoch"),
+            "stop_reason": r.get("stop_reason"), "train_loss_last": float(tl[-1]) if len(tl) else None,
+            "train_loss_drop_last5": float((tl[-5] - tl[-1]) / tl[-5]) if len(tl) >= 5 and tl[-5] else None,
+            "val_loss_min": float(vl.min()) if len(vl) else None,
+            "val_loss_jitter": float(np.abs(np.diff(vl)).mean() / vl.min()) if len(vl) >= 2 and vl.min() > 0
+            else None,
+        })
+    return out
+
+
+def convergence_display(conv: list[dict[str, Any]]) -> list[dict[str, str]]:
+    def pct(v: float | None) -> str:
+        return "" if v is None else f"{100 * v:+.1f} %" + (" (flat)" if abs(v) < FLAT_DROP else "")
+
+    return [{"run": c["run"], "epochs": _num(c["epochs"]), "best": _num(c["best_epoch"]),
+             "stop": c["stop_reason"] or "",
+             "train_last": _num(c["train_loss_last"]), "train_drop": pct(c["train_loss_drop_last5"]),
+             "val_min": _num(c["val_loss_min"]), "val_jitter": _num(c["val_loss_jitter"])} for c in conv]
+
+
+def _auc_of(r: dict[str, Any]) -> float | None:
+    return ((r.get("metrics") or {}).get("covid_auc") or {}).get("value")
+
+
+def claims(result: dict[str, Any], conv: list[dict[str, Any]]) -> list[str]:
+    """The study's claims answered from the finished arms ("not measured yet" where the arms are missing)."""
+    runs = [r for r in result["runs"] if r["status"] == "ok"]
+    pending = result.get("pending") or []
+    later = f" {len(pending)} arm(s) have not run yet, so this can change." if pending else ""
+    out = []
+    vgg = result.get("vgg16_vs_best") or {}
+    by_name = {r["name"]: r for r in runs}
+    if not vgg:
+        out.append("**Is VGG-16 the best?** Not measured yet: no VGG-16 arm has finished.")
+    elif vgg["best"] == vgg["arch_best"]:
+        r = by_name[vgg["best"]]
+        out.append(f"**Is VGG-16 the best?** Yes among the {len(runs)} finished arms: {r['name']} has the highest "
+                   f"COVID AUC, {_ci_of(r, 'covid_auc')}.{later}")
+    else:
+        b, v = by_name[vgg["best"]], by_name[vgg["arch_best"]]
+        out.append(
+            f"**Is VGG-16 the best?** No: {b['name']} has the highest COVID AUC of the {len(runs)} finished arms, "
+            f"{_ci_of(b, 'covid_auc')}; VGG-16's best arm, {v['name']}, has {_ci_of(v, 'covid_auc')}. Paired, on "
+            f"the same test images, {b['name']} - {v['name']}: AUC "
+            f"{_signed_ci(vgg.get('covid_auc_diff'), vgg.get('covid_auc_ci95'))}, macro-F1 "
+            f"{_signed_ci(vgg.get('macro_f1_diff'), vgg.get('macro_f1_ci95'))}.{later}")
+    jit = [c for c in conv if c["val_loss_jitter"] is not None]
+    vj = [c for c in jit if c["arch"] == "vgg16"]
+    if not vj:
+        out.append("**Is VGG-16's validation loss the most stable?** Not measured yet: no VGG-16 arm has finished.")
+    else:
+        ranked = sorted(jit, key=lambda c: c["val_loss_jitter"])
+        ranks = [f"{c['run']} ranks {ranked.index(c) + 1} of {len(ranked)} (jitter {c['val_loss_jitter']:.3f})"
+                 for c in vj]
+        out.append(f"**Is VGG-16's validation loss the most stable?** {'Yes' if ranked[0]['arch'] == 'vgg16' else 'No'}"
+                   f": {'; '.join(ranks)}; the most stable is {ranked[0]['run']} ({ranked[0]['val_loss_jitter']:.3f})."
+                   f"{later}")
+    ce = [e for e in result.get("clahe_effect", []) if e.get("covid_auc_diff") is not None]
+    if not ce:
+        out.append("**Does CLAHE help?** Not measured yet: no architecture has both CLAHE arms finished.")
+    else:
+        per = "; ".join(f"{_arm(e)}: AUC {_signed_ci(e['covid_auc_diff'], e.get('covid_auc_ci95'))}, macro-F1 "
+                        f"{_signed_ci(e['macro_f1_diff'], e.get('macro_f1_ci95'))}" for e in ce)
+        out.append(f"**Does CLAHE help?** {clahe_summary(ce)} On - off, paired: {per}.{later}")
+    te = [e for e in result.get("transfer_effect", []) if e.get("covid_auc_diff") is not None]
+    if not te:
+        out.append("**How far does ImageNet transfer move each figure?** Not measured yet: no architecture has "
+                   "both an ImageNet and a from-scratch arm finished.")
+    else:
+        per = "; ".join(
+            f"{e['arch']} CLAHE {'on' if e['clahe'] else 'off'}: " + ", ".join(
+                f"{FIGURE_NAMES[f]} {_signed_ci(e.get(f'{f}_diff'), e.get(f'{f}_ci95'))}" for f in FIGURE_NAMES)
+            for e in te)
+        out.append(f"**How far does ImageNet transfer move each figure?** ImageNet - from scratch, paired: {per}.")
+    if pending:
+        out.append(f"Not run yet (no figures above come from them): {', '.join(pending)}.")
+    return out
+
+
+def _ci_of(r: dict[str, Any], key: str) -> str:
+    d = r["metrics"][key]
+    return format_ci(d.get("value"), d.get("ci95"), missing="n/a")
 
 
 def _md_table(rows: list[dict[str, str]], columns: list[tuple[str, str]]) -> str:
@@ -331,15 +459,33 @@ def render_markdown(result: dict[str, Any], table: list[dict[str, Any]], files: 
         "## Results on the test subset",
         _md_table(display_rows(table), DISPLAY),
         *[f"- {n}" for n in _notes(result)],
+        "## The study's claims, answered from the finished arms",
+        *claims(result, files.get("convergence", [])),
         "## CLAHE on vs off",
         clahe_summary(result.get("clahe_effect", [])),
         _md_table(clahe_display(result.get("clahe_effect", [])), CLAHE_DISPLAY),
+        "## ImageNet transfer vs from scratch",
+        _md_table(transfer_display(result.get("transfer_effect", [])), TRANSFER_DISPLAY)
+        if result.get("transfer_effect") else "Not measured yet.",
+        "## Convergence",
+        CONVERGENCE_NOTE,
+        _md_table(convergence_display(files.get("convergence", [])), CONVERGENCE_DISPLAY),
     ]
+    if result.get("pending"):
+        parts += ["## Not run yet", "These arms of the config have not finished; they are not in any table or "
+                  "answer above. The same `cxrscreen compare` command resumes them.",
+                  *[f"- {n}" for n in result["pending"]]]
     if failed:
         parts += ["## Failed runs", *[f"- {r['name']} ({r['stage']}): `{r['error']}`" for r in failed]]
     parts += ["## Figures", *[f"### {t}\n\n![{t}]({p})" for t, p in _figure_list(files)]]
     parts += ["## Reproducibility", *_repro_md(meta)]
     return "\n\n".join(parts) + "\n"
+
+
+CONVERGENCE_NOTE = (
+    f"Training-loss drop: its relative fall over the last 5 epochs (flat: under {100 * FLAT_DROP:.0f} %). "
+    "Val-loss jitter: the mean absolute change of the val loss between consecutive epochs over its lowest value "
+    "(lower is more stable). The weights kept are those of the best val-loss epoch.")
 
 
 def _repro_items(meta: dict[str, Any]) -> list[tuple[str, str]]:
@@ -382,9 +528,18 @@ def render_html(result: dict[str, Any], table: list[dict[str, Any]], files: dict
         f"<h1>{e(meta['title'])}</h1>", '<p class="warn">Research use only: not a medical device.</p>',
         "<h2>Results on the test subset</h2>", _html_table(display_rows(table), DISPLAY, ref_rows),
         "<ul>" + "".join(f"<li>{e(n)}</li>" for n in _notes(result)) + "</ul>",
+        "<h2>The study's claims, answered from the finished arms</h2>",
+        *[f"<p>{e(c).replace('**', '')}</p>" for c in claims(result, files.get("convergence", []))],
         "<h2>CLAHE on vs off</h2>", f"<p>{e(clahe_summary(result.get('clahe_effect', [])))}</p>",
         _html_table(clahe_display(result.get("clahe_effect", [])), CLAHE_DISPLAY),
+        "<h2>ImageNet transfer vs from scratch</h2>",
+        _html_table(transfer_display(result.get("transfer_effect", [])), TRANSFER_DISPLAY)
+        if result.get("transfer_effect") else "<p>Not measured yet.</p>",
+        "<h2>Convergence</h2>", f"<p>{e(CONVERGENCE_NOTE)}</p>",
+        _html_table(convergence_display(files.get("convergence", [])), CONVERGENCE_DISPLAY),
     ]
+    if result.get("pending"):
+        body += ["<h2>Not run yet</h2>", "<ul>" + "".join(f"<li>{e(n)}</li>" for n in result["pending"]) + "</ul>"]
     if failed:
         body += ["<h2>Failed runs</h2>", "<ul>" + "".join(
             f"<li>{e(r['name'])} ({e(str(r['stage']))}): <code>{e(str(r['error']))}</code></li>" for r in failed
@@ -418,6 +573,7 @@ def write_report(result: dict[str, Any], out_dir: Path) -> tuple[list[dict[str, 
         files["curves"][name] = str(plot_run_curves(name, h, out_dir / "curves" / f"{name}.png")
                                     .relative_to(out_dir))
     files["curves_all"] = str(plot_curves_all(histories, styles, out_dir / "curves_all.png").relative_to(out_dir))
+    files["convergence"] = convergence(runs, histories)
     probs, aucs = {}, {}
     for r in runs:
         if r["status"] == "ok":
@@ -454,3 +610,76 @@ def read_test_probs(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"image": str, "label": str, "split_group": str, "source": str},
                        keep_default_na=False)
 
+
+
+def report_run(run_dir: Path, data_dir: Path, split_csv: Path, out_dir: Path, *, subset: str = "test",
+               n_boot: int = 1000, seed: int = 0, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One trained run's figures: the eval JSON of `cxrscreen evaluate` (same function, same defaults) as
+    eval_<subset>.json, its per-image probabilities (<subset>_probs.csv), curves.png (train / val loss per
+    epoch), roc_covid.png (with the study's point), confusion.png, and the run's history.csv and config.json.
+    Returns the eval JSON."""
+    import shutil
+
+    from cxrscreen.evaluation.evaluate import evaluate_subset
+    from cxrscreen.io.files import write_json
+    from cxrscreen.runs.run_dir import load_run
+
+    if reference is None:
+        from cxrscreen.experiments.compare import STUDY_REFERENCE
+
+        reference = STUDY_REFERENCE
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = load_run(run_dir)
+    ev, data, probs = evaluate_subset(run, Path(data_dir), split_csv=Path(split_csv), subset=subset, n_boot=n_boot,
+                                      seed=seed)
+    write_json(out_dir / f"eval_{subset}.json", ev)
+    write_test_probs(out_dir / f"{subset}_probs.csv", data.paths, data.labels, data.groups, data.sources, probs,
+                     run.classes)
+    for name in ("history.csv", "config.json"):
+        shutil.copyfile(run_dir / name, out_dir / name)
+    label = run_dir.name
+    plot_run_curves(label, read_history(run_dir / "history.csv"), out_dir / "curves.png")
+    plot_roc({label: read_test_probs(out_dir / f"{subset}_probs.csv")}, {label: ev["covid_vs_rest"]["auc"]["value"]},
+             {}, reference, out_dir / "roc_covid.png")
+    plot_confusion(label, ev["confusion_matrix"], ev["class_names"], out_dir / "confusion.png")
+    return ev
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Reports without training.
+
+    ``python -m cxrscreen.experiments.report compare OUT_DIR --config CONFIG [--gpu-recipe]``: the report of the
+    runs a comparison has finished (`compare.report_finished`). ``python -m cxrscreen.experiments.report run
+    RUN_DIR --data D --split S --out OUT``: one run's test figures and plots (`report_run`).
+    """
+    import argparse
+
+    from cxrscreen.experiments.compare import report_finished
+
+    ap = argparse.ArgumentParser(prog="python -m cxrscreen.experiments.report", description=main.__doc__)
+    sub = ap.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("compare", help="the report of a comparison's finished runs")
+    c.add_argument("out_dir", type=Path)
+    c.add_argument("--config", type=Path, required=True)
+    c.add_argument("--gpu-recipe", action="store_true")
+    r = sub.add_parser("run", help="one run's test figures and plots")
+    r.add_argument("run_dir", type=Path)
+    r.add_argument("--data", type=Path, required=True)
+    r.add_argument("--split", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--subset", default="test")
+    args = ap.parse_args(argv)
+    if args.what == "run":
+        ev = report_run(args.run_dir, args.data, args.split, args.out, subset=args.subset)
+        c = ev["covid_vs_rest"]
+        print(f"wrote {args.out}: n {ev['n']}, COVID AUC {format_ci(c['auc']['value'], c['auc'].get('ci95'))}")
+        return 0
+    result = report_finished(args.out_dir, args.config, gpu_recipe=args.gpu_recipe)
+    ok = sum(r["status"] == "ok" for r in result["runs"])
+    print(f"wrote {args.out_dir / 'report.md'}: {ok} run(s) finished, {len(result['pending'])} not run yet")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""The study's comparison (configs/study_paper.yaml): run names per arm, paired effects of every figure, and the
+report of a partly finished comparison (hand-made runs; nothing is trained)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrscreen.experiments.compare import (
+    PAIRED_FIGURES,
+    STUDY_REFERENCE,
+    CompareConfig,
+    _paired_effect,
+    report_finished,
+    train_config_for,
+)
+from cxrscreen.experiments.report import write_test_probs
+
+REPO = Path(__file__).resolve().parents[2]
+STUDY = REPO / "configs" / "study_paper.yaml"
+CLASSES = ["covid", "normal", "pneumonia"]
+
+
+def test_study_config_arms() -> None:
+    cc = CompareConfig.from_yaml(STUDY)
+    names = [cc.run_name(e, c) for e in cc.models for c in cc.clahe]
+    expected = ["resnet18", "tf_efficientnet_lite0_128_imagenet", "tf_efficientnet_lite0", "densenet169", "vgg16",
+                "inception_v3", "resnet152"]
+    sized = [a if a.endswith("imagenet") else f"{a}_128" for a in expected]
+    assert names == [f"{a}_clahe-{s}" for a in sized for s in ("on", "off")]
+    lite_in, lite_sc = (train_config_for(cc, e, True) for e in cc.models[1:3])
+    assert lite_in.weights == "imagenet" and lite_sc.weights == "none"
+    assert lite_in.preprocess == lite_sc.preprocess  # the two Lite0 arms differ only in their starting weights
+    for e in cc.models:
+        cfg = train_config_for(cc, e, False)
+        assert cfg.monitor == "val_loss" and cfg.patience == 8 and cfg.max_train_images_per_epoch is None
+        assert cfg.preprocess.image_size == 128 and cfg.preprocess.clahe is False
+    # a second seed is its own arm
+    e = CompareConfig.from_dict({"models": [{"arch": "resnet18", "image_size": 64, "seed": 1}]}).models[0]
+    assert cc.run_name(e, True) == "resnet18_64_seed1_clahe-on"
+    gpu = cc.with_gpu_recipe()
+    assert gpu.run_name(gpu.models[4], True) == "vgg16_224_clahe-on"
+    assert train_config_for(gpu, gpu.models[1], True).weights == "imagenet"
+    assert train_config_for(gpu, gpu.models[2], True).weights == "none"
+
+
+def _probs(labels: list[str], pred: list[str], p_covid: list[float]) -> pd.DataFrame:
+    rows = []
+    for i, (y, k, pc) in enumerate(zip(labels, pred, p_covid, strict=True)):
+        p = {c: (1 - pc) / 2 for c in CLASSES}
+        p["covid"] = pc
+        if k != "covid":
+            p[k] = 1.0  # un-normalised is fine: arg-max and the COVID score are what count
+        rows.append({"image": f"i{i}.png", "label": y, "split_group": f"g{i}", **{f"p_{c}": p[c] for c in CLASSES}})
+    return pd.DataFrame(rows)
+
+
+def test_paired_effect_of_every_figure() -> None:
+    labels = ["covid"] * 4 + ["normal"] * 4 + ["pneumonia"] * 4
+    good = _probs(labels, labels, [0.9] * 4 + [0.1] * 8)
+    bad = _probs(labels, ["normal"] * 12, [0.1] * 2 + [0.9] * 2 + [0.1] * 8)  # never calls COVID
+    eff = _paired_effect(good, bad, CLASSES, n_boot=50, seed=0)
+    assert eff["paired_images"] == 12
+    assert eff["accuracy_paired_diff"] == pytest.approx(1 - 4 / 12)
+    assert eff["covid_sensitivity_paired_diff"] == pytest.approx(1.0)
+    assert eff["covid_specificity_paired_diff"] == pytest.approx(0.0)
+    assert eff["covid_auc_paired_diff"] == pytest.approx(1.0 - 0.75)  # bad: 2 of 4 COVID above every other, 2 tied
+    for f in PAIRED_FIGURES:
+        lo, hi = eff[f"{f}_ci95"]
+        assert lo <= eff[f"{f}_paired_diff"] <= hi
+
+
+def _fake_run(out: Path, name: str, arch: str, clahe: bool, weights: str, probs: pd.DataFrame,
+              val_loss: list[float]) -> dict:
+    run_dir = out / "runs" / name
+    (run_dir / "eval").mkdir(parents=True)
+    n = len(val_loss)
+    pd.DataFrame({"epoch": range(1, n + 1), "train_loss": np.linspace(1.2, 0.5, n), "val_loss": val_loss}
+                 ).to_csv(run_dir / "history.csv", index=False)
+    y = np.array([CLASSES.index(v) for v in probs["label"]])
+    p = probs[[f"p_{c}" for c in CLASSES]].to_numpy(float)
+    write_test_probs(run_dir / "eval" / "test_probs.csv", list(probs["image"]), y, list(probs["split_group"]),
+                     ["s"] * len(y), p, CLASSES)
+    pred = p.argmax(1)
+    cm = [[int(np.sum((y == i) & (pred == j))) for j in range(3)] for i in range(3)]
+    fig = {"value": 0.5, "ci95": [0.4, 0.6]}
+    return {"name": name, "arch": arch, "image_size": 128, "clahe": clahe, "weights": weights, "seed": 0,
+            "kind": "classifier", "status": "ok", "stage": None, "error": None, "run_dir": f"runs/{name}",
+            "best_epoch": int(np.argmin(val_loss)) + 1, "stop_reason": "early stopping", "epochs_run": n,
+            "metrics": {"n_test": len(y), "accuracy": float(np.mean(pred == y)), "macro_f1": 0.5,
+                        "covid_sensitivity": fig, "covid_specificity": fig, "covid_auc": dict(fig),
+                        "confusion_matrix": cm, "class_names": CLASSES},
+            "files": {"probs": f"runs/{name}/eval/test_probs.csv", "history": f"runs/{name}/history.csv"}}
+
+
+def test_report_of_a_partial_comparison_answers_only_from_finished_arms(tmp_path: Path) -> None:
+    labels = ["covid"] * 4 + ["normal"] * 4 + ["pneumonia"] * 4
+    good = _probs(labels, labels, [0.9] * 4 + [0.1] * 8)
+    bad = _probs(labels, ["normal"] * 12, [0.1] * 2 + [0.9] * 2 + [0.1] * 8)
+    runs = [
+        _fake_run(tmp_path, "resnet18_128_clahe-on", "resnet18", True, "none", good, [1.0, 0.8, 0.7, 0.72, 0.71]),
+        _fake_run(tmp_path, "resnet18_128_clahe-off", "resnet18", False, "none", bad, [1.0, 0.9, 1.1, 0.8, 1.2]),
+        _fake_run(tmp_path, "tf_efficientnet_lite0_128_imagenet_clahe-on", "tf_efficientnet_lite0", True,
+                  "imagenet", good, [0.9, 0.6, 0.5, 0.5, 0.52]),
+    ]
+    meta = {"title": "t", "config_path": str(STUDY), "config_text": STUDY.read_text(), "seed": 0, "n_boot": 50,
+            "budget_minutes_per_run": 240, "inference": {"batch_size": 32},
+            "data": {"split": "s.csv", "manifest": "m", "manifest_sha256": "0" * 64, "split_sha256": "1" * 64,
+                     "subset_images": {"train": 513, "val": 51, "test": 12}},
+            "command": "cxrscreen compare (test)", "versions": {"torch": "x"}, "machine": {}}
+    (tmp_path / "compare.json").write_text(json.dumps({"meta": meta, "runs": runs, "reference": STUDY_REFERENCE,
+                                                       "complete": False}))
+    cc = CompareConfig.from_yaml(STUDY)
+    cc.n_boot = 50
+    result = report_finished(tmp_path, cc)
+    assert not result["complete"]
+    assert result["pending"][0] == "tf_efficientnet_lite0_128_imagenet_clahe-off"
+    assert len(result["pending"]) == 14 - 3
+    (e,) = result["clahe_effect"]
+    assert e["arch"] == "resnet18" and e["covid_sensitivity_paired_diff"] == pytest.approx(1.0)
+    assert result["transfer_effect"] == []  # no from-scratch Lite0 arm has finished
+    md = (tmp_path / "report.md").read_text()
+    assert "**Is VGG-16 the best?** Not measured yet" in md
+    assert "**How far does ImageNet transfer move each figure?** Not measured yet" in md
+    assert "**Does CLAHE help?** CLAHE on gave" in md
+    assert "## Not run yet" in md and "- vgg16_128_clahe-on" in md
+    # unfinished arms are in no results table row
+    table = md.split("## The study's claims")[0]
+    assert "vgg16_128" not in table and "resnet18_128_clahe-on" in table
+    assert (tmp_path / "curves" / "resnet18_128_clahe-on.png").is_file() and (tmp_path / "roc_covid.png").is_file()

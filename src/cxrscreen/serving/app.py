@@ -30,7 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cxrscreen.errors import CXRError
 from cxrscreen.io import MAX_PIXELS, read_xray_bytes
-from cxrscreen.predict import Predictor, Prepared, load_model
+from cxrscreen.onnx_engine import OnnxModule
+from cxrscreen.predict import Predictor, Prepared
 from cxrscreen.runs import LoadedRun
 from cxrscreen.serving.page import INDEX_HTML
 
@@ -230,6 +231,8 @@ class _Service:
 
     def analyse(self, data: bytes, name: str, heatmap: bool, target: str | None) -> dict[str, Any]:
         """Decode, predict and optionally explain one upload (blocking: call it in a worker thread)."""
+        if heatmap and isinstance(self.run.model, OnnxModule):
+            raise CXRError("heatmaps (Grad-CAM) need the PyTorch engine; this server runs ONNX Runtime", name)
         prep = self.decode(data, name)
         if self.predictor.is_detector:
             with self.lock:
@@ -340,14 +343,17 @@ def _default_gate(run: LoadedRun) -> Any:
 
 
 def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-          torch_threads: int | None = None) -> None:
+          torch_threads: int | None = None, engine: str = "torch") -> None:
     """Load a run directory (or the bundled model when None) and serve the app with uvicorn.
-    `torch_threads`: intra-op threads of the forward passes (None: torch's default, one per core)."""
+    `torch_threads`: intra-op threads of the forward passes (None: torch's default, one per core).
+    `engine`: "torch", or "onnxruntime" with `model` an .onnx export (`cxrscreen.onnx_engine`)."""
     import uvicorn
+
+    from cxrscreen.onnx_engine import load_for_engine
 
     if torch_threads is not None:
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
-    run = load_model(model)
+    run = load_for_engine(model, engine, threads=torch_threads)
     uvicorn.run(create_app(run, gate=_default_gate(run)), host=host, port=port)

@@ -381,8 +381,14 @@ class RichProgress:
     """
 
     def __init__(self, console: Any, total: int, *, desc: str = "screening", log_every_s: float = 30.0) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console, self.total, self.log_every_s = console, total, log_every_s
         self.done, self.t0, self.last_log = 0, time.monotonic(), time.monotonic()

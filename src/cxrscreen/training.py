@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -23,11 +24,11 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
-from cxrscreen import CLASSES
+from cxrscreen import CLASSES, distributed
 from cxrscreen.data.dataset import PreprocessedCache, XRayTensorDataset, default_cache_dir, load_images
 from cxrscreen.data.manifest import file_sha256, manifest_root, read_manifest, resolve_image_paths
 from cxrscreen.data.splits import read_split
-from cxrscreen.engine import class_weights, evaluate_epoch, train_one_epoch
+from cxrscreen.engine import class_weights, train_one_epoch
 from cxrscreen.errors import CXRError
 from cxrscreen.metrics import binary_rates
 from cxrscreen.models.registry import count_parameters, create_model, get_spec
@@ -347,6 +348,8 @@ class EpochLoop:
     bad_epochs: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    writer: bool = True  # False on the processes of a distributed run other than rank 0: they write nothing
+    sync: Callable[[], None] = lambda: None  # waits for every process (distributed runs: a barrier)
 
     @property
     def ckpt_path(self) -> Path:
@@ -401,38 +404,46 @@ class EpochLoop:
             row = {"epoch": epoch, **run_epoch(epoch, out_of_time)}
             row["seconds"] = round(time.monotonic() - t0, 1)
             self.history.append(row)
-            self._write_history()
+            if self.writer:
+                self._write_history()
             score = monitor_score(row, cfg.monitor)
             if not has_val or self.best is None or score > self.best:
                 self.best, self.bad_epochs = score, 0
-                sha = save_weights(self.model, self.out_dir)
-                write_config(self.out_dir, {**read_config(self.out_dir), "weights_sha256": sha, "best_epoch": epoch})
+                if self.writer:
+                    sha = save_weights(self.model, self.out_dir)
+                    write_config(self.out_dir, {**read_config(self.out_dir), "weights_sha256": sha,
+                                                "best_epoch": epoch})
             else:
                 self.bad_epochs += 1
             extra = f", val mAP@0.5 {row['val_map50'] or 0:.3f}" if "val_map50" in row else ""
             self.log(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
                      f"val acc {row.get('val_accuracy', float('nan')):.3f}, "
                      f"val macro-F1 {row.get('val_macro_f1', 0):.3f}{extra} ({row['seconds']} s)")
-            torch.save(
-                {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
-                 "best": self.best, "bad_epochs": self.bad_epochs, "extra": self.extra},
-                self.ckpt_path,
-            )
+            if self.writer:
+                torch.save(
+                    {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                     "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
+                     "best": self.best, "bad_epochs": self.bad_epochs, "extra": self.extra},
+                    tmp := self.ckpt_path.with_suffix(".pt.tmp"),
+                )
+                os.replace(tmp, self.ckpt_path)  # a run killed while saving keeps the previous checkpoint
             if self.bad_epochs >= cfg.patience:
                 stop_reason = f"early stop: {cfg.monitor} did not improve for {cfg.patience} epochs"
                 break
             if out_of_time is not None and out_of_time():
                 stop_reason = f"time budget of {cfg.budget_minutes} min reached"
                 break
+        if self.writer:
+            final = read_config(self.out_dir)
+            final.update({"finished": True, "stop_reason": stop_reason, "train_seconds": round(
+                time.monotonic() - t_start, 1) + float(final.get("train_seconds", 0))})
+            write_config(self.out_dir, final)
+            (self.out_dir / "train_summary.json").write_text(
+                json.dumps({"stop_reason": stop_reason, "epochs_run": len(self.history)}, indent=2))
+        self.sync()
         final = read_config(self.out_dir)
-        final.update({"finished": True, "stop_reason": stop_reason,
-                      "train_seconds": round(time.monotonic() - t_start, 1) + float(final.get("train_seconds", 0))})
-        write_config(self.out_dir, final)
         self.log(f"{self.out_dir}: {stop_reason}; best epoch {final.get('best_epoch')}")
-        (self.out_dir / "train_summary.json").write_text(
-            json.dumps({"stop_reason": stop_reason, "epochs_run": len(self.history)}, indent=2))
         return final
 
 
@@ -477,15 +488,21 @@ def train(
     data_dir, split_csv, out_dir = Path(data_dir), Path(split_csv), Path(out_dir)
     spec = get_spec(cfg.arch)
     if spec.kind != "classifier":
+        if distributed.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise CXRError(f"{cfg.arch} is a detector; distributed training is for classifiers (use one process)")
         from cxrscreen.detection_training import train_detector
 
         return train_detector(cfg, data_dir, split_csv, out_dir, log=log, progress_factory=progress_factory)
     if cfg.preprocess.image_size < spec.min_size:
         raise CXRError(f"{cfg.arch} needs image_size >= {spec.min_size}, got {cfg.preprocess.image_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    ddp = distributed.context(cfg.device)  # torchrun: join the process group (one process: no-op)
+    if not ddp.is_main:
+        log, progress_factory = (lambda _msg: None), None  # rank 0 alone logs and shows progress
     if (old := stored_run(cfg, out_dir, log)) is not None:
         return old
     device, cache = setup_run(cfg)
+    device = ddp.device(device)
     classes = list(CLASSES)
 
     def bar(desc: str, total: int) -> Any:
@@ -513,31 +530,40 @@ def train(
 
     generator = torch.Generator().manual_seed(cfg.seed)
     train_ds = XRayTensorDataset(tr.images, tr.labels, train_transform(cfg.preprocess, cfg.augment))
-    sampler = epoch_sampler(cfg, tr.labels, len(classes), generator)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                              drop_last=len(train_ds) > cfg.batch_size)
+    sampler = ddp.sampler(epoch_sampler(cfg, tr.labels, len(classes), generator))
+    local_batch = ddp.local_batch(cfg.batch_size)
+    train_loader = DataLoader(train_ds, batch_size=local_batch, sampler=sampler, num_workers=cfg.num_workers,
+                              drop_last=len(train_ds) // ddp.world > local_batch)
+    train_model = ddp.wrap(model, device, staged=cfg.linear_probe_epochs > 0)
     val_loader = DataLoader(XRayTensorDataset(va.images, va.labels, eval_transform(cfg.preprocess)),
                             batch_size=max(cfg.batch_size, 64))
 
-    loop = EpochLoop(cfg, out_dir, model, optimizer, generator, scheduler, log=log)
+    loop = EpochLoop(cfg, out_dir, model, optimizer, generator, scheduler, log=log, writer=ddp.is_main,
+                     sync=ddp.barrier)
     loop.resume(device)
+    ddp.check_same(loop.start_epoch, "the epoch to resume at")
 
     base_config: dict[str, Any] = {
         **run_base_config(cfg, "classifier", classes, data_dir, split_csv, tr, va),
         "parameters": count_parameters(model),
         "finished": False,
     }
-    write_config(out_dir, {**read_config(out_dir), **base_config} if loop.ckpt_path.is_file() else base_config)
+    if ddp.enabled:
+        base_config["distributed"] = ddp.info()
+    if ddp.is_main:
+        write_config(out_dir, {**read_config(out_dir), **base_config} if loop.ckpt_path.is_file() else base_config)
+    ddp.barrier()
 
     def run_epoch(epoch: int, out_of_time: Callable[[], bool] | None) -> dict[str, Any]:
         stage, keep_eval = stages.begin_epoch(epoch) if stages is not None else ("train", [])
-        b = bar(f"epoch {epoch}/{cfg.epochs}", len(train_loader) * cfg.batch_size)
-        train_loss, seen = train_one_epoch(model, train_loader, criterion, optimizer, device=device,
-                                           on_batch=b.update if b else None, deadline=out_of_time,
+        b = bar(f"epoch {epoch}/{cfg.epochs}", len(train_loader) * local_batch)
+        train_loss, seen = train_one_epoch(train_model, train_loader, criterion, optimizer, device=device,
+                                           on_batch=b.update if b else None, deadline=ddp.agreed(out_of_time),
                                            keep_eval=keep_eval)
+        train_loss, seen = ddp.mean_loss(train_loss, seen)
         if b:
             b.close()
-        val_loss, probs, labels = evaluate_epoch(model, val_loader, val_criterion, device=device)
+        val_loss, probs, labels = ddp.evaluate_epoch(model, val_loader, val_criterion, device=device)
         row = {"train_loss": train_loss, "val_loss": val_loss, "lr": optimizer.param_groups[-1]["lr"],
                "train_images": seen, "stage": stage}
         scheduler.step()
@@ -546,3 +572,7 @@ def train(
         return {**row, **val_figures(probs, labels, classes), **per_source_val(probs, labels, va.sources, weight)}
 
     return loop.run(run_epoch, has_val=len(va.labels) > 0)
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m cxrscreen.training --data ... (see distributed.py)
+    distributed.main()

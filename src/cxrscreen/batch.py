@@ -110,7 +110,8 @@ class Shard:
 class ResultWriter:
     """Appends result rows to a CSV or JSON Lines file, flushed and fsync'ed per `write` call.
 
-    `done`: the paths whose rows the file already held when opened with resume=True.
+    `done`: the paths whose rows the file already held when opened with resume=True; `done_errors`: how many
+    of those rows record an error.
     """
 
     def __init__(self, path: str | Path, classes: Sequence[str], *, resume: bool = False) -> None:
@@ -123,6 +124,7 @@ class ResultWriter:
         self.classes = list(classes)
         self.columns = ["path", "class", *[f"p_{c}" for c in self.classes], "flags", "error"]
         self.done: set[str] = set()
+        self.done_errors = 0
         if self.path.exists() and not resume:
             raise CXRError("output file exists; pass --resume to continue it, or choose another --out", self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +153,7 @@ class ResultWriter:
                     raise CXRError("output file holds a line that is no cxrscreen result; not resuming it",
                                    self.path)
                 self.done.add(str(row["path"]))
+                self.done_errors += bool(row.get("error"))
                 kept.append(line)
             return kept
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -168,6 +171,7 @@ class ResultWriter:
                     break
                 rows.append(row)
                 self.done.add(row[0])
+                self.done_errors += bool(row[-1])
         except csv.Error:
             pass  # a quoted field cut off by the kill: that row is redone
         return [_csv_line(r) for r in rows]
@@ -278,23 +282,29 @@ def _worker_init(_: int) -> None:
 
 def decode_loader(files: Sequence[Path], preprocess: PreprocessConfig, gate: Any, *, batch_size: int,
                   workers: int) -> DataLoader:
-    """Batches of Decoded items, in input order, decoded by `workers` processes (0: in this process)."""
+    """Batches of Decoded items, in input order, decoded by `workers` processes (0: in this process).
+
+    The workers are spawned, not forked: a fork of a process whose OpenCV or OpenMP thread pools already
+    ran (a server, a notebook, a test session) can deadlock in the child's first cv2 call. Spawning costs
+    a second or two per run.
+    """
     return DataLoader(DecodeDataset(files, preprocess, gate), batch_size=batch_size, shuffle=False,
                       num_workers=workers, collate_fn=keep_list, worker_init_fn=_worker_init if workers else None,
-                      prefetch_factor=2 if workers else None)
+                      prefetch_factor=2 if workers else None, multiprocessing_context="spawn" if workers else None)
 
 
 # -- the run
 
 @dataclass
 class BatchSummary:
-    """What one batch screening run did."""
+    """What one batch screening run did (earlier_errors: error rows already in the resumed output)."""
 
     inputs: int
     in_shard: int
     already_done: int
     screened: int
     errors: int
+    earlier_errors: int
     seconds: float
     output: str
     shard: str
@@ -370,7 +380,8 @@ def screen(
         if bar is not None:
             bar.close()
     return BatchSummary(inputs=len(inputs), in_shard=len(mine), already_done=len(mine) - len(todo),
-                        screened=len(todo), errors=errors, seconds=round(time.monotonic() - t0, 3),
+                        screened=len(todo), errors=errors, earlier_errors=writer.done_errors,
+                        seconds=round(time.monotonic() - t0, 3),
                         output=str(out_path), shard=str(shard))
 
 
@@ -428,6 +439,7 @@ def screen_command(run: Any, inputs: Sequence[ImageInput], out_path: Path, *, ru
         console.print(f"error: {exc}", markup=False)
         return 2
     console.print(json.dumps(summary.to_dict()), markup=False)
-    if summary.errors:
-        console.print(f"{summary.errors} input(s) failed (their rows in {out_path} give the error)", markup=False)
-    return 1 if summary.errors or failed else 0
+    bad = summary.errors + summary.earlier_errors
+    if bad:
+        console.print(f"{bad} input(s) failed (their rows in {out_path} give the error)", markup=False)
+    return 1 if bad or failed else 0

@@ -419,6 +419,8 @@ def predict(
     workers: Annotated[int, typer.Option(help="--out: decoding worker processes (0: decode in this one)")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="--out: keep its rows and skip their inputs")] = False,
     shard: Annotated[str | None, typer.Option(help="--out: I/N, screen only shard I (from 0) of N")] = None,
+    threads: Annotated[int | None, typer.Option(help="threads of the forward passes (default: one per core)")
+                       ] = None,
 ) -> None:
     """Class and probability of each class for every image; bad files are reported on stderr and skipped.
 
@@ -443,8 +445,12 @@ def predict(
     if engine != "torch" and heatmap is not None:
         console.print("error: heatmaps (Grad-CAM) need gradients: use --engine torch", markup=False)
         raise typer.Exit(2)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
     try:
-        run = load_for_engine(model, engine)
+        run = load_for_engine(model, engine, threads=threads)
         inputs, empty = gather_inputs(paths)
     except CXRError as exc:
         _fail(exc)
@@ -531,7 +537,8 @@ def explain(
 ) -> None:
     """Write a Grad-CAM overlay per image (class and probabilities written on it); same as predict --heatmap."""
     predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8,
-            argmax=False, threshold=None, engine="torch", out_file=None, workers=0, resume=False, shard=None)
+            argmax=False, threshold=None, engine="torch", out_file=None, workers=0, resume=False, shard=None,
+            threads=None)
 
 
 def _load_gate(run: Any) -> Any:

@@ -143,6 +143,10 @@ def _session(path: Path, threads: int | None) -> Any:
     ort = _require("onnxruntime")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # no busy-waiting between ops: spinning threads took the cores from the decode workers and from PyTorch
+    # in the same process (docs/results/batch_predict_ort_spinning.json: 2 workers on 2 cores, ONNX Runtime
+    # 42 img/s against PyTorch's 52; docs/results/batch_predict.json is the run without spinning)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1

@@ -32,23 +32,49 @@ def predict(
                         ] = False,
     localizer: Annotated[Path | None, typer.Option(help="lung localizer run for --severity's lung boxes "
                                                         "(default: the atlas)")] = None,
+    engine: Annotated[str, typer.Option(help="torch (a run directory) | onnxruntime (--model FILE.onnx from "
+                                             "`cxrscreen export`)")] = "torch",
+    out_file: Annotated[Path | None, typer.Option("--out", help="batch screening: stream one row per input to "
+                                                              "this .csv or .jsonl file (see README)")] = None,
+    workers: Annotated[int, typer.Option(help="--out: decoding worker processes (0: decode in this one)")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="--out: keep its rows and skip their inputs")] = False,
+    shard: Annotated[str | None, typer.Option(help="--out: I/N, screen only shard I (from 0) of N")] = None,
+    threads: Annotated[int | None, typer.Option(help="threads of the forward passes (default: one per core)")
+                       ] = None,
 ) -> None:
     """Class and probability of each class for every image; bad files are reported on stderr and skipped.
 
-    Images the input gate flags get no class and no probabilities (`no diagnosis` and the reasons).
+    Inputs are image files, folders and manifest .csv files (an `image` column). Images the input gate flags
+    get no class and no probabilities (`no diagnosis` and the reasons).
     Exit status: 0 all done, 1 some input failed, 2 bad usage or no usable input.
     """
-    from cxrscreen.predict.inputs import OutputNames, collect_inputs
-    from cxrscreen.predict.predictor import Predictor, format_probabilities, load_model
+    from cxrscreen.predict.batch import gather_inputs
+    from cxrscreen.predict.inputs import OutputNames
+    from cxrscreen.predict.onnx_engine import load_for_engine
+    from cxrscreen.predict.predictor import Predictor, format_probabilities
 
     if as_json and as_csv:
         console.print("error: --json and --csv exclude each other; choose one", markup=False)
         raise typer.Exit(2)
+    if out_file is None and (resume or shard is not None):
+        console.print("error: --resume and --shard go with --out FILE", markup=False)
+        raise typer.Exit(2)
+    if out_file is not None and (as_json or as_csv or heatmap is not None or severity):
+        console.print("error: --out writes its own format (from its suffix), without heatmaps or severity; drop "
+                      "--json, --csv, --heatmap and --severity", markup=False)
+        raise typer.Exit(2)
+    if engine != "torch" and heatmap is not None:
+        console.print("error: heatmaps (Grad-CAM) need gradients: use --engine torch", markup=False)
+        raise typer.Exit(2)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
     try:
-        run = load_model(model)
+        run = load_for_engine(model, engine, threads=threads)
+        inputs, empty = gather_inputs(paths)
     except CXRError as exc:
         _fail(exc)
-    inputs, empty = collect_inputs(paths)
     for folder in empty:
         console.print(f"error: {_shown(folder)}: no image files (PNG, JPEG, TIFF, BMP or DICOM) in this folder",
                       markup=False)
@@ -59,6 +85,12 @@ def predict(
         rule = run.decision_rule(argmax=argmax, threshold=threshold)
     except CXRError as exc:
         _fail(exc)
+    if out_file is not None:
+        from cxrscreen.predict.batch import screen_command
+
+        raise typer.Exit(screen_command(run, inputs, out_file, rule=rule, gate=gate, batch_size=batch_size,
+                                        workers=workers, resume=resume, shard=shard, console=console,
+                                        failed=len(empty)))
     from cxrscreen.severity.output import make_scorer, severity_csv, severity_csv_header, severity_text, with_zones
 
     scorer = make_scorer(run, severity, localizer, _fail)
@@ -124,7 +156,8 @@ def explain(
 ) -> None:
     """Write a Grad-CAM overlay per image (class and probabilities written on it); same as predict --heatmap."""
     predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8,
-            argmax=False, threshold=None, severity=False, localizer=None)
+            argmax=False, threshold=None, severity=False, localizer=None, engine="torch", out_file=None, workers=0,
+            resume=False, shard=None, threads=None)
 
 
 def _load_gate(run: Any) -> Any:
@@ -141,12 +174,13 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     threads: Annotated[int | None, typer.Option(help="torch threads for the forward passes (default: one per "
                                                      "core; 1 is faster on a machine busy with other work)")] = None,
+    engine: Annotated[str, typer.Option(help="torch (a run directory) | onnxruntime (--model FILE.onnx)")] = "torch",
 ) -> None:
     """Serve the upload page and HTTP API for one model (research use only: not a medical device)."""
     from cxrscreen.serving import serve as serve_app
 
     try:
-        serve_app(model, host=host, port=port, torch_threads=threads)
+        serve_app(model, host=host, port=port, torch_threads=threads, engine=engine)
     except CXRError as exc:
         _fail(exc)
 

@@ -28,10 +28,23 @@ def train(
     budget_minutes: Annotated[float | None, typer.Option(help="stop training after this many minutes")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     boxes: Annotated[Path | None, typer.Option(help="detectors: lung boxes CSV (`cxrscreen localize label`)")] = None,
+    nproc: Annotated[int, typer.Option(help="processes on this machine: above 1, torchrun starts that many "
+                                            "DistributedDataParallel processes (see README)")] = 1,
 ) -> None:
     """Train a classifier (or detector) and write weights, config and per-epoch history to --out."""
     from cxrscreen.training.config import TrainConfig
     from cxrscreen.training.train import train as run_training
+
+    if nproc > 1:
+        from cxrscreen.engine.distributed import launch_torchrun, under_torchrun
+
+        if not under_torchrun():
+            named = {"data": data, "split": split, "out": out_dir, "arch": arch, "config": config,
+                     "image-size": image_size, "epochs": epochs, "batch-size": batch_size, "lr": lr,
+                     "weights": weights, "seed": seed, "budget-minutes": budget_minutes, "device": device,
+                     "boxes": boxes}
+            args = [a for k, v in named.items() if v is not None for a in (f"--{k}", str(v))]
+            raise typer.Exit(launch_torchrun(nproc, args + (["--no-clahe"] if no_clahe else [])))
 
     overrides: dict[str, Any] = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                                  "weights": weights, "seed": seed, "budget_minutes": budget_minutes,

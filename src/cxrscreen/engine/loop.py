@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrscreen.engine.distributed import DistContext
 from cxrscreen.runs.run_dir import CHECKPOINT_FILE, HISTORY_FILE, read_config, save_weights, write_config
 
 HISTORY_COLUMNS = [
@@ -130,6 +132,8 @@ class Recipe:
     figures (an empty dict when there is nothing to validate on); begin_epoch(epoch) -> (stage name,
     modules kept in eval mode); lr_at(step, epoch) -> the learning rate of each iteration (else the
     scheduler, stepped once per epoch, sets it). `config` holds the task's own config.json fields.
+    `train_model`: what the training steps call when it is not `model` itself (DistributedDataParallel
+    around it); `model` is what is saved, validated and frozen.
     """
 
     model: nn.Module
@@ -143,6 +147,7 @@ class Recipe:
     begin_epoch: Callable[[int], tuple[str, list[nn.Module]]] | None = None
     history_columns: list[str] = field(default_factory=lambda: list(HISTORY_COLUMNS))
     config: dict[str, Any] = field(default_factory=dict)
+    train_model: nn.Module | None = None
 
 
 @dataclass
@@ -154,7 +159,9 @@ class EpochLoop:
     history goes to history.csv, kept weights to model.safetensors (sha256 and best epoch in config.json),
     and checkpoint.pt gets model, optimiser, scheduler, RNG state, loop state and `extra` (the global
     step); `resume` restores all of it. Without `out_dir` (probes, the localizer's folds) the best weights
-    are kept in memory and loaded back into the model at the end.
+    are kept in memory and loaded back into the model at the end. In a distributed run (`ddp`, see
+    `engine.distributed`) the train loss is reduced over the processes, the time budget is rank 0's, and
+    only rank 0 writes; the others wait for it at the end.
     """
 
     cfg: LoopSettings
@@ -172,6 +179,11 @@ class EpochLoop:
     extra: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] | None = None
+    ddp: DistContext = field(default_factory=DistContext)
+
+    @property
+    def writes(self) -> bool:
+        return self.out_dir is not None and self.ddp.is_main
 
     @property
     def ckpt_path(self) -> Path:
@@ -215,6 +227,8 @@ class EpochLoop:
         if self.out_dir is None:
             self.best_state = {k: v.detach().clone() for k, v in self.recipe.model.state_dict().items()}
             return
+        if not self.ddp.is_main:
+            return
         sha = save_weights(self.recipe.model, self.out_dir)
         write_config(self.out_dir, {**read_config(self.out_dir), "weights_sha256": sha, "best_epoch": epoch})
 
@@ -225,8 +239,9 @@ class EpochLoop:
              "scheduler": None if r.scheduler is None else r.scheduler.state_dict(),
              "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
              "best": self.best, "bad_epochs": self.bad_epochs, "extra": self.extra},
-            self.ckpt_path,
+            tmp := self.ckpt_path.with_suffix(".pt.tmp"),
         )
+        os.replace(tmp, self.ckpt_path)  # a run killed while saving keeps the previous checkpoint
 
     def _train_epoch(self, epoch: int, out_of_time: Callable[[], bool] | None) -> dict[str, Any]:
         r = self.recipe
@@ -234,9 +249,10 @@ class EpochLoop:
         bar = self.progress(f"epoch {epoch}/{self.cfg.epochs}", r.images_per_epoch) if self.progress else None
         lr_at = (lambda s: r.lr_at(s, epoch)) if r.lr_at is not None else None
         train_loss, seen, self.extra["step"] = train_one_epoch(
-            r.model, r.train_loader, r.batch_loss, r.optimizer, device=self.device, lr_at=lr_at,
-            step=self.extra.get("step", 0), on_batch=bar.update if bar else None, deadline=out_of_time,
-            keep_eval=keep_eval)
+            r.train_model or r.model, r.train_loader, r.batch_loss, r.optimizer, device=self.device, lr_at=lr_at,
+            step=self.extra.get("step", 0), on_batch=bar.update if bar else None,
+            deadline=self.ddp.agreed(out_of_time), keep_eval=keep_eval)
+        train_loss, seen = self.ddp.mean_loss(train_loss, seen)
         if bar:
             bar.close()
         row: dict[str, Any] = {"train_loss": train_loss, "lr": r.optimizer.param_groups[-1]["lr"],
@@ -269,7 +285,7 @@ class EpochLoop:
             row = {"epoch": epoch, **self._train_epoch(epoch, out_of_time)}
             row["seconds"] = round(time.monotonic() - t0, 1)
             self.history.append(row)
-            if self.out_dir is not None:
+            if self.writes:
                 self._write_history()
             score = monitor_score(row, cfg.monitor)
             if not self.has_val or self.best is None or score > self.best:
@@ -278,7 +294,7 @@ class EpochLoop:
             else:
                 self.bad_epochs += 1
             self._log_epoch(row)
-            if self.out_dir is not None:
+            if self.writes:
                 self._checkpoint(epoch)
             if self.bad_epochs >= cfg.patience:
                 stop_reason = f"early stop: {cfg.monitor} did not improve for {cfg.patience} epochs"
@@ -293,11 +309,14 @@ class EpochLoop:
             self.log(f"{self.name}{stop_reason} after epoch {len(self.history)} ({seconds:.0f} s)")
             return {"stop_reason": stop_reason, "epochs_run": len(self.history), "history": self.history,
                     "train_seconds": seconds}
+        if self.ddp.is_main:
+            final = read_config(self.out_dir)
+            final.update({"finished": True, "stop_reason": stop_reason,
+                          "train_seconds": seconds + float(final.get("train_seconds", 0))})
+            write_config(self.out_dir, final)
+            (self.out_dir / "train_summary.json").write_text(
+                json.dumps({"stop_reason": stop_reason, "epochs_run": len(self.history)}, indent=2))
+        self.ddp.barrier()  # the other processes read back what rank 0 wrote
         final = read_config(self.out_dir)
-        final.update({"finished": True, "stop_reason": stop_reason,
-                      "train_seconds": seconds + float(final.get("train_seconds", 0))})
-        write_config(self.out_dir, final)
         self.log(f"{self.out_dir}: {stop_reason}; best epoch {final.get('best_epoch')}")
-        (self.out_dir / "train_summary.json").write_text(
-            json.dumps({"stop_reason": stop_reason, "epochs_run": len(self.history)}, indent=2))
         return final

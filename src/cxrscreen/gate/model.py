@@ -247,7 +247,10 @@ def gate_for_run(run: Any) -> Gate | None:
     """The gate for a loaded run: ``<run_dir>/gate.json``, else the bundled one, else None.
 
     CXRError (naming the file) when the chosen file is unreadable, malformed or of another feature version.
+    A run loaded from an ONNX export uses the gate stored in that file (`predict.onnx_engine.OnnxLoadedRun`).
     """
+    if getattr(run, "embedded_gate", None) is not None:
+        return run.embedded_gate
     run_dir = getattr(run, "run_dir", None)
     candidates = [Path(run_dir) / GATE_FILE] if run_dir is not None else []
     bundled = bundled_gate_path()

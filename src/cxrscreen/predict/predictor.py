@@ -66,7 +66,8 @@ class Predictor:
         self.batch_size = batch_size
         self.preprocess = Preprocessor(run.preprocess)
         self.gate = gate
-        self.device = next(run.model.parameters()).device
+        # a model without parameters (the ONNX Runtime engine, cxrscreen.predict.onnx_engine) takes CPU tensors
+        self.device = next(run.model.parameters(), torch.empty(0)).device
 
     def prepare(self, xray: XRay) -> Prepared:
         img, geom = self.preprocess(xray.pixels)

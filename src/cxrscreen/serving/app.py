@@ -29,7 +29,8 @@ from cxrscreen.errors import CXRError
 from cxrscreen.explain.overlay import heatmap_png_base64
 from cxrscreen.gate.model import gate_for_run
 from cxrscreen.io.xray import MAX_PIXELS, read_xray_bytes
-from cxrscreen.predict.predictor import Predictor, Prepared, load_model
+from cxrscreen.predict.onnx_engine import OnnxModule
+from cxrscreen.predict.predictor import Predictor, Prepared
 from cxrscreen.runs.run_dir import LoadedRun
 from cxrscreen.serving.page import INDEX_HTML
 from cxrscreen.severity.model import severity_info
@@ -222,6 +223,8 @@ class _Service:
                 severity: bool = False) -> dict[str, Any]:
         """Decode, predict and optionally explain and score severity of one upload (blocking: call it in a
         worker thread)."""
+        if heatmap and isinstance(self.run.model, OnnxModule):
+            raise CXRError("heatmaps (Grad-CAM) need the PyTorch engine; this server runs ONNX Runtime", name)
         prep = self.decode(data, name)
         probs, extra = self.batcher(prep)
         result = self.predictor.result(prep, probs, extra)
@@ -337,14 +340,17 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
 
 
 def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-          torch_threads: int | None = None) -> None:
+          torch_threads: int | None = None, engine: str = "torch") -> None:
     """Load a run directory (or the bundled model when None) and serve the app with uvicorn.
-    `torch_threads`: intra-op threads of the forward passes (None: torch's default, one per core)."""
+    `torch_threads`: intra-op threads of the forward passes (None: torch's default, one per core).
+    `engine`: "torch", or "onnxruntime" with `model` an .onnx export (`cxrscreen.predict.onnx_engine`)."""
     import uvicorn
+
+    from cxrscreen.predict.onnx_engine import load_for_engine
 
     if torch_threads is not None:
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
-    run = load_model(model)
+    run = load_for_engine(model, engine, threads=torch_threads)
     uvicorn.run(create_app(run, gate=gate_for_run(run)), host=host, port=port)

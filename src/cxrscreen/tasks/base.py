@@ -9,7 +9,7 @@ up by the `kind` a registry spec or a run's config.json names (`cxrscreen.tasks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cxrscreen.data.subsets import SubsetData
+from cxrscreen.engine.distributed import DistContext
 from cxrscreen.engine.loop import Recipe
 from cxrscreen.transforms.preprocess import Geometry
 
@@ -42,6 +43,7 @@ class TrainContext:
     data_dir: Path
     out_dir: Path
     log: Callable[[str], None]
+    ddp: DistContext = field(default_factory=DistContext)  # a distributed run's process (one process: no-op)
 
 
 class Task(Protocol):

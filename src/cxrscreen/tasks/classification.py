@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 from cxrscreen.data.dataset import XRayTensorDataset
 from cxrscreen.data.subsets import epoch_sampler
-from cxrscreen.engine.loop import Recipe, evaluate_epoch
+from cxrscreen.engine.distributed import DistContext
+from cxrscreen.engine.loop import Recipe
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.metrics import binary_rates
 from cxrscreen.models.registry import create_model, get_spec
@@ -97,13 +98,17 @@ def classifier_recipe(
     classes: list[str] | None = None,
     val_sources: list[str] | None = None,
     head: str | None = None,
+    ddp: DistContext | None = None,
 ) -> Recipe:
     """The classifier recipe on (images uint8 (N, S, S), labels (N,)) for train and val.
 
     classes: the label names; with "covid" among them validation also gives the val_* figures, and with
     val_sources the worst-source figures. head: the head's attribute path, for staged training (linear
-    probe, frozen prefixes, a backbone learning-rate scale) when the config asks for it.
+    probe, frozen prefixes, a backbone learning-rate scale) when the config asks for it. ddp: in a
+    distributed run each process trains on its share of the epoch with batch_size // world images a step
+    (the config's batch stays the global one) through DistributedDataParallel, and validation is gathered.
     """
+    ddp = ddp or DistContext()
     weight = class_weights(train[1], num_classes) if cfg.balance == "loss" else None
     criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
                                     label_smoothing=cfg.label_smoothing)
@@ -117,14 +122,15 @@ def classifier_recipe(
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     train_ds = XRayTensorDataset(train[0], train[1], train_transform(cfg.preprocess, cfg.augment))
-    sampler = epoch_sampler(cfg, train[1], num_classes, generator)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                              drop_last=len(train_ds) > cfg.batch_size)
+    sampler = ddp.sampler(epoch_sampler(cfg, train[1], num_classes, generator))
+    local_batch = ddp.local_batch(cfg.batch_size)
+    train_loader = DataLoader(train_ds, batch_size=local_batch, sampler=sampler, num_workers=cfg.num_workers,
+                              drop_last=len(train_ds) // ddp.world > local_batch)
     val_loader = DataLoader(XRayTensorDataset(val[0], val[1], eval_transform(cfg.preprocess)),
                             batch_size=max(cfg.batch_size, 64))
 
     def validate() -> dict[str, Any]:
-        val_loss, probs, labels = evaluate_epoch(model, val_loader, val_criterion, device=device)
+        val_loss, probs, labels = ddp.evaluate_epoch(model, val_loader, val_criterion, device=device)
         row: dict[str, Any] = {"val_loss": val_loss}
         if not len(labels) or classes is None or "covid" not in classes:
             return row
@@ -135,8 +141,9 @@ def classifier_recipe(
 
     return Recipe(model=model, optimizer=optimizer, train_loader=train_loader,
                   batch_loss=cross_entropy_batch(criterion), validate=validate,
-                  images_per_epoch=len(train_loader) * cfg.batch_size, scheduler=scheduler,
-                  begin_epoch=stages.begin_epoch if stages is not None else None)
+                  images_per_epoch=len(train_loader) * local_batch, scheduler=scheduler,
+                  begin_epoch=stages.begin_epoch if stages is not None else None,
+                  train_model=ddp.wrap(model, device, staged=cfg.linear_probe_epochs > 0) if ddp.enabled else None)
 
 
 class ClassificationTask:
@@ -156,7 +163,8 @@ class ClassificationTask:
         model = create_model(cfg.arch, num_classes=len(ctx.classes), in_chans=1, weights=cfg.weights).to(ctx.device)
         return classifier_recipe(cfg, model, (ctx.train.images, ctx.train.labels), (ctx.val.images, ctx.val.labels),
                                  num_classes=len(ctx.classes), device=ctx.device, generator=ctx.generator,
-                                 classes=ctx.classes, val_sources=ctx.val.sources, head=get_spec(cfg.arch).head)
+                                 classes=ctx.classes, val_sources=ctx.val.sources, head=get_spec(cfg.arch).head,
+                                 ddp=ctx.ddp)
 
     def for_inference(self, model: nn.Module) -> nn.Module:
         # channels-last: PyTorch's CPU kernels for depthwise convolutions run about twice as fast in this
@@ -167,7 +175,8 @@ class ClassificationTask:
     def logits(self, run: LoadedRun, images: Sequence[np.ndarray] | np.ndarray, *, batch_size: int = 64
                ) -> np.ndarray:
         run.model.eval()
-        device = next(run.model.parameters()).device
+        # a model without parameters (the ONNX Runtime engine, `predict.onnx_engine`) takes CPU tensors
+        device = next(run.model.parameters(), torch.empty(0)).device
         out = [run.model(torch.stack([to_model_tensor(im, run.preprocess) for im in images[i : i + batch_size]])
                          .to(device)).float().cpu()
                for i in range(0, len(images), batch_size)]

@@ -296,6 +296,8 @@ class DetectionTask:
             raise CXRError("boxes file not found (write it with `cxrscreen localize label`)", Path(cfg.boxes))
 
     def recipe(self, ctx: TrainContext) -> Recipe:
+        if ctx.ddp.enabled:
+            raise CXRError(f"{ctx.cfg.arch} is a detector; distributed training is for classifiers (use one process)")
         cfg, tr, va, classes = ctx.cfg, ctx.train, ctx.val, ctx.classes
         boxes_file = Path(cfg.boxes) if cfg.boxes else ctx.out_dir / BOXES_FILE
         source = BoxSource.for_data(ctx.data_dir, boxes_file)

@@ -18,6 +18,7 @@ import torch
 from cxrscreen import CLASSES
 from cxrscreen.data.manifest import manifest_hash
 from cxrscreen.data.subsets import SubsetData, load_train_val
+from cxrscreen.engine import distributed
 from cxrscreen.engine.loop import EpochLoop
 from cxrscreen.engine.setup import setup_run
 from cxrscreen.io.files import file_sha256
@@ -62,9 +63,13 @@ def train(
     task = task_for(kind)
     task.check_config(cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ddp = distributed.context(cfg.device)  # under torchrun: join the process group (one process: no-op)
+    if not ddp.is_main:
+        log, progress_factory = (lambda _msg: None), None  # rank 0 alone logs and shows progress
     if (old := stored_run(cfg, out_dir, log)) is not None:
         return old
     device, cache = setup_run(cfg)
+    device = ddp.device(device)
     classes = list(CLASSES)
 
     def bar(desc: str, total: int) -> Any:
@@ -76,15 +81,20 @@ def train(
         f"cache hits {cache.hits}, decoded {cache.misses}")
     generator = torch.Generator().manual_seed(cfg.seed)
     recipe = task.recipe(TrainContext(cfg=cfg, train=tr, val=va, classes=classes, device=device,
-                                      generator=generator, data_dir=data_dir, out_dir=out_dir, log=log))
+                                      generator=generator, data_dir=data_dir, out_dir=out_dir, log=log, ddp=ddp))
     loop = EpochLoop(cfg, recipe, generator, device, out_dir=out_dir, has_val=len(va.labels) > 0, log=log,
-                     progress=progress_factory)
+                     progress=progress_factory, ddp=ddp)
     loop.resume()
+    ddp.check_same(loop.start_epoch, "the epoch to resume at")
     base_config: dict[str, Any] = {
         **run_base_config(cfg, kind, classes, data_dir, split_csv, tr, va),
         **recipe.config,
         "parameters": count_parameters(recipe.model),
         "finished": False,
     }
-    write_config(out_dir, {**read_config(out_dir), **base_config} if loop.ckpt_path.is_file() else base_config)
+    if ddp.enabled:
+        base_config["distributed"] = ddp.info()
+    if ddp.is_main:
+        write_config(out_dir, {**read_config(out_dir), **base_config} if loop.ckpt_path.is_file() else base_config)
+    ddp.barrier()
     return loop.run()

@@ -1,0 +1,446 @@
+"""Batch screening of an archive: streamed, resumable, shardable `cxrscreen predict --out FILE`.
+
+- Inputs: image files, folders (searched recursively) and manifests (a ``.csv`` with an ``image`` column,
+  paths relative to the csv's folder; other columns are ignored, so an unlabelled archive list works).
+- Decoding, preprocessing and the input gate run in DataLoader worker processes (`workers`); the main
+  process runs the model on each batch, in input order.
+- Output: one row per input, CSV or JSON Lines by the file's suffix (.csv, .jsonl / .ndjson), appended
+  batch by batch and flushed + fsync'ed after each batch, so a killed run loses at most the batch in flight.
+  A bad file gets a row with its `error` and the run goes on.
+- `resume`: the rows already in the output file are kept and their inputs skipped (matched by the `path`
+  string, so resume with the same arguments from the same folder); a torn last row (the process was killed
+  while writing) is dropped and its input redone. Without `resume` an existing output file is refused.
+- `shard` "I/N" (0 <= I < N): this run takes the inputs whose key hashes to I modulo N, the key being the
+  input's label (a manifest's ``image`` cell; for a folder argument the folder's name and the path inside
+  it; a lone file's name) and the hash the first 8 bytes of its sha1. The N shards are disjoint, together
+  cover every input, and do not depend on the machine, the mount point or the order of the inputs, and an
+  input keeps its shard when others are added to the archive, so N jobs (a Slurm array, a Kubernetes
+  indexed job) split an archive without a coordinator; each writes its own output file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from cxrscreen.errors import CXRError
+from cxrscreen.predict.inputs import ImageInput, collect_inputs
+from cxrscreen.predict.predictor import Predictor, Prepared
+from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, Preprocessor
+
+OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+# -- inputs and shards
+
+def manifest_inputs(csv_path: Path) -> list[ImageInput]:
+    """The images of a manifest csv (an ``image`` column, paths relative to the csv's folder), labelled by
+    their ``image`` cell."""
+    from cxrscreen.data.manifest import check_columns, read_csv_strings
+
+    df = read_csv_strings(csv_path)
+    check_columns(df, ["image"], csv_path)
+    root = csv_path.parent
+    return [ImageInput(root / img, Path(img)) for img in df["image"] if img]
+
+
+def gather_inputs(paths: Iterable[str | Path]) -> tuple[list[ImageInput], list[Path]]:
+    """(inputs, folder arguments without images): files and folders as `predict.collect_inputs`, and every
+    existing ``.csv`` file read as a manifest."""
+    inputs: list[ImageInput] = []
+    empty: list[Path] = []
+    for item in paths:
+        p = Path(item)
+        if p.suffix.lower() == ".csv" and p.is_file():
+            inputs += manifest_inputs(p)
+        else:
+            found, none = collect_inputs([p])
+            inputs += found
+            empty += none
+    return inputs, empty
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0-based): the inputs whose label's stable hash is index modulo count."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None) -> Shard:
+        """'I/N' -> Shard(I, N); None -> the whole input. CXRError for anything else."""
+        if text is None:
+            return cls()
+        try:
+            i, n = (int(v) for v in text.split("/"))
+        except ValueError:
+            raise CXRError(f"--shard takes I/N (e.g. 0/4), not {text!r}") from None
+        if n < 1 or not 0 <= i < n:
+            raise CXRError(f"--shard {text}: need N >= 1 and 0 <= I < N (shards are numbered from 0)")
+        return cls(i, n)
+
+    @staticmethod
+    def key(label: Path) -> int:
+        """The stable hash of an input's label (its '/'-separated form)."""
+        return int.from_bytes(hashlib.sha1(label.as_posix().encode("utf-8")).digest()[:8], "big")
+
+    def contains(self, item: ImageInput) -> bool:
+        return self.count == 1 or self.key(item.label) % self.count == self.index
+
+    def select(self, inputs: Sequence[ImageInput]) -> list[ImageInput]:
+        return [i for i in inputs if self.contains(i)]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+# -- the output file
+
+class ResultWriter:
+    """Appends result rows to a CSV or JSON Lines file, flushed and fsync'ed per `write` call.
+
+    `done`: the paths whose rows the file already held when opened with resume=True; `done_errors`: how many
+    of those rows record an error.
+    """
+
+    def __init__(self, path: str | Path, classes: Sequence[str], *, resume: bool = False) -> None:
+        self.path = Path(path)
+        fmt = OUTPUT_FORMATS.get(self.path.suffix.lower())
+        if fmt is None:
+            raise CXRError(f"output format unknown from the suffix {self.path.suffix!r}; use .csv or .jsonl",
+                           self.path)
+        self.format = fmt
+        self.classes = list(classes)
+        self.columns = ["path", "class", *[f"p_{c}" for c in self.classes], "flags", "error"]
+        self.done: set[str] = set()
+        self.done_errors = 0
+        if self.path.exists() and not resume:
+            raise CXRError("output file exists; pass --resume to continue it, or choose another --out", self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = self._read_existing() if self.path.exists() else None
+        if kept is not None:
+            self._rewrite(kept)  # drops a torn last row, so that appending starts on a clean line
+        self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        if kept is None and self.format == "csv":
+            self._append([self.columns])
+
+    def _read_existing(self) -> list[str]:
+        """The complete rows of the existing file as text chunks (header first for CSV); fills `done`."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CXRError(f"cannot read the output file to resume it ({exc})", self.path) from exc
+        text = text[: text.rfind("\n") + 1]  # a row is complete only with its newline
+        if self.format == "jsonl":
+            kept = []
+            for line in text.splitlines(keepends=True):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if not isinstance(row, dict) or "path" not in row:
+                    raise CXRError("output file holds a line that is no cxrscreen result; not resuming it",
+                                   self.path)
+                self.done.add(str(row["path"]))
+                self.done_errors += bool(row.get("error"))
+                kept.append(line)
+            return kept
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        try:
+            header = next(reader)
+        except (StopIteration, csv.Error):
+            return []  # killed before the header was complete: start afresh
+        if header != self.columns:
+            raise CXRError(f"output file has the columns {','.join(header)}, this model writes "
+                           f"{','.join(self.columns)}; resume with the same model or choose another --out", self.path)
+        rows = [header]
+        try:
+            for row in reader:
+                if len(row) != len(self.columns):
+                    break
+                rows.append(row)
+                self.done.add(row[0])
+                self.done_errors += bool(row[-1])
+        except csv.Error:
+            pass  # a quoted field cut off by the kill: that row is redone
+        return [_csv_line(r) for r in rows]
+
+    def _rewrite(self, chunks: list[str]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            f.write("".join(chunks))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def _append(self, rows: list[Any]) -> None:
+        if self.format == "csv":
+            text = "".join(_csv_line(r) for r in rows)
+        else:
+            text = "".join(json.dumps(r) + "\n" for r in rows)
+        self._file.write(text)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def csv_row(self, res: dict[str, Any]) -> list[str]:
+        probs = res.get("probabilities") or {}
+        return [res["path"], res.get("class") or "", *[repr(float(probs[c])) if c in probs else ""
+                                                       for c in self.classes],
+                ";".join(res.get("flags") or []), res.get("error") or ""]
+
+    def write(self, results: Sequence[dict[str, Any]]) -> None:
+        """Append one batch of results and make it durable."""
+        if results:
+            self._append([self.csv_row(r) for r in results] if self.format == "csv" else list(results))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _csv_line(row: Sequence[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(row)
+    return buf.getvalue()
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a batch output file (CSV: probabilities as floats, flags as a list) in file order."""
+    path = Path(path)
+    if OUTPUT_FORMATS.get(path.suffix.lower()) == "jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            probs = {k[2:]: float(v) for k, v in row.items() if k.startswith("p_") and v != ""}
+            out.append({"path": row["path"], "class": row["class"] or None, "probabilities": probs or None,
+                        "flags": [x for x in row["flags"].split(";") if x], "error": row["error"] or None})
+    return out
+
+
+# -- decoding in worker processes
+
+@dataclass
+class Decoded:
+    """One input after a worker: the preprocessed image and geometry, gate flags, or the error."""
+
+    path: str
+    image: np.ndarray | None = None
+    geometry: Geometry | None = None
+    flags: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class DecodeDataset(Dataset):
+    """Files -> Decoded (read_xray, the run's preprocessing, the gate's flags); never raises for a bad file."""
+
+    def __init__(self, files: Sequence[Path], preprocess: PreprocessConfig, gate: Any = None) -> None:
+        self.files = [str(f) for f in files]
+        self.preprocess = Preprocessor(preprocess)
+        self.gate = gate
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Decoded:
+        from cxrscreen.io.xray import read_xray
+
+        path = self.files[i]
+        try:
+            xray = read_xray(path)
+            image, geom = self.preprocess(xray.pixels)
+            flags = self.gate.flags(xray) if self.gate is not None else []
+        except CXRError as exc:
+            return Decoded(path, error=exc.problem)
+        except Exception as exc:  # a decoder bug must cost one file, not the archive's run
+            return Decoded(path, error=f"cannot decode ({type(exc).__name__}: {exc})")
+        return Decoded(path, image=image, geometry=geom, flags=list(flags))
+
+
+def keep_list(items: list[Decoded]) -> list[Decoded]:
+    """DataLoader collate: the batch as the list of Decoded items (images are stacked by the predictor)."""
+    return items
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+    import torch
+
+    torch.set_num_threads(1)  # each worker decodes one image at a time; the main process runs the model
+    cv2.setNumThreads(1)
+
+
+def decode_loader(files: Sequence[Path], preprocess: PreprocessConfig, gate: Any, *, batch_size: int,
+                  workers: int) -> DataLoader:
+    """Batches of Decoded items, in input order, decoded by `workers` processes (0: in this process).
+
+    The workers are spawned, not forked: a fork of a process whose OpenCV or OpenMP thread pools already
+    ran (a server, a notebook, a test session) can deadlock in the child's first cv2 call. Spawning costs
+    a second or two per run.
+    """
+    return DataLoader(DecodeDataset(files, preprocess, gate), batch_size=batch_size, shuffle=False,
+                      num_workers=workers, collate_fn=keep_list, worker_init_fn=_worker_init if workers else None,
+                      prefetch_factor=2 if workers else None, multiprocessing_context="spawn" if workers else None)
+
+
+# -- the run
+
+@dataclass
+class BatchSummary:
+    """What one batch screening run did (earlier_errors: error rows already in the resumed output)."""
+
+    inputs: int
+    in_shard: int
+    already_done: int
+    screened: int
+    errors: int
+    earlier_errors: int
+    seconds: float
+    output: str
+    shard: str
+
+    @property
+    def images_per_s(self) -> float:
+        return self.screened / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "images_per_s": round(self.images_per_s, 2)}
+
+
+def results_of_batch(predictor: Predictor, items: Sequence[Decoded]) -> list[dict[str, Any]]:
+    """Result dicts (see `cxrscreen.predict`) of one decoded batch, in order; the gate's flags withhold
+    the class, the probabilities and any boxes as `Predictor` does."""
+    ok = [it for it in items if it.error is None]
+    preps = [Prepared(path=it.path, xray=None, image=it.image, geometry=it.geometry) for it in ok]  # type: ignore[arg-type]
+    predicted = iter(predictor.predict_prepared(preps))
+    out = []
+    for it in items:
+        if it.error is not None:
+            out.append({"path": it.path, "class": None, "probabilities": None, "error": it.error, "flags": []})
+            continue
+        res = next(predicted)
+        if it.flags:
+            res.update(flags=it.flags, **{"class": None, "probabilities": None})
+            if "boxes" in res:
+                res["boxes"] = []
+        out.append(res)
+    return out
+
+
+def screen(
+    predictor: Predictor,
+    inputs: Sequence[ImageInput],
+    out_path: str | Path,
+    *,
+    workers: int = 1,
+    resume: bool = False,
+    shard: Shard | None = None,
+    gate: Any = None,
+    progress_factory: Callable[[int], Any] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> BatchSummary:
+    """Screen `inputs` (this shard's, minus those already in the output when resuming) into `out_path`.
+
+    predictor: its own gate must be None; the gate given here runs in the decode workers.
+    progress_factory(total) -> object with update(n) and close(); on_row is called with every written row.
+    """
+    if predictor.gate is not None:
+        raise ValueError("pass the gate to screen(), not to the Predictor (it runs in the decode workers)")
+    shard = shard or Shard()
+    mine = shard.select(inputs)
+    writer = ResultWriter(out_path, predictor.run.classes, resume=resume)
+    todo = [i for i in mine if str(i.path) not in writer.done]
+    bar = progress_factory(len(todo)) if progress_factory else None
+    t0 = time.monotonic()
+    errors = 0
+    try:
+        loader = decode_loader([i.path for i in todo], predictor.run.preprocess, gate,
+                               batch_size=predictor.batch_size, workers=workers)
+        for items in loader:
+            rows = results_of_batch(predictor, items)
+            writer.write(rows)
+            errors += sum(r["error"] is not None for r in rows)
+            if on_row is not None:
+                for r in rows:
+                    on_row(r)
+            if bar is not None:
+                bar.update(len(rows))
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    return BatchSummary(inputs=len(inputs), in_shard=len(mine), already_done=len(mine) - len(todo),
+                        screened=len(todo), errors=errors, earlier_errors=writer.done_errors,
+                        seconds=round(time.monotonic() - t0, 3),
+                        output=str(out_path), shard=str(shard))
+
+
+class RichProgress:
+    """A progress bar on `console` (stderr) with images/s and the ETA; `update(n)` / `close()`.
+
+    When the console is no terminal (a batch job's log) it prints a line every `log_every_s` seconds instead.
+    """
+
+    def __init__(self, console: Any, total: int, *, desc: str = "screening", log_every_s: float = 30.0) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console, self.total, self.log_every_s = console, total, log_every_s
+        self.done, self.t0, self.last_log = 0, time.monotonic(), time.monotonic()
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), console=console, disable=not console.is_terminal)
+        self.progress.start()
+        self.task = self.progress.add_task(desc, total=total, rate="-")
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        rate = self.done / max(now - self.t0, 1e-9)
+        self.progress.update(self.task, advance=n, rate=f"{rate:.1f}")
+        if not self.console.is_terminal and now - self.last_log >= self.log_every_s:
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            self.console.print(f"{self.done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f} s", markup=False)
+            self.last_log = now
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def screen_command(run: Any, inputs: Sequence[ImageInput], out_path: Path, *, rule: Any, gate: Any,
+                   batch_size: int, workers: int, resume: bool, shard: str | None, console: Any,
+                   failed: int = 0) -> int:
+    """`cxrscreen predict --out FILE`: screen, report on `console`, return the exit status (0 all done,
+    1 some input failed, 2 bad usage)."""
+    try:
+        chosen = Shard.parse(shard)
+        if workers < 0:
+            raise CXRError(f"--workers must be 0 or more, not {workers}")
+        predictor = Predictor(run, batch_size=batch_size, gate=None, rule=rule)
+        summary = screen(predictor, inputs, out_path, workers=workers, resume=resume, shard=chosen, gate=gate,
+                         progress_factory=lambda total: RichProgress(console, total))
+    except CXRError as exc:
+        console.print(f"error: {exc}", markup=False)
+        return 2
+    console.print(json.dumps(summary.to_dict()), markup=False)
+    bad = summary.errors + summary.earlier_errors
+    if bad:
+        console.print(f"{bad} input(s) failed (their rows in {out_path} give the error)", markup=False)
+    return 1 if bad or failed else 0

@@ -127,14 +127,14 @@ def gen_shapes(rng: np.random.Generator) -> Array:
     img = np.full((h, w, 3) if colour else (h, w), rng.uniform(0, 1))
     for _ in range(int(rng.integers(4, 30))):
         c = tuple(float(v) for v in rng.uniform(0, 1, 3)) if colour else float(rng.uniform(0, 1))
-        kind = rng.integers(0, 4)
+        shape = rng.integers(0, 4)
         p = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         thick = -1 if rng.random() < 0.6 else int(rng.integers(1, 8))
-        if kind == 0:
+        if shape == 0:
             cv2.rectangle(img, p, (int(rng.integers(0, w)), int(rng.integers(0, h))), c, thick)
-        elif kind == 1:
+        elif shape == 1:
             cv2.circle(img, p, int(rng.integers(5, max(h, w) // 3)), c, thick)
-        elif kind == 2:
+        elif shape == 2:
             cv2.line(img, p, (int(rng.integers(0, w)), int(rng.integers(0, h))), c, int(rng.integers(1, 10)))
         else:
             pts = rng.integers(0, [w, h], size=(int(rng.integers(3, 7)), 2)).astype(np.int32)

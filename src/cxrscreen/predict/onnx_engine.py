@@ -94,8 +94,8 @@ def export_onnx(run: LoadedRun, out_path: str | Path, *, opset: int = DEFAULT_OP
     CXRError for a detector run or when the export fails.
     """
     onnx = _require("onnx")
-    if run.config.get("kind", "classifier") != "classifier":
-        raise CXRError(f"ONNX export is for classifiers; {run.arch} is a {run.config.get('kind')}", run.run_dir)
+    if not run.task.has_logits:
+        raise CXRError(f"ONNX export is for classifiers; {run.arch} is a {run.kind}", run.run_dir)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     size = run.preprocess.image_size

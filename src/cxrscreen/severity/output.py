@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cxrscreen.data.lung_boxes import LUNG_CLASSES
 from cxrscreen.errors import CXRError
 from cxrscreen.severity.scorer import SeverityScorer
 
@@ -23,8 +24,8 @@ def make_scorer(run: Any, wanted: bool, localizer: Path | None, fail: Callable[[
             from cxrscreen.runs.run_dir import load_run
 
             loc = load_run(localizer)
-            if loc.config.get("kind") != "localizer":
-                raise CXRError(f"not a lung localizer (kind {loc.config.get('kind')!r})", localizer)
+            if tuple(loc.classes) != LUNG_CLASSES:
+                raise CXRError(f"not a lung localizer (classes {loc.classes})", localizer)
         return SeverityScorer.for_run(run, localizer=loc)
     except CXRError as exc:
         fail(exc)

@@ -1,4 +1,5 @@
-"""A tiny random-init EfficientNet-Lite0 run with a severity regressor fitted on synthetic images."""
+"""A tiny random-init EfficientNet-Lite0 run with a severity regressor fitted on synthetic images (per-lung
+pooling and flip averaging, the shipped kind of feature set)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import pytest
 
 from cxrscreen.models.registry import create_model
 from cxrscreen.runs.run_dir import LoadedRun, load_run, save_weights, write_config
-from cxrscreen.severity.features import FeatureExtractor, FeatureSpec, pool
+from cxrscreen.severity.features import FeatureExtractor, FeatureSpec
 from cxrscreen.severity.model import SeverityRegressor
 from cxrscreen.transforms.preprocess import PreprocessConfig
 from tests.conftest import synthetic_cxr
 
 CLASSES = ["covid", "normal", "pneumonia"]
 SPEC = FeatureSpec("model", preprocess=PreprocessConfig(64, resize_mode="pad", mean=0.5, std=0.5),
-                   blocks=("blocks.4", "head"))
+                   blocks=("blocks.4", "head"), pooling="lungs", flip=True)
 
 
 @pytest.fixture(scope="package")
@@ -30,9 +31,11 @@ def sev_run(tmp_path_factory: pytest.TempPathFactory) -> LoadedRun:
     run = load_run(d)
     ext = FeatureExtractor(run.model, SPEC)
     imgs = [synthetic_cxr(96, 80, lesion=(30 + 3 * i, 20 + 2 * i), seed=i) for i in range(12)]
-    maps = ext.maps([ext.prepare(p)[0] for p in imgs])
+    prepared = [ext.prepare(p) for p in imgs]
+    maps = ext.maps([im for im, _ in prepared])
     y = np.stack([np.linspace(0, 8, 12), np.linspace(0, 6, 12)], 1)
-    reg = SeverityRegressor.fit(pool(maps), y, [f"g{i // 2}" for i in range(12)], SPEC, [m.shape[1] for m in maps])
+    x = ext.features(maps, [g for _, g in prepared])
+    reg = SeverityRegressor.fit(x, y, [f"g{i // 2}" for i in range(12)], SPEC, [m.shape[1] for m in maps])
     reg.save(d, {"classifier_weights_sha256": sha})
     return load_run(d)
 

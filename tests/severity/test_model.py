@@ -64,3 +64,50 @@ def test_card_section_is_replaced_not_appended(tmp_path: Path) -> None:
     text = (tmp_path / "MODEL_CARD.md").read_text()
     assert text.startswith("# card") and text.count(START) == 1 and "not a Brixia score" in text
     assert json.loads((tmp_path / "model_card.json").read_text())["severity"]["candidate"] == "x"
+
+
+def test_lung_pooling_spatial_map_sums_to_the_prediction() -> None:
+    """Per-region averages: the prediction is the intercept plus, per region, M's mean over the region minus
+    the intercept (exact when the output size is the maps' resolution)."""
+    from cxrscreen.severity.features import region_cells
+
+    rng = np.random.default_rng(1)
+    maps = [rng.normal(size=(30, 5, 8, 8))]
+    boxes = [(0.0, 8.0, 30.0, 56.0), (34.0, 8.0, 62.0, 60.0)]  # model pixels of a 64 px input
+    x = pool(maps, [boxes] * 30, 64)
+    assert x.shape == (30, 10)
+    ys, xs = region_cells(boxes[1], (8, 8), 64)
+    np.testing.assert_allclose(x[:, 5:], maps[0][:, :, ys, xs].mean(axis=(2, 3)))
+    y = np.clip(np.stack([x[:, 0] * 2 + 4, x[:, 6] + 3], 1), 0, [8, 6])
+    spec = FeatureSpec(pooling="lungs")
+    reg = SeverityRegressor.fit(x, y, [str(i // 3) for i in range(30)], spec, [5])
+    smap = reg.spatial_map([maps[0][0]], 8, [tuple(v / 8 for v in b) for b in boxes])  # at map resolution
+    cells = [region_cells(tuple(v / 8 for v in b), (8, 8), 8) for b in boxes]
+    total = reg.intercept + sum(smap[:, ys, xs].mean(axis=(1, 2)) - reg.intercept for ys, xs in cells)
+    np.testing.assert_allclose(total, reg.predict_raw(x[:1])[0], atol=1e-4)
+    with pytest.raises(CXRError, match="region"):
+        SeverityRegressor.fit(x[:, :5], y, [str(i // 3) for i in range(30)], spec, [5])
+
+
+def test_spec_round_trip_and_old_specs_load() -> None:
+    spec = FeatureSpec("imagenet", pooling="lungs", flip=True)
+    assert FeatureSpec.from_dict(spec.to_dict()) == spec and spec.regions == ("right", "left")
+    old = {k: v for k, v in FeatureSpec().to_dict().items() if k not in ("pooling", "flip")}
+    assert FeatureSpec.from_dict(old) == FeatureSpec()
+    with pytest.raises(CXRError, match="pooling"):
+        FeatureSpec(pooling="zones")
+
+
+def test_flip_averaged_maps_mirror_with_the_image() -> None:
+    """With flip averaging, the maps of a mirrored image are the mirrored maps; without it they are not."""
+    from cxrscreen.models.registry import create_model
+    from cxrscreen.severity.features import FeatureExtractor
+    from cxrscreen.transforms.preprocess import PreprocessConfig
+
+    model = create_model("tf_efficientnet_lite0", num_classes=3)
+    img = (np.random.default_rng(0).uniform(0, 255, (64, 64))).astype(np.uint8)
+    for flip in (True, False):
+        spec = FeatureSpec(preprocess=PreprocessConfig(64, resize_mode="pad"), blocks=("blocks.4",), flip=flip)
+        ext = FeatureExtractor(model, spec)
+        a, b = ext.maps([img, np.ascontiguousarray(img[:, ::-1])])[0]
+        assert np.allclose(a, b[..., ::-1], atol=1e-5) == flip

@@ -30,7 +30,8 @@ def severity_cv(
     seed: Annotated[int, typer.Option()] = 0,
     model: Annotated[Path | None, typer.Option(help="classifier run dir ('model' features; default: bundled)")] = None,
 ) -> None:
-    """Repeated grouped K-fold CV of every candidate feature set: MAE and Pearson r with 95 % CIs."""
+    """Repeated grouped K-fold CV of every candidate feature set and of the nested selection among them (the
+    headline): MAE and Pearson r with 95 % CIs."""
     from cxrscreen.severity.cv import run_cv
 
     try:
@@ -39,10 +40,11 @@ def severity_cv(
     except CXRError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    best = rep["candidates"][rep["selected"]]
-    typer.echo(json.dumps({"selected": rep["selected"],
-                           **{t: {m: best[t][m] for m in ("mae", "pearson_r")} for t in rep["reference"]
-                              if t != "source"}, "reference": rep["reference"]}, indent=2))
+    nest = rep["nested"]
+    typer.echo(json.dumps({"nested": {t: {m: nest[t][m] for m in ("mae", "pearson_r")} for t in rep["reference"]
+                                      if t != "source"},
+                           "chosen_counts": nest["chosen_counts"], "selected": rep["selected"],
+                           "reference": rep["reference"]}, indent=2))
 
 
 @severity_app.command("fit")
@@ -50,7 +52,8 @@ def severity_fit(
     data: Annotated[Path, typer.Option(help="manifest folder with annotations/severity_scores.csv")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder for severity.safetensors and severity.json "
                                                         "(the bundled model's: src/cxrscreen/weights)")],
-    candidate: Annotated[str, typer.Option(help="feature set (see cv.json's 'selected')")],
+    candidate: Annotated[str, typer.Option(help="feature set (cv.json's 'selected': the nested procedure's most "
+                                                "often chosen)")],
     cv_json: Annotated[Path | None, typer.Option("--cv", help="cv.json whose figures go into severity.json")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     model: Annotated[Path | None, typer.Option(help="classifier run dir ('model' features; default: bundled)")] = None,

@@ -2,9 +2,12 @@
 
 A :class:`FeatureSpec` names the backbone ("model": the classifier the regressor ships with; "imagenet":
 the same architecture with its offline ImageNet weights), the preprocessing (its own, not necessarily the
-classifier's) and the stages whose maps are read ("blocks.4", ..., "head" = after conv_head + bn2). Each
-map is averaged over its positions and the averages are concatenated; because the regressor is linear in
-those averages, ``SeverityRegressor.spatial_map`` can spread its prediction back over the positions.
+classifier's) and the stages whose maps are read ("blocks.4", ..., "head" = after conv_head + bn2), the
+regions each map is averaged over (``pooling``: "image", the whole map; "lungs", the atlas boxes of the
+right and left lung, each averaged separately) and whether the maps of the horizontally flipped image,
+flipped back, are averaged in (``flip``). The region averages are concatenated (region-major, then stage);
+because the regressor is linear in those averages, ``SeverityRegressor.spatial_map`` can spread its
+prediction back over the positions.
 """
 
 from __future__ import annotations
@@ -21,33 +24,45 @@ from cxrscreen.errors import CXRError
 from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, Preprocessor, to_model_tensor
 
 BACKBONES = ("model", "imagenet")
+POOLINGS: dict[str, tuple[str, ...]] = {"image": ("image",), "lungs": ("right", "left")}  # pooling -> regions
+Box = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Which features: backbone ("model" | "imagenet"), arch, preprocessing and the stages read."""
+    """Which features: backbone ("model" | "imagenet"), arch, preprocessing, the stages read, the regions
+    averaged ("image" | "lungs") and flip averaging."""
 
     backbone: str = "model"
     arch: str = "tf_efficientnet_lite0"
     preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(image_size=192, center_fraction=0.9,
                                                                                   mean=0.5, std=0.5))
     blocks: tuple[str, ...] = ("head",)
+    pooling: str = "image"
+    flip: bool = False
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise CXRError(f"unknown severity backbone {self.backbone!r}; use one of {', '.join(BACKBONES)}")
+        if self.pooling not in POOLINGS:
+            raise CXRError(f"unknown severity pooling {self.pooling!r}; use one of {', '.join(POOLINGS)}")
         for b in self.blocks:
             if b != "head" and not (b.startswith("blocks.") and b[7:].isdigit()):
                 raise CXRError(f"unknown feature stage {b!r}; use 'blocks.N' or 'head'")
 
     def to_dict(self) -> dict[str, Any]:
         return {"backbone": self.backbone, "arch": self.arch, "preprocess": self.preprocess.to_dict(),
-                "blocks": list(self.blocks)}
+                "blocks": list(self.blocks), "pooling": self.pooling, "flip": self.flip}
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """Names of the regions whose averages make the features, in order."""
+        return POOLINGS[self.pooling]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
         return cls(backbone=d["backbone"], arch=d["arch"], preprocess=PreprocessConfig.from_dict(d["preprocess"]),
-                   blocks=tuple(d["blocks"]))
+                   blocks=tuple(d["blocks"]), pooling=d.get("pooling", "image"), flip=bool(d.get("flip", False)))
 
 
 class FeatureExtractor:
@@ -70,9 +85,32 @@ class FeatureExtractor:
         """Decoded X-ray (float32 [0, 1], H x W) -> uint8 model image and its geometry."""
         return self.preprocessor(pixels)
 
-    @torch.no_grad()
+    def regions(self, geom: Geometry) -> list[Box]:
+        """The spec's regions of one image in model pixels: the whole input, or the atlas boxes of its right
+        and left lung (from the original image's shape, mapped through its geometry)."""
+        if self.spec.pooling == "image":
+            return [(0.0, 0.0, float(geom.size), float(geom.size))]
+        from cxrscreen.data.lung_boxes import DEFAULT_ATLAS, LEFT, RIGHT, atlas_boxes
+
+        atlas = atlas_boxes(DEFAULT_ATLAS, geom.original_hw)
+        return [geom.box_to_model(tuple(float(v) for v in atlas.boxes[list(atlas.lungs).index(k)]))  # type: ignore[arg-type]
+                for k in (RIGHT, LEFT)]
+
     def maps(self, images: Sequence[np.ndarray], batch_size: int = 16) -> list[np.ndarray]:
-        """Per stage of the spec, float32 maps (N, C, h, w) of preprocessed uint8 images."""
+        """Per stage of the spec, float32 maps (N, C, h, w) of preprocessed uint8 images; with ``flip``, the
+        mean of the image's maps and the flipped image's maps flipped back."""
+        maps = self._maps(images, batch_size)
+        if self.spec.flip:
+            mirrored = self._maps([np.ascontiguousarray(im[:, ::-1]) for im in images], batch_size)
+            maps = [(m + f[..., ::-1]) / 2 for m, f in zip(maps, mirrored, strict=True)]
+        return maps
+
+    def features(self, maps: Sequence[np.ndarray], geoms: Sequence[Geometry]) -> np.ndarray:
+        """(N, D) region averages of maps (N, C, h, w) of images with these geometries."""
+        return pool(maps, [self.regions(g) for g in geoms], self.spec.preprocess.image_size)
+
+    @torch.no_grad()
+    def _maps(self, images: Sequence[np.ndarray], batch_size: int) -> list[np.ndarray]:
         outs: list[list[np.ndarray]] = [[] for _ in self.spec.blocks]
         m = self.module
         for i in range(0, len(images), batch_size):
@@ -87,14 +125,38 @@ class FeatureExtractor:
                 outs[k].append(got[b].float().cpu().numpy())
         return [np.concatenate(o) for o in outs]
 
-    def pooled(self, images: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
-        """(N, D) concatenated global averages of the spec's stages."""
-        return pool(self.maps(images, batch_size))
 
 
-def pool(maps: Sequence[np.ndarray]) -> np.ndarray:
-    """(N, sum C) global averages of maps (N, C, h, w)."""
-    return np.concatenate([m.mean(axis=(2, 3)) for m in maps], axis=1).astype(np.float64)
+def region_cells(box: Box, hw: tuple[int, int], size: int) -> tuple[slice, slice]:
+    """Rows and columns of an (h, w) map of a size x size input that a box (model pixels) covers; at least
+    one cell, inside the map."""
+    h, w = hw
+    x0, y0, x1, y1 = box
+
+    def span(a: float, b: float, n: int) -> slice:
+        lo = int(np.clip(np.floor(a * n / size), 0, n - 1))
+        return slice(lo, int(np.clip(np.ceil(b * n / size), lo + 1, n)))
+
+    return span(y0, y1, h), span(x0, x1, w)
+
+
+def pool(maps: Sequence[np.ndarray], regions: Sequence[Sequence[Box]] | None = None,
+         size: int | None = None) -> np.ndarray:
+    """(N, R x sum C) averages of maps (N, C, h, w) over each image's R regions (boxes in the pixels of a
+    size x size input; None: the whole map), region-major."""
+    if regions is None:
+        return np.concatenate([m.mean(axis=(2, 3)) for m in maps], axis=1).astype(np.float64)
+    if size is None:
+        raise CXRError("region pooling needs the input size")
+    rows = []
+    for i, boxes in enumerate(regions):
+        parts = []
+        for box in boxes:
+            for m in maps:
+                ys, xs = region_cells(box, m.shape[2:], size)
+                parts.append(m[i, :, ys, xs].mean(axis=(1, 2)))
+        rows.append(np.concatenate(parts))
+    return np.stack(rows).astype(np.float64)
 
 
 def build_backbone(spec: FeatureSpec, model: nn.Module | None = None) -> nn.Module:

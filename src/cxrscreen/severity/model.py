@@ -76,8 +76,9 @@ class SeverityRegressor:
             *, alphas: Sequence[float] = DEFAULT_ALPHAS, inner_k: int = 5, seed: int = 0) -> SeverityRegressor:
         """Fit on pooled features x (N, D) and scores y (N, 2); each score's penalty by inner grouped CV."""
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        if sum(block_dims) != x.shape[1]:
-            raise CXRError(f"feature width {x.shape[1]} is not the sum of the block widths {list(block_dims)}")
+        if len(spec.regions) * sum(block_dims) != x.shape[1]:
+            raise CXRError(f"feature width {x.shape[1]} is not {len(spec.regions)} region(s) x the sum of the block "
+                           f"widths {list(block_dims)}")
         mean = x.mean(0)
         scale = x.std(0)
         scale[scale < 1e-8] = 1.0
@@ -106,22 +107,37 @@ class SeverityRegressor:
         """(N, 2) geographic extent (0-8) and opacity (0-6), clipped to their ranges."""
         return clip_scores(self.predict_raw(x))
 
-    def spatial_map(self, maps: Sequence[np.ndarray], size: int) -> np.ndarray:
-        """(2, size, size) per-position contribution maps of one image's feature maps [(C, h, w) per stage].
+    def spatial_map(self, maps: Sequence[np.ndarray], size: int,
+                    regions: Sequence[tuple[float, float, float, float]] | None = None) -> np.ndarray:
+        """(2, size, size) per-position contribution maps of one image's feature maps [(C, h, w) per stage]
+        and its pooling regions (boxes in model pixels, as ``FeatureExtractor.regions``; None: the whole image).
 
-        The prediction is intercept + coef . (pooled - mean) / scale and each pooled feature is the mean of
-        its map, so ``intercept + sum over stages of coef . (map - mean) / scale`` at each position averages
-        to the (unclipped) prediction; each stage's map is resized bilinearly to size x size.
+        The prediction is intercept + sum over regions and stages of coef . (region mean of map - mean) / scale,
+        so with ``M = intercept + sum over regions of [inside the region] coef . (map - mean) / scale`` (each
+        stage's map resized bilinearly to size x size) the prediction is intercept + the sum over regions of
+        M's mean over the region minus the intercept; one whole-image region: M averages to the (unclipped)
+        prediction.
         """
+        from cxrscreen.severity.features import region_cells
+
+        boxes = list(regions) if regions is not None else [(0.0, 0.0, float(size), float(size))]
+        width = sum(self.block_dims)
+        if len(boxes) * width != len(self.mean):
+            raise CXRError(f"{len(boxes)} region(s) do not fit the regressor's {len(self.mean)} features")
         out = np.tile(self.intercept[:, None, None], (1, size, size)).astype(np.float64)
-        start = 0
-        for m, d in zip(maps, self.block_dims, strict=True):
-            sl = slice(start, start + d)
-            start += d
-            z = (m.astype(np.float64) - self.mean[sl, None, None]) / self.scale[sl, None, None]
-            contrib = np.einsum("td,dhw->thw", self.coef[:, sl], z)
-            for t in range(contrib.shape[0]):
-                out[t] += cv2.resize(contrib[t].astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+        for r, box in enumerate(boxes):
+            start = r * width
+            for m, d in zip(maps, self.block_dims, strict=True):
+                sl = slice(start, start + d)
+                start += d
+                z = (m.astype(np.float64) - self.mean[sl, None, None]) / self.scale[sl, None, None]
+                contrib = np.einsum("td,dhw->thw", self.coef[:, sl], z)
+                if regions is not None:
+                    mask = np.zeros(m.shape[1:])
+                    mask[region_cells(box, m.shape[1:], size)] = 1.0
+                    contrib = contrib * mask
+                for t in range(contrib.shape[0]):
+                    out[t] += cv2.resize(contrib[t].astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
         return out
 
     def save(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -133,7 +149,7 @@ class SeverityRegressor:
         tensors = {"mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": self.intercept}
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
         cfg = {"targets": list(TARGETS), "ranges": {t: list(TARGET_RANGES[t]) for t in TARGETS},
-               "regressor": "ridge on standardised pooled features", "features": self.spec.to_dict(),
+               "regressor": "ridge on standardised region-averaged features", "features": self.spec.to_dict(),
                "block_dims": self.block_dims, "alphas": dict(zip(TARGETS, self.alphas, strict=True)),
                "weights_sha256": file_sha256(out / WEIGHTS_FILE), **self.meta, **(extra or {})}
         write_json(out / CONFIG_FILE, cfg)

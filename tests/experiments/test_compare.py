@@ -13,7 +13,8 @@ import pytest
 from cxrscreen.engine import loop as engine
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.evaluate import evaluate_run
-from cxrscreen.experiments.compare import STUDY_REFERENCE, CompareConfig, run_compare, train_config_for
+from cxrscreen.experiments.compare import run_compare
+from cxrscreen.experiments.config import STUDY_REFERENCE, CompareConfig, train_config_for
 from cxrscreen.experiments.report import RERUN, table_rows
 from cxrscreen.runs.run_dir import load_run
 from tests.conftest import read_real_manifest, write_real_subset

@@ -10,15 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrscreen.experiments.compare import (
-    PAIRED_FIGURES,
-    STUDY_REFERENCE,
-    CompareConfig,
-    _paired_effect,
-    report_finished,
-    train_config_for,
-)
-from cxrscreen.experiments.report import write_test_probs
+from cxrscreen.experiments.config import STUDY_REFERENCE, CompareConfig, train_config_for
+from cxrscreen.experiments.effects import PAIRED_FIGURES, _paired_effect
+from cxrscreen.experiments.probs import write_test_probs
+from cxrscreen.experiments.report import report_finished
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "configs" / "study_paper.yaml"

@@ -10,14 +10,22 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from cxrscreen.errors import CXRError
+from cxrscreen.evaluation.evaluate import evaluate_subset
 from cxrscreen.evaluation.formatting import format_ci, format_value
-from cxrscreen.runs.run_dir import read_history
+from cxrscreen.experiments.config import STUDY_REFERENCE, CompareConfig
+from cxrscreen.experiments.effects import best_vs, clahe_effect, transfer_effect
+from cxrscreen.experiments.probs import read_test_probs, write_test_probs
+from cxrscreen.io.files import write_json
+from cxrscreen.runs.provenance import utc_now
+from cxrscreen.runs.run_dir import load_run, read_history
 
 TABLE_COLUMNS = [
     "run", "source", "status", "arch", "image_size", "clahe", "n_test", "accuracy", "macro_f1",
@@ -559,7 +567,6 @@ def render_html(result: dict[str, Any], table: list[dict[str, Any]], files: dict
 # ------------------------------------------------------------------------------------------------ driver
 def write_report(result: dict[str, Any], out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Write every plot, table.csv, report.md and report.html; returns (table rows, files relative to out_dir)."""
-    from cxrscreen.experiments.report import read_test_probs
 
     out_dir = Path(out_dir)
     (out_dir / "curves").mkdir(parents=True, exist_ok=True)
@@ -593,25 +600,6 @@ def write_report(result: dict[str, Any], out_dir: Path) -> tuple[list[dict[str, 
     return table, files
 
 
-def write_test_probs(path: Path, paths: list[str], labels: np.ndarray, groups: list[str], sources: list[str],
-                     probs: np.ndarray, classes: list[str]) -> Path:
-    """CSV image, label, split_group, source, p_<class>... (probabilities at full precision)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "label", "split_group", "source", *[f"p_{c}" for c in classes]])
-        for i, p in enumerate(paths):
-            w.writerow([p, classes[int(labels[i])], groups[i], sources[i], *[repr(float(v)) for v in probs[i]]])
-    return path
-
-
-def read_test_probs(path: Path) -> pd.DataFrame:
-    """The per-image probabilities written by `write_test_probs`."""
-    return pd.read_csv(path, dtype={"image": str, "label": str, "split_group": str, "source": str},
-                       keep_default_na=False)
-
-
-
 def report_run(run_dir: Path, data_dir: Path, split_csv: Path, out_dir: Path, *, subset: str = "test",
                n_boot: int = 1000, seed: int = 0, reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """One trained run's figures: the eval JSON of `cxrscreen evaluate` (same function, same defaults) as
@@ -620,13 +608,8 @@ def report_run(run_dir: Path, data_dir: Path, split_csv: Path, out_dir: Path, *,
     Returns the eval JSON."""
     import shutil
 
-    from cxrscreen.evaluation.evaluate import evaluate_subset
-    from cxrscreen.io.files import write_json
-    from cxrscreen.runs.run_dir import load_run
 
     if reference is None:
-        from cxrscreen.experiments.compare import STUDY_REFERENCE
-
         reference = STUDY_REFERENCE
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -655,7 +638,6 @@ def main(argv: list[str] | None = None) -> int:
     """
     import argparse
 
-    from cxrscreen.experiments.compare import report_finished
 
     ap = argparse.ArgumentParser(prog="python -m cxrscreen.experiments.report", description=main.__doc__)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -683,3 +665,43 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def pending_runs(cc: CompareConfig, rows: list[dict[str, Any]]) -> list[str]:
+    """Run names the config lists that have no row yet (not run, or interrupted before they finished)."""
+    done = {r["name"] for r in rows}
+    return [n for n in (cc.run_name(e, c) for e in cc.models for c in cc.clahe) if n not in done]
+
+
+def study_analyses(result: dict[str, Any], cc: CompareConfig, out_dir: Path) -> None:
+    """Fill result's clahe_effect, transfer_effect, vgg16_vs_best and pending from its runs (in place)."""
+    rows, n_boot, seed = result["runs"], cc.n_boot, cc.seed
+    result["clahe_effect"] = clahe_effect(rows, out_dir, n_boot=n_boot, seed=seed)
+    result["transfer_effect"] = transfer_effect(rows, out_dir, n_boot=n_boot, seed=seed)
+    result["vgg16_vs_best"] = best_vs(rows, "vgg16", out_dir, n_boot=n_boot, seed=seed)
+    result["pending"] = pending_runs(cc, rows)
+
+
+def report_finished(out_dir: Path, config: Path | CompareConfig, *, gpu_recipe: bool = False) -> dict[str, Any]:
+    """The report of the runs a (possibly still running or interrupted) comparison has finished.
+
+    Reads out_dir/compare.json (written after every run), recomputes the paired analyses from the finished
+    runs, lists the config's other runs as not run yet, and writes the report and compare.json (``complete``
+    stays false while any run is pending). Trains nothing.
+    """
+    cc = config if isinstance(config, CompareConfig) else CompareConfig.from_yaml(Path(config))
+    if gpu_recipe:
+        cc = cc.with_gpu_recipe()
+    out_dir = Path(out_dir)
+    path = out_dir / "compare.json"
+    if not path.is_file():
+        raise CXRError("no compare.json: run `cxrscreen compare` first", path)
+    result = json.loads(path.read_text())
+    study_analyses(result, cc, out_dir)
+    result["meta"]["report_written"] = utc_now()
+
+    result["table"], result["files"] = write_report(result, out_dir)
+    result["complete"] = not result["pending"]
+    write_json(path, result)
+    return result
+

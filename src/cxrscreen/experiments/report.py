@@ -89,13 +89,17 @@ def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, list[Any]
 
 
 def _style(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Colour per architecture (and size), solid line for CLAHE on, dashed for off."""
+    """Colour per architecture, size and initial weights (ImageNet or scratch), solid line for CLAHE on,
+    dashed for off."""
     from matplotlib import colormaps
 
-    keys = list(dict.fromkeys((r["arch"], r["image_size"]) for r in runs))
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["arch"], r["image_size"], r.get("weights") or "none"
+
+    keys = list(dict.fromkeys(key(r) for r in runs))
     cmap = colormaps["tab10" if len(keys) <= 10 else "tab20"]
-    return {r["name"]: {"color": cmap(keys.index((r["arch"], r["image_size"])) % cmap.N),
-                        "linestyle": "-" if r["clahe"] else "--"} for r in runs}
+    return {r["name"]: {"color": cmap(keys.index(key(r)) % cmap.N), "linestyle": "-" if r["clahe"] else "--"}
+            for r in runs}
 
 
 def _epoch_axis(ax: Any, last_epoch: float) -> None:

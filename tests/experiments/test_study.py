@@ -4,6 +4,8 @@ report of a partly finished comparison (hand-made runs; nothing is trained)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +125,11 @@ def test_report_of_a_partial_comparison_answers_only_from_finished_arms(tmp_path
     assert "**How far does ImageNet transfer move each figure?** Not measured yet" in md
     assert "**Does CLAHE help?** CLAHE on gave" in md
     assert "## Not run yet" in md and "- vgg16_128_clahe-on" in md
+    # the command line the README gives (`python -m cxrscreen.experiments.report compare ...`) does the same
+    done = subprocess.run([sys.executable, "-m", "cxrscreen.experiments.report", "compare", str(tmp_path),
+                           "--config", str(STUDY)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "3 run(s) finished, 11 not run yet" in done.stdout
     # unfinished arms are in no results table row
     table = md.split("## The study's claims")[0]
     assert "vgg16_128" not in table and "resnet18_128_clahe-on" in table

@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     """Reports without training.
 
     ``python -m cxrscreen.experiments.report compare OUT_DIR --config CONFIG [--gpu-recipe]``: the report of the
-    runs a comparison has finished (`compare.report_finished`). ``python -m cxrscreen.experiments.report run
+    runs a comparison has finished (`report_finished`). ``python -m cxrscreen.experiments.report run
     RUN_DIR --data D --split S --out OUT``: one run's test figures and plots (`report_run`).
     """
     import argparse
@@ -665,10 +665,6 @@ def main(argv: list[str] | None = None) -> int:
     ok = sum(r["status"] == "ok" for r in result["runs"])
     print(f"wrote {args.out_dir / 'report.md'}: {ok} run(s) finished, {len(result['pending'])} not run yet")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 def pending_runs(cc: CompareConfig, rows: list[dict[str, Any]]) -> list[str]:
@@ -709,3 +705,6 @@ def report_finished(out_dir: Path, config: Path | CompareConfig, *, gpu_recipe: 
     write_json(path, result)
     return result
 
+
+if __name__ == "__main__":
+    raise SystemExit(main())

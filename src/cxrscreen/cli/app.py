@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from cxrscreen.errors import CXRError
 
@@ -54,21 +46,11 @@ def _main(
     """Screen chest X-rays for COVID-19 and other pneumonia (research use only: not a medical device)."""
 
 
-class _Bar:
-    """A rich progress bar with the update(n) / close() interface the library expects."""
+def _Bar(desc: str, total: int) -> Any:  # noqa: N802  (the progress_factory the library calls)
+    """A transient progress bar on stderr with the update(n) / close() interface the library expects."""
+    from cxrscreen.predict.batch import RichProgress
 
-    def __init__(self, desc: str, total: int) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-                                 disable=not console.is_terminal)
-        self.progress.start()
-        self.task = self.progress.add_task(desc, total=total)
-
-    def update(self, n: int = 1) -> None:
-        self.progress.advance(self.task, n)
-
-    def close(self) -> None:
-        self.progress.stop()
+    return RichProgress(console, total, desc=desc, log_every_s=None, transient=True)
 
 
 def _fail(exc: CXRError) -> None:

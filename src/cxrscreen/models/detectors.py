@@ -54,7 +54,7 @@ from torchvision.models.detection.ssdlite import SSDLiteHead, _extra_block, _mob
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from cxrscreen.errors import CXRError
-from cxrscreen.models.layers import GREY_MEAN, GREY_STD, _replace, grey_conv, grey_filters
+from cxrscreen.models.layers import GREY_MEAN, GREY_STD, _replace, grey_conv, grey_filters, weights_unavailable
 
 DETECTORS: dict[str, dict[str, Any]] = {
     # fixed_size: the only input side the architecture accepts (None: any side >= min_size)
@@ -95,11 +95,7 @@ def fetch_backbone(name: str) -> dict[str, torch.Tensor]:
     try:
         return enum.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # network, hub cache or hash failures all mean "not available here"
-        raise CXRError(
-            f"ImageNet backbone weights for {name} ({enum}) could not be loaded ({type(exc).__name__}: {exc}). "
-            "They download from download.pytorch.org on first use; on an offline machine, copy them into "
-            "the torch hub cache ($TORCH_HOME/hub/checkpoints) or train with --weights none."
-        ) from exc
+        raise weights_unavailable(f"the {name} backbone ({enum})", exc) from exc
 
 
 def _ssd300(num_labels: int, state: dict[str, torch.Tensor] | None) -> SSD:

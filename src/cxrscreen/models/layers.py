@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from cxrscreen.errors import CXRError
+
 GREY_MEAN = 0.5  # the PreprocessConfig defaults: a grey input normalised as (x - 0.5) / 0.25
 GREY_STD = 0.25
 
@@ -14,6 +16,15 @@ GREY_STD = 0.25
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def weights_unavailable(what: str, exc: Exception) -> CXRError:
+    """The error for ImageNet weights that cannot be had (network, hub cache or hash failures)."""
+    return CXRError(
+        f"ImageNet weights for {what} could not be loaded ({type(exc).__name__}: {exc}). "
+        "They download from download.pytorch.org on first use; on an offline machine, copy them into "
+        "the torch hub cache ($TORCH_HOME/hub/checkpoints) or train with --weights none."
+    )
 
 
 def grey_filters(

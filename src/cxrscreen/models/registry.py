@@ -16,7 +16,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from cxrscreen.errors import CXRError
-from cxrscreen.models.layers import fold_to_grey
+from cxrscreen.models.layers import fold_to_grey, weights_unavailable
 
 
 @dataclass(frozen=True)
@@ -133,11 +133,7 @@ def load_imagenet(tv_name: str, **kwargs: object) -> nn.Module:
     try:
         return tvm.get_model(tv_name, weights="DEFAULT", **kwargs)
     except Exception as exc:  # network, hub cache or hash failures all mean "not available here"
-        raise CXRError(
-            f"ImageNet weights for {tv_name} could not be loaded ({type(exc).__name__}: {exc}). "
-            "They download from download.pytorch.org on first use; on an offline machine, copy them into "
-            "the torch hub cache ($TORCH_HOME/hub/checkpoints) or train with --weights none."
-        ) from exc
+        raise weights_unavailable(tv_name, exc) from exc
 
 
 def _build_torchvision(

@@ -389,10 +389,12 @@ def screen(
 class RichProgress:
     """A progress bar on `console` (stderr) with images/s and the ETA; `update(n)` / `close()`.
 
-    When the console is no terminal (a batch job's log) it prints a line every `log_every_s` seconds instead.
+    When the console is no terminal (a batch job's log) it prints a line every `log_every_s` seconds instead
+    (None: no lines). `transient`: the bar disappears when closed (the CLI's loading and epoch bars).
     """
 
-    def __init__(self, console: Any, total: int, *, desc: str = "screening", log_every_s: float = 30.0) -> None:
+    def __init__(self, console: Any, total: int, *, desc: str = "screening", log_every_s: float | None = 30.0,
+                 transient: bool = False) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -406,7 +408,8 @@ class RichProgress:
         self.done, self.t0, self.last_log = 0, time.monotonic(), time.monotonic()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), console=console, disable=not console.is_terminal)
+                                 TimeRemainingColumn(), console=console, transient=transient,
+                                 disable=not console.is_terminal)
         self.progress.start()
         self.task = self.progress.add_task(desc, total=total, rate="-")
 
@@ -415,7 +418,7 @@ class RichProgress:
         now = time.monotonic()
         rate = self.done / max(now - self.t0, 1e-9)
         self.progress.update(self.task, advance=n, rate=f"{rate:.1f}")
-        if not self.console.is_terminal and now - self.last_log >= self.log_every_s:
+        if self.log_every_s is not None and not self.console.is_terminal and now - self.last_log >= self.log_every_s:
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
             self.console.print(f"{self.done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f} s", markup=False)
             self.last_log = now

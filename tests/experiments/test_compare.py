@@ -13,7 +13,7 @@ import pytest
 from cxrscreen.engine import loop as engine
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.evaluate import evaluate_run
-from cxrscreen.experiments.compare import run_compare
+from cxrscreen.experiments.compare import _arm_lock, merged_rows, run_compare, select_pairs
 from cxrscreen.experiments.config import STUDY_REFERENCE, CompareConfig, train_config_for
 from cxrscreen.experiments.report import RERUN, table_rows
 from cxrscreen.runs.run_dir import load_run
@@ -162,6 +162,58 @@ def test_second_compare_does_not_retrain(compared, monkeypatch) -> None:
 
 
 @pytest.mark.slow
+def test_an_arm_another_process_holds_is_skipped_and_its_row_kept(compared, monkeypatch) -> None:
+    out = compared["out"]
+    monkeypatch.setattr(engine, "train_one_epoch", _fail_epoch)
+    logs: list[str] = []
+    with _arm_lock(out / "runs", RUNS[1]) as mine:  # as if another `cxrscreen compare` were training it
+        assert mine
+        again = run_compare(TINY, compared["data"], compared["split"], out, cache_dir=compared["cache"],
+                            only=["resnet18_*"], log=logs.append)
+    assert any(f"{RUNS[1]}: another compare process holds it" in m for m in logs)
+    assert not any(m.startswith(f"{RUNS[1]}: ") and "evaluat" in m for m in logs)
+    # the held arm and the two arms --only left out keep the rows compare.json had; nothing is pending
+    assert [r["name"] for r in again["runs"]] == RUNS and again["complete"] and again["pending"] == []
+    assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in compared["result"]["runs"]]
+    assert json.loads((out / "compare.json").read_text())["complete"] is True
+
+
+def test_arm_lock_is_exclusive_and_freed(tmp_path: Path) -> None:
+    with _arm_lock(tmp_path, "a") as first, _arm_lock(tmp_path, "a") as second, _arm_lock(tmp_path, "b") as b:
+        assert first and not second and b
+    with _arm_lock(tmp_path, "a") as again:
+        assert again
+    assert "pid" in (tmp_path / ".locks" / "a.lock").read_text()
+
+
+def test_only_selects_arms_by_pattern() -> None:
+    cc = CompareConfig.from_yaml(TINY)
+    names = [cc.run_name(e, c) for e, c in select_pairs(cc, ["*_clahe-off", "resnet18_48_clahe-on"])]
+    assert names == RUNS[:2] + RUNS[3:]
+    assert len(select_pairs(cc, None)) == 4
+    with pytest.raises(CXRError, match="matches no arm; the arms are resnet18_48_clahe-on"):
+        select_pairs(cc, ["vgg*"])
+
+
+def test_merged_rows_keep_other_processes_rows_unless_the_recipe_changed(tmp_path: Path) -> None:
+    cc = CompareConfig.from_yaml(TINY)
+    rows = {cc.run_name(e, c): {"name": cc.run_name(e, c), "status": "ok",
+                                "training": train_config_for(cc, e, c).to_dict()} for e, c in cc.pairs()}
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps({"runs": [rows[n] for n in RUNS[1:]]}))
+    mine = {RUNS[0]: {"name": RUNS[0], "status": "ok", "mine": True}}
+    assert [r["name"] for r in merged_rows(path, mine, cc)] == RUNS
+    assert merged_rows(path, mine, cc)[0]["mine"]
+    # another learning rate for resnet18: its stored row was trained otherwise and is not kept
+    changed = CompareConfig.from_yaml(TINY)
+    changed.models[0].overrides["lr"] = 0.01
+    assert [r["name"] for r in merged_rows(path, {}, changed)] == RUNS[2:]
+    # an unreadable compare.json is no rows, not a crash
+    path.write_text("{not json")
+    assert merged_rows(path, mine, cc) == [mine[RUNS[0]]]
+
+
+@pytest.mark.slow
 def test_failing_models_are_recorded_and_the_rest_go_on(tiny_data, monkeypatch) -> None:
     cc = CompareConfig.from_yaml(TINY)
     cc.models = CompareConfig.from_dict({"models": [{"arch": "no_such_net"}, {"arch": "resnet18", "image_size": 40}],
@@ -208,6 +260,8 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
         CompareConfig.from_dict({"models": ["resnet18", {"arch": "resnet18", "image_size": 224}]})
     with pytest.raises(CXRError, match="clahe"):
         CompareConfig.from_dict({"models": ["resnet18"], "clahe": ["yes"]})
+    with pytest.raises(CXRError, match=r"models entry 1 \(resnet18\): `clahe:`"):
+        CompareConfig.from_dict({"models": [{"arch": "resnet18", "clahe": "off"}]})
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: [resnet18\n")
     with pytest.raises(CXRError, match="bad.yaml"):

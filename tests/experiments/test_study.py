@@ -24,14 +24,21 @@ CLASSES = ["covid", "normal", "pneumonia"]
 
 def test_study_config_arms() -> None:
     cc = CompareConfig.from_yaml(STUDY)
-    names = [cc.run_name(e, c) for e in cc.models for c in cc.clahe]
+    names = cc.run_names()
     expected = ["resnet18", "tf_efficientnet_lite0_128_imagenet", "tf_efficientnet_lite0", "densenet169", "vgg16",
                 "inception_v3", "resnet152"]
     sized = [a if a.endswith("imagenet") else f"{a}_128" for a in expected]
-    assert names == [f"{a}_clahe-{s}" for a in sized for s in ("on", "off")]
+    # every arm with CLAHE on and off, then the second seed of the best two, each in its own CLAHE setting
+    assert names == [f"{a}_clahe-{s}" for a in sized for s in ("on", "off")] + [
+        "tf_efficientnet_lite0_128_imagenet_seed1_clahe-on", "resnet18_128_seed1_clahe-off"]
     lite_in, lite_sc = (train_config_for(cc, e, True) for e in cc.models[1:3])
     assert lite_in.weights == "imagenet" and lite_sc.weights == "none"
     assert lite_in.preprocess == lite_sc.preprocess  # the two Lite0 arms differ only in their starting weights
+    # the second seeds differ from their first-seed arms in the seed only
+    for second, first in ((cc.models[7], cc.models[1]), (cc.models[8], cc.models[0])):
+        (clahe,) = cc.clahe_of(second)
+        a, b = train_config_for(cc, second, clahe).to_dict(), train_config_for(cc, first, clahe).to_dict()
+        assert {k for k in a if a[k] != b[k]} == {"seed"} and a["seed"] == 1
     for e in cc.models:
         cfg = train_config_for(cc, e, False)
         assert cfg.monitor == "val_loss" and cfg.patience == 8 and cfg.max_train_images_per_epoch is None
@@ -72,7 +79,7 @@ def test_paired_effect_of_every_figure() -> None:
 
 
 def _fake_run(out: Path, name: str, arch: str, clahe: bool, weights: str, probs: pd.DataFrame,
-              val_loss: list[float]) -> dict:
+              val_loss: list[float], *, seed: int = 0, auc: float = 0.5) -> dict:
     run_dir = out / "runs" / name
     (run_dir / "eval").mkdir(parents=True)
     n = len(val_loss)
@@ -85,11 +92,11 @@ def _fake_run(out: Path, name: str, arch: str, clahe: bool, weights: str, probs:
     pred = p.argmax(1)
     cm = [[int(np.sum((y == i) & (pred == j))) for j in range(3)] for i in range(3)]
     fig = {"value": 0.5, "ci95": [0.4, 0.6]}
-    return {"name": name, "arch": arch, "image_size": 128, "clahe": clahe, "weights": weights, "seed": 0,
+    return {"name": name, "arch": arch, "image_size": 128, "clahe": clahe, "weights": weights, "seed": seed,
             "kind": "classifier", "status": "ok", "stage": None, "error": None, "run_dir": f"runs/{name}",
             "best_epoch": int(np.argmin(val_loss)) + 1, "stop_reason": "early stopping", "epochs_run": n,
             "metrics": {"n_test": len(y), "accuracy": float(np.mean(pred == y)), "macro_f1": 0.5,
-                        "covid_sensitivity": fig, "covid_specificity": fig, "covid_auc": dict(fig),
+                        "covid_sensitivity": fig, "covid_specificity": fig, "covid_auc": {**fig, "value": auc},
                         "confusion_matrix": cm, "class_names": CLASSES},
             "files": {"probs": f"runs/{name}/eval/test_probs.csv", "history": f"runs/{name}/history.csv"}}
 
@@ -99,10 +106,15 @@ def test_report_of_a_partial_comparison_answers_only_from_finished_arms(tmp_path
     good = _probs(labels, labels, [0.9] * 4 + [0.1] * 8)
     bad = _probs(labels, ["normal"] * 12, [0.1] * 2 + [0.9] * 2 + [0.1] * 8)
     runs = [
-        _fake_run(tmp_path, "resnet18_128_clahe-on", "resnet18", True, "none", good, [1.0, 0.8, 0.7, 0.72, 0.71]),
-        _fake_run(tmp_path, "resnet18_128_clahe-off", "resnet18", False, "none", bad, [1.0, 0.9, 1.1, 0.8, 1.2]),
+        _fake_run(tmp_path, "resnet18_128_clahe-on", "resnet18", True, "none", good, [1.0, 0.8, 0.7, 0.72, 0.71],
+                  auc=0.7),
+        _fake_run(tmp_path, "resnet18_128_clahe-off", "resnet18", False, "none", bad, [1.0, 0.9, 1.1, 0.8, 1.2],
+                  auc=0.6),
         _fake_run(tmp_path, "tf_efficientnet_lite0_128_imagenet_clahe-on", "tf_efficientnet_lite0", True,
-                  "imagenet", good, [0.9, 0.6, 0.5, 0.5, 0.52]),
+                  "imagenet", good, [0.9, 0.6, 0.5, 0.5, 0.52], auc=0.9),
+        # the second seed of resnet18 CLAHE off: this time it finds every COVID image
+        _fake_run(tmp_path, "resnet18_128_seed1_clahe-off", "resnet18", False, "none", good, [1.0, 0.7, 0.6],
+                  seed=1, auc=0.95),
     ]
     meta = {"title": "t", "config_path": str(STUDY), "config_text": STUDY.read_text(), "seed": 0, "n_boot": 50,
             "budget_minutes_per_run": 240, "inference": {"batch_size": 32},
@@ -116,20 +128,29 @@ def test_report_of_a_partial_comparison_answers_only_from_finished_arms(tmp_path
     result = report_finished(tmp_path, cc)
     assert not result["complete"]
     assert result["pending"][0] == "tf_efficientnet_lite0_128_imagenet_clahe-off"
-    assert len(result["pending"]) == 14 - 3
-    (e,) = result["clahe_effect"]
+    assert len(result["pending"]) == 16 - 4
+    (e,) = result["clahe_effect"]  # the seed-1 arm has no CLAHE-on partner
     assert e["arch"] == "resnet18" and e["covid_sensitivity_paired_diff"] == pytest.approx(1.0)
+    (s,) = result["seed_effect"]
+    assert (s["a"], s["b"], s["seed_a"], s["seed_b"]) == ("resnet18_128_seed1_clahe-off", "resnet18_128_clahe-off",
+                                                          1, 0)
+    assert s["covid_sensitivity_paired_diff"] == pytest.approx(1.0) and s["covid_auc_diff"] == pytest.approx(0.35)
     assert result["transfer_effect"] == []  # no from-scratch Lite0 arm has finished
     md = (tmp_path / "report.md").read_text()
     assert "**Is VGG-16 the best?** Not measured yet" in md
     assert "**How far does ImageNet transfer move each figure?** Not measured yet" in md
     assert "**Does CLAHE help?** CLAHE on gave" in md
+    # the second seed is reported, and the report says the best two seed-0 arms are not both the seeded ones
+    assert "**How much does a second training run move the figures?** Second seed - first" in md
+    assert ("today's best two first-seed arms are tf_efficientnet_lite0_128_imagenet_clahe-on (0.900), "
+            "resnet18_128_clahe-on (0.700); tf_efficientnet_lite0_128_imagenet_clahe-on and resnet18_128_clahe-on "
+            "have no second seed") in md
     assert "## Not run yet" in md and "- vgg16_128_clahe-on" in md
     # the command line the README gives (`python -m cxrscreen.experiments.report compare ...`) does the same
     done = subprocess.run([sys.executable, "-m", "cxrscreen.experiments.report", "compare", str(tmp_path),
                            "--config", str(STUDY)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "3 run(s) finished, 11 not run yet" in done.stdout
+    assert "4 run(s) finished, 12 not run yet" in done.stdout
     # unfinished arms are in no results table row
     table = md.split("## The study's claims")[0]
     assert "vgg16_128" not in table and "resnet18_128_clahe-on" in table

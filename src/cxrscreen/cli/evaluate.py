@@ -117,8 +117,15 @@ def compare(
     ] = None,
     gpu_recipe: Annotated[bool, typer.Option("--gpu-recipe", help="apply the config's gpu_recipe section")] = False,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (default: the recipe's)")] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="work only on the arms whose run name matches this pattern (fnmatch; repeatable)"),
+    ] = None,
 ) -> None:
-    """Train every (model, CLAHE on/off) pair of a config, test each, and write table.csv, plots, report.md/.html."""
+    """Train every (model, CLAHE on/off) pair of a config, test each, and write table.csv, plots, report.md/.html.
+
+    Start it more than once on one --out to use more cores: each process skips the arms another one holds.
+    """
     import shlex
 
     from cxrscreen.experiments.compare import run_compare
@@ -128,8 +135,8 @@ def compare(
 
     try:
         result = run_compare(config, data, split, out_dir, budget_minutes=budget_minutes, device=device,
-                             gpu_recipe=gpu_recipe, command=shlex.join(["cxrscreen", *sys.argv[1:]]), log=log,
-                             progress_factory=_Bar)
+                             gpu_recipe=gpu_recipe, only=only, command=shlex.join(["cxrscreen", *sys.argv[1:]]),
+                             log=log, progress_factory=_Bar)
     except CXRError as exc:
         _fail(exc)
 

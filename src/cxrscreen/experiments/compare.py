@@ -8,6 +8,12 @@ inference images/s on this machine, and writes the report (see `report.py`) and 
 
 One failing pair is recorded as failed, with its error, and the others go on.
 
+Several processes may work on one out_dir at once (one per core, or per machine on a shared disk): each
+takes an arm only while it holds that arm's lock (runs/.locks/<name>.lock, an flock the system frees when the
+process ends, however it ends) and skips arms another process holds; compare.json is rewritten under a lock
+of its own, merging this process's rows with those already there, so the report lists every finished arm
+whichever process trained it. `only` (fnmatch patterns on run names) restricts a call to some arms.
+
 A comparison YAML may start from another: ``base: other.yaml`` (a path relative to the file) merges the
 other file under this one; this file's top-level keys replace the base's whole (a ``train:`` here replaces
 the base's ``train:``, it is not merged key by key). The report's verbatim config shows both files.
@@ -16,12 +22,14 @@ the base's ``train:``, it is not merged key by key). The report's verbatim confi
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import fnmatch
 import json
 import os
 import platform
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +277,83 @@ def compare_one(
     return row
 
 
+# ------------------------------------------------------------------------------------------- locks, merging
+@contextlib.contextmanager
+def _arm_lock(runs_dir: Path, name: str) -> Iterator[bool]:
+    """Hold runs/.locks/<name>.lock for the block; yields False (and holds nothing) when another process has it."""
+    lock_dir = runs_dir / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = False
+        else:
+            held = True
+            f.seek(0)
+            f.truncate()
+            f.write(f"{platform.node()} pid {os.getpid()} since {utc_now()}\n")
+            f.flush()
+        try:
+            yield held
+        finally:
+            if held:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _json_lock(out_dir: Path) -> Iterator[None]:
+    """Serialise compare.json's read-merge-write (and the report written from it) between processes."""
+    with open(out_dir / ".compare.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _same_training(stored: dict[str, Any] | None, cfg: TrainConfig) -> bool:
+    """Whether a stored row's training options are cfg's, operational fields aside."""
+    if not stored:
+        return False
+    with contextlib.suppress(CXRError, TypeError, ValueError):
+        stored = TrainConfig.from_dict(stored).to_dict()
+    new = cfg.to_dict()
+    return all(stored.get(k) == new.get(k) for k in set(stored) | set(new) if k not in OPERATIONAL_FIELDS)
+
+
+def merged_rows(path: Path, own: dict[str, dict[str, Any]], cc: CompareConfig) -> list[dict[str, Any]]:
+    """The rows of every arm of cc in config order: this process's row, else the one compare.json already holds
+    when it was trained with the arm's current options (another process's, or an earlier call's); arms with
+    neither are left out (pending)."""
+    try:
+        old = {r["name"]: r for r in json.loads(path.read_text()).get("runs", []) if isinstance(r, dict)}
+    except (OSError, ValueError, AttributeError, KeyError):
+        old = {}
+    rows = []
+    for entry, clahe in cc.pairs():
+        name = cc.run_name(entry, clahe)
+        if name in own:
+            rows.append(own[name])
+        elif name in old:
+            with contextlib.suppress(CXRError, TypeError, ValueError):
+                if _same_training(old[name].get("training"), train_config_for(cc, entry, clahe)):
+                    rows.append(old[name])
+    return rows
+
+
+def select_pairs(cc: CompareConfig, only: Sequence[str] | None) -> list[tuple[ModelEntry, bool]]:
+    """cc's arms whose run name matches one of the fnmatch patterns (all arms without patterns)."""
+    pairs = cc.pairs()
+    if not only:
+        return pairs
+    chosen = [(e, c) for e, c in pairs if any(fnmatch.fnmatchcase(cc.run_name(e, c), p) for p in only)]
+    if not chosen:
+        raise CXRError(f"--only {' '.join(only)} matches no arm; the arms are {', '.join(cc.run_names())}",
+                       cc.path)
+    return chosen
+
+
 # ------------------------------------------------------------------------------------------- driver
 def default_command(config: Path | str | None, data_dir: Path, split_csv: Path, out_dir: Path,
                     budget_minutes: float | None) -> str:
@@ -290,6 +375,7 @@ def run_compare(
     cache_dir: Path | None = None,
     device: str | None = None,
     gpu_recipe: bool = False,
+    only: Sequence[str] | None = None,
     command: str | None = None,
     log: Callable[[str], None] = print,
     progress_factory: Callable[[str, int], Any] | None = None,
@@ -297,8 +383,10 @@ def run_compare(
     """Run the comparison and write the report into out_dir; returns compare.json's content.
 
     budget_minutes: minutes per pair, overriding the config's (<= 0: no budget). cache_dir / device
-    override the recipe's. gpu_recipe: apply the config's `gpu_recipe` section. command: the command
-    line recorded in the report (default: the equivalent `cxrscreen compare` call).
+    override the recipe's. gpu_recipe: apply the config's `gpu_recipe` section. only: fnmatch patterns of the
+    run names to work on (default: every arm). command: the command line recorded in the report (default: the
+    equivalent `cxrscreen compare` call). ``complete`` is true once every arm of the config has a row, whichever
+    process wrote it.
     """
     cc = config if isinstance(config, CompareConfig) else CompareConfig.from_yaml(Path(config))
     if gpu_recipe:
@@ -333,20 +421,30 @@ def run_compare(
         "reference": STUDY_REFERENCE,
         "complete": False,
     }
-    pairs = [(e, c) for e in cc.models for c in cc.clahe]
+    pairs = select_pairs(cc, only)
+    path, own = out_dir / "compare.json", {}
     for i, (entry, clahe) in enumerate(pairs, 1):
-        log(f"[{i}/{len(pairs)}] {cc.run_name(entry, clahe)}")
-        row = compare_one(cc, entry, clahe, data_dir, split_csv, runs_dir, manifest_sha=manifest_sha,
-                          split_sha=split_sha, budget_minutes=budget_minutes, cache_dir=cache_dir, device=device,
-                          log=log, progress_factory=progress_factory)
-        result["runs"].append(row)
-        write_json(out_dir / "compare.json", result)
-    study_analyses(result, cc, out_dir)
-    result["meta"]["finished"] = utc_now()
-    result["table"], result["files"] = write_report(result, out_dir)
-    result["complete"] = True
-    write_json(out_dir / "compare.json", result)
-    n_failed = sum(r["status"] != "ok" for r in result["runs"])
-    log(f"wrote {out_dir / 'report.html'} ({len(pairs) - n_failed} of {len(pairs)} runs ok)")
+        name = cc.run_name(entry, clahe)
+        log(f"[{i}/{len(pairs)}] {name}")
+        with _arm_lock(runs_dir, name) as mine:
+            if not mine:
+                log(f"{name}: another compare process holds it (runs/.locks/{name}.lock), skipped")
+                continue
+            own[name] = compare_one(cc, entry, clahe, data_dir, split_csv, runs_dir, manifest_sha=manifest_sha,
+                                    split_sha=split_sha, budget_minutes=budget_minutes, cache_dir=cache_dir,
+                                    device=device, log=log, progress_factory=progress_factory)
+        with _json_lock(out_dir):
+            result["runs"] = merged_rows(path, own, cc)
+            write_json(path, result)
+    with _json_lock(out_dir):
+        result["runs"] = merged_rows(path, own, cc)
+        study_analyses(result, cc, out_dir)
+        result["meta"]["finished"] = utc_now()
+        result["table"], result["files"] = write_report(result, out_dir)
+        result["complete"] = not result["pending"]
+        write_json(path, result)
+    rows = result["runs"]
+    log(f"wrote {out_dir / 'report.html'} ({sum(r['status'] == 'ok' for r in rows)} of {len(cc.pairs())} arms ok"
+        + (f"; not run yet: {', '.join(result['pending'])}" if result["pending"] else "") + ")")
     return result
 

@@ -44,11 +44,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> tuple[Any, str]:
 
 @dataclass
 class ModelEntry:
-    """One `models:` entry: an architecture, its input size (None: the registry's default) and overrides."""
+    """One `models:` entry: an architecture, its input size (None: the registry's default), its CLAHE arms
+    (None: the config's `clahe:`; a list restricts this entry, e.g. a second seed of one arm) and overrides."""
 
     arch: str
     image_size: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    clahe: list[bool] | None = None
 
     def size(self) -> int:
         """The input size (the registry's default when not given; CXRError for an unknown architecture)."""
@@ -102,14 +104,13 @@ class CompareConfig:
             m = dict(m)
             arch = str(m.pop("arch"))
             size = m.pop("image_size", None)
+            own_clahe = _clahe_list(m.pop("clahe"), f"models entry {i} ({arch}): `clahe:`") if "clahe" in m else None
             bad = set(m) - (set(TrainConfig.__dataclass_fields__) - {"arch"})
             if bad:
                 raise CXRError(f"models entry {i} ({arch}): unknown option(s) {', '.join(sorted(bad))}")
-            models.append(ModelEntry(arch=arch, image_size=None if size is None else int(size), overrides=m))
-        clahe = data.get("clahe", [True, False])
-        clahe = clahe if isinstance(clahe, list) else [clahe]
-        if not clahe or any(not isinstance(c, bool) for c in clahe) or len(set(clahe)) != len(clahe):
-            raise CXRError(f"`clahe:` must list true and/or false once each, got {data.get('clahe')!r}")
+            models.append(ModelEntry(arch=arch, image_size=None if size is None else int(size), overrides=m,
+                                     clahe=own_clahe))
+        clahe = _clahe_list(data.get("clahe", [True, False]), "`clahe:`")
         train_d = data.get("train") or {}
         if not isinstance(train_d, dict):
             raise CXRError("`train:` must be a mapping of TrainConfig options")
@@ -127,7 +128,7 @@ class CompareConfig:
             title=str(data.get("title", "Model comparison")),
             text=text,
         )
-        names = [cfg.run_name(e, c) for e in models for c in clahe]
+        names = cfg.run_names()
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise CXRError(f"two entries give the same run name: {', '.join(dup)}")
@@ -135,10 +136,22 @@ class CompareConfig:
             if e.arch not in available_models():
                 continue  # an unknown architecture is recorded as a failed row when the comparison runs
             try:
-                train_config_for(cfg, e, clahe[0], size=e.size())
+                train_config_for(cfg, e, cfg.clahe_of(e)[0], size=e.size())
             except (CXRError, TypeError, ValueError) as exc:
                 raise CXRError(f"models entry {e.arch}: {exc}") from exc
         return cfg
+
+    def clahe_of(self, entry: ModelEntry) -> list[bool]:
+        """The CLAHE settings the entry is trained with: its own `clahe:` list, else the config's."""
+        return self.clahe if entry.clahe is None else entry.clahe
+
+    def pairs(self) -> list[tuple[ModelEntry, bool]]:
+        """Every (entry, CLAHE) arm in config order."""
+        return [(e, c) for e in self.models for c in self.clahe_of(e)]
+
+    def run_names(self) -> list[str]:
+        """The run names of `pairs()`, in the same order."""
+        return [self.run_name(e, c) for e, c in self.pairs()]
 
     def run_name(self, entry: ModelEntry, clahe: bool) -> str:
         """runs/ folder name of a pair; 'default' stands for the size of an unknown architecture."""
@@ -173,6 +186,14 @@ class CompareConfig:
             for k in set(e.overrides) & set(recipe.get("train") or {}):
                 del e.overrides[k]  # the GPU recipe's options win over the CPU entries' own
         return new
+
+
+def _clahe_list(value: Any, what: str) -> list[bool]:
+    """A `clahe:` value as a list of distinct booleans (a bare true/false is a list of one)."""
+    out = value if isinstance(value, list) else [value]
+    if not out or any(not isinstance(c, bool) for c in out) or len(set(out)) != len(out):
+        raise CXRError(f"{what} must list true and/or false once each, got {value!r}")
+    return out
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Paired effects between arms on the same test images (bootstrap over patients): CLAHE on - off,
-ImageNet - scratch, the best arm - VGG-16, for every figure."""
+ImageNet - scratch, the best arm - VGG-16, a second seed - the first, for every figure."""
 
 from __future__ import annotations
 
@@ -163,3 +163,21 @@ def clahe_effect(rows: list[dict[str, Any]], out_dir: Path, *, n_boot: int, seed
         out.append(entry)
     return out
 
+
+
+def seed_effect(rows: list[dict[str, Any]], out_dir: Path, *, base_seed: int, n_boot: int,
+                seed: int) -> list[dict[str, Any]]:
+    """Per arm trained with another seed as well as `base_seed`: other - base in every figure of
+    `PAIRED_FIGURES`, paired CIs (keys ``{figure}_a`` the other seed, ``_b`` the base seed). How far training
+    alone moves a figure, to set beside the CLAHE and transfer effects, whose arms are one run each."""
+    by_key: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault(_row_key(r, "seed"), {})[int(r.get("seed", 0))] = r
+    out = []
+    for (arch, size, clahe, weights), by_seed in by_key.items():
+        if base_seed not in by_seed:
+            continue
+        for other in sorted(s for s in by_seed if s != base_seed):
+            out.append({"arch": arch, "image_size": size, "clahe": clahe, "weights": weights, "seed_a": other,
+                        "seed_b": base_seed, **_effect(by_seed[other], by_seed[base_seed], out_dir, n_boot, seed)})
+    return out

@@ -21,7 +21,7 @@ from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.evaluate import evaluate_subset
 from cxrscreen.evaluation.formatting import format_ci, format_value
 from cxrscreen.experiments.config import STUDY_REFERENCE, CompareConfig
-from cxrscreen.experiments.effects import best_vs, clahe_effect, transfer_effect
+from cxrscreen.experiments.effects import best_vs, clahe_effect, seed_effect, transfer_effect
 from cxrscreen.experiments.probs import read_test_probs, write_test_probs
 from cxrscreen.io.files import write_json
 from cxrscreen.runs.provenance import utc_now
@@ -302,6 +302,52 @@ def transfer_display(effect: list[dict[str, Any]]) -> list[dict[str, str]]:
     return rows
 
 
+SEED_DISPLAY = [("arm", "arm"), ("seeds", "seeds"), ("auc_b", "COVID AUC, first"), ("auc_a", "COVID AUC, second"),
+                ("auc_diff", "AUC second - first [95% CI]"), ("f1_b", "macro-F1, first"),
+                ("f1_a", "macro-F1, second"), ("f1_diff", "macro-F1 second - first [95% CI]")]
+
+
+def _seed_arm(e: dict[str, Any]) -> str:
+    return (f"{e['arch']} {e['image_size']} px{', ImageNet' if e.get('weights') == 'imagenet' else ''}, "
+            f"CLAHE {'on' if e['clahe'] else 'off'}")
+
+
+def seed_display(effect: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """A second training seed against the first: one row per arm with both."""
+    return [{"arm": _seed_arm(e), "seeds": f"{e['seed_b']}, {e['seed_a']}", "auc_b": _num(e.get("covid_auc_b")),
+             "auc_a": _num(e.get("covid_auc_a")),
+             "auc_diff": _signed_ci(e.get("covid_auc_diff"), e.get("covid_auc_ci95")) or e.get("note", ""),
+             "f1_b": _num(e.get("macro_f1_b")), "f1_a": _num(e.get("macro_f1_a")),
+             "f1_diff": _signed_ci(e.get("macro_f1_diff"), e.get("macro_f1_ci95"))} for e in effect]
+
+
+def best_two(runs: list[dict[str, Any]], base_seed: int) -> list[dict[str, Any]]:
+    """The two finished first-seed arms with the highest COVID AUC (the arms a second seed is for)."""
+    done = [r for r in runs if r["status"] == "ok" and r.get("seed", 0) == base_seed and _auc_of(r) is not None]
+    return sorted(done, key=lambda r: -_auc_of(r))[:2]
+
+
+def seed_claim(result: dict[str, Any]) -> str:
+    """How far a second seed moved the figures, and whether the second seeds are on today's best two arms."""
+    base = int(result["meta"].get("seed", 0))
+    effect = [e for e in result.get("seed_effect", []) if e.get("covid_auc_diff") is not None]
+    top = best_two(result["runs"], base)
+    top_s = ", ".join(f"{r['name']} ({_auc_of(r):.3f})" for r in top)
+    if not effect:
+        return (f"**How much does a second training run move the figures?** Not measured yet: no arm has a second "
+                f"seed finished. The best two first-seed arms by COVID AUC now: {top_s or 'none'}.")
+    per = "; ".join(f"{_seed_arm(e)}: AUC {_signed_ci(e['covid_auc_diff'], e.get('covid_auc_ci95'))}, macro-F1 "
+                    f"{_signed_ci(e.get('macro_f1_diff'), e.get('macro_f1_ci95'))}" for e in effect)
+    seconded = {(e["arch"], e["image_size"], e["clahe"], e["weights"]) for e in effect}
+    missing = [r["name"] for r in top if (r["arch"], r["image_size"], r["clahe"], r.get("weights", "none"))
+               not in seconded]
+    cover = (f"both of today's best two first-seed arms ({top_s}) have one" if not missing else
+             f"today's best two first-seed arms are {top_s}; {' and '.join(missing)} "
+             f"{'has' if len(missing) == 1 else 'have'} no second seed")
+    return (f"**How much does a second training run move the figures?** Second seed - first, paired on the same "
+            f"test images: {per}. An arm-to-arm difference of that size is what retraining alone gives; {cover}.")
+
+
 CONVERGENCE_DISPLAY = [
     ("run", "run"), ("epochs", "epochs"), ("best", "best epoch (val loss)"), ("stop", "stop reason"),
     ("train_last", "train loss, last"), ("train_drop", "train-loss drop over the last 5 epochs"),
@@ -396,6 +442,7 @@ def claims(result: dict[str, Any], conv: list[dict[str, Any]]) -> list[str]:
                 f"{FIGURE_NAMES[f]} {_signed_ci(e.get(f'{f}_diff'), e.get(f'{f}_ci95'))}" for f in FIGURE_NAMES)
             for e in te)
         out.append(f"**How far does ImageNet transfer move each figure?** ImageNet - from scratch, paired: {per}.")
+    out.append(seed_claim(result))
     if pending:
         out.append(f"Not run yet (no figures above come from them): {', '.join(pending)}.")
     return out
@@ -479,6 +526,10 @@ def render_markdown(result: dict[str, Any], table: list[dict[str, Any]], files: 
         "## ImageNet transfer vs from scratch",
         _md_table(transfer_display(result.get("transfer_effect", [])), TRANSFER_DISPLAY)
         if result.get("transfer_effect") else "Not measured yet.",
+        "## A second seed vs the first",
+        SEED_NOTE,
+        _md_table(seed_display(result.get("seed_effect", [])), SEED_DISPLAY)
+        if result.get("seed_effect") else "Not measured yet.",
         "## Convergence",
         CONVERGENCE_NOTE,
         _md_table(convergence_display(files.get("convergence", [])), CONVERGENCE_DISPLAY),
@@ -494,6 +545,10 @@ def render_markdown(result: dict[str, Any], table: list[dict[str, Any]], files: 
     return "\n\n".join(parts) + "\n"
 
 
+SEED_NOTE = (
+    "The same arm trained again with another seed (initial weights of the new layers, augmentation, batch order); "
+    "tested on the same images. The CLAHE and transfer effects above are between single runs, so a difference "
+    "no larger than these is not evidence of an effect.")
 CONVERGENCE_NOTE = (
     f"Training-loss drop: its relative fall over the last 5 epochs (flat: under {100 * FLAT_DROP:.0f} %). "
     "Val-loss jitter: the mean absolute change of the val loss between consecutive epochs over its lowest value "
@@ -547,6 +602,9 @@ def render_html(result: dict[str, Any], table: list[dict[str, Any]], files: dict
         "<h2>ImageNet transfer vs from scratch</h2>",
         _html_table(transfer_display(result.get("transfer_effect", [])), TRANSFER_DISPLAY)
         if result.get("transfer_effect") else "<p>Not measured yet.</p>",
+        "<h2>A second seed vs the first</h2>", f"<p>{e(SEED_NOTE)}</p>",
+        _html_table(seed_display(result.get("seed_effect", [])), SEED_DISPLAY)
+        if result.get("seed_effect") else "<p>Not measured yet.</p>",
         "<h2>Convergence</h2>", f"<p>{e(CONVERGENCE_NOTE)}</p>",
         _html_table(convergence_display(files.get("convergence", [])), CONVERGENCE_DISPLAY),
     ]
@@ -670,15 +728,17 @@ def main(argv: list[str] | None = None) -> int:
 def pending_runs(cc: CompareConfig, rows: list[dict[str, Any]]) -> list[str]:
     """Run names the config lists that have no row yet (not run, or interrupted before they finished)."""
     done = {r["name"] for r in rows}
-    return [n for n in (cc.run_name(e, c) for e in cc.models for c in cc.clahe) if n not in done]
+    return [n for n in cc.run_names() if n not in done]
 
 
 def study_analyses(result: dict[str, Any], cc: CompareConfig, out_dir: Path) -> None:
-    """Fill result's clahe_effect, transfer_effect, vgg16_vs_best and pending from its runs (in place)."""
+    """Fill result's clahe_effect, transfer_effect, vgg16_vs_best, seed_effect and pending from its runs (in
+    place)."""
     rows, n_boot, seed = result["runs"], cc.n_boot, cc.seed
     result["clahe_effect"] = clahe_effect(rows, out_dir, n_boot=n_boot, seed=seed)
     result["transfer_effect"] = transfer_effect(rows, out_dir, n_boot=n_boot, seed=seed)
     result["vgg16_vs_best"] = best_vs(rows, "vgg16", out_dir, n_boot=n_boot, seed=seed)
+    result["seed_effect"] = seed_effect(rows, out_dir, base_seed=cc.seed, n_boot=n_boot, seed=seed)
     result["pending"] = pending_runs(cc, rows)
 
 

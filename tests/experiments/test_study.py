@@ -15,7 +15,7 @@ import pytest
 from cxrscreen.experiments.config import STUDY_REFERENCE, CompareConfig, train_config_for
 from cxrscreen.experiments.effects import PAIRED_FIGURES, _paired_effect
 from cxrscreen.experiments.probs import write_test_probs
-from cxrscreen.experiments.report import report_finished
+from cxrscreen.experiments.report import arm_label, claims, convergence, convergence_display, learned, report_finished
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "configs" / "study_paper.yaml"
@@ -155,3 +155,27 @@ def test_report_of_a_partial_comparison_answers_only_from_finished_arms(tmp_path
     table = md.split("## The study's claims")[0]
     assert "vgg16_128" not in table and "resnet18_128_clahe-on" in table
     assert (tmp_path / "curves" / "resnet18_128_clahe-on.png").is_file() and (tmp_path / "roc_covid.png").is_file()
+
+
+def test_arm_label_tells_imagenet_and_seeds_apart() -> None:
+    assert arm_label({"arch": "tf_efficientnet_lite0", "weights": "imagenet", "seed": 0}) == \
+        "tf_efficientnet_lite0 (ImageNet)"
+    assert arm_label({"arch": "resnet18", "weights": "none", "seed": 1}) == "resnet18 (seed 1)"
+    assert arm_label({"arch": "resnet18", "weights": "none", "seed": 0}) == "resnet18"
+
+
+def test_an_arm_that_gives_one_class_to_every_image_is_not_called_stable() -> None:
+    flat = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1.10, 1.10, 1.10], "val_loss": [1.0986, 1.0985, 1.0986]})
+    noisy = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1.2, 0.9, 0.7], "val_loss": [1.0, 0.6, 0.8]})
+    one_class = {"confusion_matrix": [[10, 0, 0], [40, 0, 0], [30, 0, 0]]}  # COVID for every image
+    mixed = {"confusion_matrix": [[8, 1, 1], [5, 30, 5], [2, 8, 20]]}
+    runs = [{"name": "vgg16_128_clahe-on", "arch": "vgg16", "metrics": one_class},
+            {"name": "resnet18_128_clahe-on", "arch": "resnet18", "metrics": mixed}]
+    conv = convergence(runs, {"vgg16_128_clahe-on": flat, "resnet18_128_clahe-on": noisy})
+    assert [learned(c) for c in conv] == [False, True] and conv[0]["top_class_share"] == 1.0
+    answers = claims({"runs": [], "pending": [], "meta": {"seed": 0}}, conv)
+    stable = next(a for a in answers if a.startswith("**Is VGG-16's validation loss the most stable?**"))
+    assert "Not answerable: vgg16_128_clahe-on did not learn" in stable
+    assert "the most stable is resnet18_128_clahe-on" in stable
+    shown = convergence_display(conv)
+    assert shown[0]["learned"] == "no: one class for 100 % of the test" and shown[1]["learned"] == "yes"

@@ -151,9 +151,11 @@ def compare(
                       num(r["accuracy"]), num(r["macro_f1"]), num(r["covid_sensitivity"]),
                       num(r["covid_specificity"]), num(r["covid_auc"]), num(r["inference_images_per_s"], 1))
     out.print(table)
+    from cxrscreen.experiments.report import arm_label
+
     for e in result["clahe_effect"]:
         if e.get("covid_auc_diff") is not None:
-            out.print(f"CLAHE on - off, {e['arch']} {e['image_size']} px: macro-F1 {e['macro_f1_diff']:+.3f}, "
+            out.print(f"CLAHE on - off, {arm_label(e)} {e['image_size']} px: macro-F1 {e['macro_f1_diff']:+.3f}, "
                       f"COVID AUC {e['covid_auc_diff']:+.3f}")
     console.print(f"wrote {_shown(out_dir / 'report.html')}, report.md, table.csv and compare.json", markup=False)
     failed = [r for r in result["runs"] if r["status"] != "ok"]

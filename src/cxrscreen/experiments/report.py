@@ -129,7 +129,7 @@ CLAHE_DISPLAY = [
 ]
 
 
-def _arm(e: dict[str, Any]) -> str:
+def arm_label(e: dict[str, Any]) -> str:
     """An architecture with its starting weights and seed where they are not the default."""
     tags = [t for t in ("ImageNet" if e.get("weights") == "imagenet" else "",
                         f"seed {e['seed']}" if e.get("seed") not in (None, 0) else "") if t]
@@ -139,7 +139,7 @@ def _arm(e: dict[str, Any]) -> str:
 def clahe_display(effect: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The CLAHE on vs off mini-table as strings."""
     return [{
-        "arch": _arm(e), "size": _num(e["image_size"]), "f1_on": _num(e.get("macro_f1_on")),
+        "arch": arm_label(e), "size": _num(e["image_size"]), "f1_on": _num(e.get("macro_f1_on")),
         "f1_off": _num(e.get("macro_f1_off")), "f1_diff": _signed_ci(e.get("macro_f1_diff"), e.get("macro_f1_ci95")),
         "auc_on": _num(e.get("covid_auc_on")), "auc_off": _num(e.get("covid_auc_off")),
         "auc_diff": _signed_ci(e.get("covid_auc_diff"), e.get("covid_auc_ci95")), "note": e.get("note", ""),
@@ -228,8 +228,9 @@ def seed_claim(result: dict[str, Any]) -> str:
 CONVERGENCE_DISPLAY = [
     ("run", "run"), ("epochs", "epochs"), ("best", "best epoch (val loss)"), ("stop", "stop reason"),
     ("train_last", "train loss, last"), ("train_drop", "train-loss drop over the last 5 epochs"),
-    ("val_min", "val loss, min"), ("val_jitter", "val-loss jitter"),
+    ("val_min", "val loss, min"), ("val_jitter", "val-loss jitter"), ("learned", "learned"),
 ]
+ONE_CLASS_SHARE = 0.99  # an arm that gives one class to this share of the test images has not learned
 FLAT_DROP = 0.05  # a training-loss curve is called flat when it fell less than 5 % over its last 5 epochs
 
 
@@ -251,8 +252,20 @@ def convergence(runs: list[dict[str, Any]], histories: dict[str, pd.DataFrame]) 
             "val_loss_min": float(vl.min()) if len(vl) else None,
             "val_loss_jitter": float(np.abs(np.diff(vl)).mean() / vl.min()) if len(vl) >= 2 and vl.min() > 0
             else None,
+            "top_class_share": _top_class_share(r),
         })
     return out
+
+
+def _top_class_share(r: dict[str, Any]) -> float | None:
+    """The share of the test images given the most often predicted class (from the confusion matrix)."""
+    cm = np.asarray((r.get("metrics") or {}).get("confusion_matrix") or [], dtype=float)
+    return float(cm.sum(0).max() / cm.sum()) if cm.size and cm.sum() else None
+
+
+def learned(c: dict[str, Any]) -> bool:
+    """False for an arm that gives one class to (nearly) every test image: its flat val loss is not stability."""
+    return c.get("top_class_share") is None or c["top_class_share"] < ONE_CLASS_SHARE
 
 
 def convergence_display(conv: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -262,7 +275,9 @@ def convergence_display(conv: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"run": c["run"], "epochs": _num(c["epochs"]), "best": _num(c["best_epoch"]),
              "stop": c["stop_reason"] or "",
              "train_last": _num(c["train_loss_last"]), "train_drop": pct(c["train_loss_drop_last5"]),
-             "val_min": _num(c["val_loss_min"]), "val_jitter": _num(c["val_loss_jitter"])} for c in conv]
+             "val_min": _num(c["val_loss_min"]), "val_jitter": _num(c["val_loss_jitter"]),
+             "learned": "yes" if learned(c) else f"no: one class for {100 * c['top_class_share']:.0f} % of the test"}
+            for c in conv]
 
 
 def _auc_of(r: dict[str, Any]) -> float | None:
@@ -291,22 +306,29 @@ def claims(result: dict[str, Any], conv: list[dict[str, Any]]) -> list[str]:
             f"the same test images, {b['name']} - {v['name']}: AUC "
             f"{_signed_ci(vgg.get('covid_auc_diff'), vgg.get('covid_auc_ci95'))}, macro-F1 "
             f"{_signed_ci(vgg.get('macro_f1_diff'), vgg.get('macro_f1_ci95'))}.{later}")
-    jit = [c for c in conv if c["val_loss_jitter"] is not None]
+    jit = [c for c in conv if c["val_loss_jitter"] is not None and learned(c)]
     vj = [c for c in jit if c["arch"] == "vgg16"]
-    if not vj:
+    stuck = [c["run"] for c in conv if c["arch"] == "vgg16" and not learned(c)]
+    if stuck and not vj:
+        best = min(jit, key=lambda c: c["val_loss_jitter"]) if jit else None
+        out.append(f"**Is VGG-16's validation loss the most stable?** Not answerable: {', '.join(stuck)} did not "
+                   "learn (one class for every test image), so its flat validation loss is not stability"
+                   + (f"; of the arms that learned, the most stable is {best['run']} ({best['val_loss_jitter']:.3f})"
+                      if best else "") + f".{later}")
+    elif not vj:
         out.append("**Is VGG-16's validation loss the most stable?** Not measured yet: no VGG-16 arm has finished.")
     else:
         ranked = sorted(jit, key=lambda c: c["val_loss_jitter"])
         ranks = [f"{c['run']} ranks {ranked.index(c) + 1} of {len(ranked)} (jitter {c['val_loss_jitter']:.3f})"
                  for c in vj]
         out.append(f"**Is VGG-16's validation loss the most stable?** {'Yes' if ranked[0]['arch'] == 'vgg16' else 'No'}"
-                   f": {'; '.join(ranks)}; the most stable is {ranked[0]['run']} ({ranked[0]['val_loss_jitter']:.3f})."
-                   f"{later}")
+                   f": {'; '.join(ranks)}; the most stable is {ranked[0]['run']} ({ranked[0]['val_loss_jitter']:.3f})"
+                   + (f"; {', '.join(stuck)} did not learn and is not ranked" if stuck else "") + f".{later}")
     ce = [e for e in result.get("clahe_effect", []) if e.get("covid_auc_diff") is not None]
     if not ce:
         out.append("**Does CLAHE help?** Not measured yet: no architecture has both CLAHE arms finished.")
     else:
-        per = "; ".join(f"{_arm(e)}: AUC {_signed_ci(e['covid_auc_diff'], e.get('covid_auc_ci95'))}, macro-F1 "
+        per = "; ".join(f"{arm_label(e)}: AUC {_signed_ci(e['covid_auc_diff'], e.get('covid_auc_ci95'))}, macro-F1 "
                         f"{_signed_ci(e['macro_f1_diff'], e.get('macro_f1_ci95'))}" for e in ce)
         out.append(f"**Does CLAHE help?** {clahe_summary(ce)} On - off, paired: {per}.{later}")
     te = [e for e in result.get("transfer_effect", []) if e.get("covid_auc_diff") is not None]
@@ -429,7 +451,9 @@ SEED_NOTE = (
 CONVERGENCE_NOTE = (
     f"Training-loss drop: its relative fall over the last 5 epochs (flat: under {100 * FLAT_DROP:.0f} %). "
     "Val-loss jitter: the mean absolute change of the val loss between consecutive epochs over its lowest value "
-    "(lower is more stable). The weights kept are those of the best val-loss epoch.")
+    "(lower is more stable). The weights kept are those of the best val-loss epoch. Learned: no for an arm that "
+    f"gives one class to {100 * ONE_CLASS_SHARE:.0f} % or more of the test images; such an arm's flat val loss is not "
+    "stability, and it is left out of the stability ranking.")
 
 
 def _repro_items(meta: dict[str, Any]) -> list[tuple[str, str]]:

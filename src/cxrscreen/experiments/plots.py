@@ -43,6 +43,20 @@ def _epoch_axis(ax: Any, last_epoch: float) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _clip_axis(ax: Any, series: list[pd.Series]) -> str:
+    """Cut the y axis above 1.2 x the 95th percentile of all values when a few outliers (an early epoch's
+    spike) would flatten every curve; returns the title note that says so ("" when nothing is cut)."""
+    values = np.concatenate([s.dropna().to_numpy(float) for s in series]) if series else np.array([])
+    if not len(values):
+        return ""
+    top = 1.2 * float(np.quantile(values, 0.95))
+    n_above = int(np.sum(values > top))
+    if not n_above or values.max() < 1.5 * top:
+        return ""
+    ax.set_ylim(0, top)
+    return f" (axis cut at {top:.2f}: {n_above} point{'s' if n_above > 1 else ''} above)"
+
+
 def plot_curves_all(histories: dict[str, pd.DataFrame], styles: dict[str, dict[str, Any]], path: Path) -> Path:
     """Train loss and val loss per epoch of every run, two panels of one figure."""
     fig, (ax_t, ax_v) = _figure(13.0, 5.0, 2)
@@ -51,10 +65,10 @@ def plot_curves_all(histories: dict[str, pd.DataFrame], styles: dict[str, dict[s
             if col in h and h[col].notna().any():
                 ax.plot(h["epoch"], h[col], marker="o", ms=3, label=name, **styles.get(name, {}))
     last = max((float(h["epoch"].max()) for h in histories.values() if "epoch" in h), default=1.0)
-    for ax, title in ((ax_t, "train loss"), (ax_v, "val loss")):
+    for ax, col, title in ((ax_t, "train_loss", "train loss"), (ax_v, "val_loss", "val loss")):
         _epoch_axis(ax, last)
         ax.set_ylabel("cross-entropy")
-        ax.set_title(title)
+        ax.set_title(title + _clip_axis(ax, [h[col] for h in histories.values() if col in h]))
         ax.grid(alpha=0.3)
     handles, labels = ax_t.get_legend_handles_labels()
     if handles:

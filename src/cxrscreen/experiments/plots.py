@@ -89,6 +89,9 @@ def plot_run_curves(name: str, h: pd.DataFrame, path: Path) -> Path:
         if col in h and h[col].notna().any():
             ax_m.plot(h["epoch"], h[col], marker="o", ms=3, label=label)
     ax_l.set_ylabel("cross-entropy")
+    note = _clip_axis(ax_l, [h[c] for c in ("train_loss", "val_loss") if c in h])
+    if note:
+        ax_l.set_title(note.strip(" ()"), fontsize=8)
     ax_m.set_ylim(0, 1.05)
     for ax in (ax_l, ax_m):
         _epoch_axis(ax, float(h["epoch"].max()) if "epoch" in h else 1.0)

@@ -173,6 +173,8 @@ def test_an_arm_that_gives_one_class_to_every_image_is_not_called_stable() -> No
             {"name": "resnet18_128_clahe-on", "arch": "resnet18", "metrics": mixed}]
     conv = convergence(runs, {"vgg16_128_clahe-on": flat, "resnet18_128_clahe-on": noisy})
     assert [learned(c) for c in conv] == [False, True] and conv[0]["top_class_share"] == 1.0
+    # jitter from the second epoch on, over the lowest val loss: |0.8 - 0.6| / 0.6 (the first epoch's drop is not in it)
+    assert conv[1]["val_loss_jitter"] == pytest.approx(0.2 / 0.6)
     answers = claims({"runs": [], "pending": [], "meta": {"seed": 0}}, conv)
     stable = next(a for a in answers if a.startswith("**Is VGG-16's validation loss the most stable?**"))
     assert "Not answerable: vgg16_128_clahe-on did not learn" in stable

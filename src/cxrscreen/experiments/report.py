@@ -237,8 +237,8 @@ FLAT_DROP = 0.05  # a training-loss curve is called flat when it fell less than 
 def convergence(runs: list[dict[str, Any]], histories: dict[str, pd.DataFrame]) -> list[dict[str, Any]]:
     """Per run with a history: epochs, best epoch, stop reason, the last training loss and its relative drop
     over the last 5 epochs (``(L[-5] - L[-1]) / L[-5]``), the lowest val loss and the val-loss jitter: the mean
-    absolute change of the val loss from one epoch to the next, divided by its lowest value (lower: more
-    stable)."""
+    absolute change of the val loss from one epoch to the next from the second epoch on (the first epoch's
+    val loss is mostly that of the starting weights), divided by its lowest value (lower: more stable)."""
     out = []
     for r in runs:
         h = histories.get(r["name"])
@@ -250,7 +250,7 @@ def convergence(runs: list[dict[str, Any]], histories: dict[str, pd.DataFrame]) 
             "stop_reason": r.get("stop_reason"), "train_loss_last": float(tl[-1]) if len(tl) else None,
             "train_loss_drop_last5": float((tl[-5] - tl[-1]) / tl[-5]) if len(tl) >= 5 and tl[-5] else None,
             "val_loss_min": float(vl.min()) if len(vl) else None,
-            "val_loss_jitter": float(np.abs(np.diff(vl)).mean() / vl.min()) if len(vl) >= 2 and vl.min() > 0
+            "val_loss_jitter": float(np.abs(np.diff(vl[1:])).mean() / vl.min()) if len(vl) >= 3 and vl.min() > 0
             else None,
             "top_class_share": _top_class_share(r),
         })
@@ -450,8 +450,9 @@ SEED_NOTE = (
     "no larger than these is not evidence of an effect.")
 CONVERGENCE_NOTE = (
     f"Training-loss drop: its relative fall over the last 5 epochs (flat: under {100 * FLAT_DROP:.0f} %). "
-    "Val-loss jitter: the mean absolute change of the val loss between consecutive epochs over its lowest value "
-    "(lower is more stable). The weights kept are those of the best val-loss epoch. Learned: no for an arm that "
+    "Val-loss jitter: the mean absolute change of the val loss between consecutive epochs from the second epoch on "
+    "(the first is mostly the starting weights'), over its lowest value (lower is more stable). The weights kept "
+    "are those of the best val-loss epoch. Learned: no for an arm that "
     f"gives one class to {100 * ONE_CLASS_SHARE:.0f} % or more of the test images; such an arm's flat val loss is not "
     "stability, and it is left out of the stability ranking.")
 

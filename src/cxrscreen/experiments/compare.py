@@ -113,15 +113,21 @@ def evaluate_test(
     return out, data, probs
 
 
+def _training_diff(stored: dict[str, Any], cfg: TrainConfig) -> set[str]:
+    """The training fields in which stored options (as TrainConfig writes them now: a field added since takes its
+    default, a retired one goes) differ from cfg."""
+    with contextlib.suppress(CXRError, TypeError, ValueError):
+        stored = TrainConfig.from_dict(stored).to_dict()
+    new = cfg.to_dict()
+    return {k for k in set(stored) | set(new) if stored.get(k) != new.get(k)}
+
+
 def _training_matches(run_dir: Path, cfg: TrainConfig) -> tuple[dict[str, Any] | None, set[str]]:
     """(stored config.json or None, training fields that differ from cfg)."""
     if not (run_dir / "config.json").is_file():
         return None, set()
     old = read_config(run_dir)
-    stored, new = old.get("training") or {}, cfg.to_dict()
-    with contextlib.suppress(CXRError, TypeError, ValueError):  # as TrainConfig writes it now: a field
-        stored = TrainConfig.from_dict(stored).to_dict()  # added since takes its default, a retired one goes
-    return old, {k for k in set(stored) | set(new) if stored.get(k) != new.get(k)}
+    return old, _training_diff(old.get("training") or {}, cfg)
 
 
 def _train_or_resume(cfg: TrainConfig, data_dir: Path, split_csv: Path, run_dir: Path, *,
@@ -312,16 +318,6 @@ def _json_lock(out_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _same_training(stored: dict[str, Any] | None, cfg: TrainConfig) -> bool:
-    """Whether a stored row's training options are cfg's, operational fields aside."""
-    if not stored:
-        return False
-    with contextlib.suppress(CXRError, TypeError, ValueError):
-        stored = TrainConfig.from_dict(stored).to_dict()
-    new = cfg.to_dict()
-    return all(stored.get(k) == new.get(k) for k in set(stored) | set(new) if k not in OPERATIONAL_FIELDS)
-
-
 def merged_rows(path: Path, own: dict[str, dict[str, Any]], cc: CompareConfig) -> list[dict[str, Any]]:
     """The rows of every arm of cc in config order: this process's row, else the one compare.json already holds
     when it was trained with the arm's current options (another process's, or an earlier call's); arms with
@@ -337,7 +333,8 @@ def merged_rows(path: Path, own: dict[str, dict[str, Any]], cc: CompareConfig) -
             rows.append(own[name])
         elif name in old:
             with contextlib.suppress(CXRError, TypeError, ValueError):
-                if _same_training(old[name].get("training"), train_config_for(cc, entry, clahe)):
+                stored = old[name].get("training")
+                if stored and _training_diff(stored, train_config_for(cc, entry, clahe)) <= set(OPERATIONAL_FIELDS):
                     rows.append(old[name])
     return rows
 

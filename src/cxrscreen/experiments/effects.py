@@ -88,6 +88,14 @@ def _row_key(r: dict[str, Any], *drop: str) -> tuple[Any, ...]:
     return tuple(v for k, v in full.items() if k not in drop)
 
 
+def _grouped(rows: list[dict[str, Any]], field: str, default: Any) -> dict[tuple[Any, ...], dict[Any, Any]]:
+    """Runs grouped by their arm without `field`, each group keyed by the run's value of `field`."""
+    by_key: dict[tuple[Any, ...], dict[Any, dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault(_row_key(r, field), {})[r.get(field, default)] = r
+    return by_key
+
+
 def _effect(a: dict[str, Any], b: dict[str, Any], out_dir: Path, n_boot: int, seed: int) -> dict[str, Any]:
     """a - b for every figure of `PAIRED_FIGURES`, with paired CIs (``note`` when one run has no result)."""
     entry: dict[str, Any] = {"a": a["name"], "b": b["name"]}
@@ -110,11 +118,8 @@ def _effect(a: dict[str, Any], b: dict[str, Any], out_dir: Path, n_boot: int, se
 def transfer_effect(rows: list[dict[str, Any]], out_dir: Path, *, n_boot: int, seed: int) -> list[dict[str, Any]]:
     """Per (arch, size, CLAHE, seed) with both an ImageNet and a from-scratch run evaluated: ImageNet - scratch
     in every figure of `PAIRED_FIGURES`, paired CIs (keys ``{figure}_a`` ImageNet, ``_b`` scratch)."""
-    by_key: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
-    for r in rows:
-        by_key.setdefault(_row_key(r, "weights"), {})[r.get("weights", "none")] = r
     out = []
-    for (arch, size, clahe, run_seed), pair in by_key.items():
+    for (arch, size, clahe, run_seed), pair in _grouped(rows, "weights", "none").items():
         if "imagenet" in pair and "none" in pair:
             out.append({"arch": arch, "image_size": size, "clahe": clahe, "seed": run_seed,
                         **_effect(pair["imagenet"], pair["none"], out_dir, n_boot, seed)})
@@ -137,11 +142,8 @@ def best_vs(rows: list[dict[str, Any]], arch: str, out_dir: Path, *, n_boot: int
 def clahe_effect(rows: list[dict[str, Any]], out_dir: Path, *, n_boot: int, seed: int) -> list[dict[str, Any]]:
     """Per (arch, size, weights, seed) with both settings evaluated: CLAHE on - off in macro-F1 and COVID AUC
     (and every other figure of `PAIRED_FIGURES`), paired CIs."""
-    by_key: dict[tuple[Any, ...], dict[bool, dict[str, Any]]] = {}
-    for r in rows:
-        by_key.setdefault(_row_key(r, "clahe"), {})[r["clahe"]] = r
     out = []
-    for (arch, size, weights, run_seed), pair in by_key.items():
+    for (arch, size, weights, run_seed), pair in _grouped(rows, "clahe", None).items():
         if True not in pair or False not in pair:
             continue
         on, off = pair[True], pair[False]
@@ -170,11 +172,8 @@ def seed_effect(rows: list[dict[str, Any]], out_dir: Path, *, base_seed: int, n_
     """Per arm trained with another seed as well as `base_seed`: other - base in every figure of
     `PAIRED_FIGURES`, paired CIs (keys ``{figure}_a`` the other seed, ``_b`` the base seed). How far training
     alone moves a figure, to set beside the CLAHE and transfer effects, whose arms are one run each."""
-    by_key: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = {}
-    for r in rows:
-        by_key.setdefault(_row_key(r, "seed"), {})[int(r.get("seed", 0))] = r
     out = []
-    for (arch, size, clahe, weights), by_seed in by_key.items():
+    for (arch, size, clahe, weights), by_seed in _grouped(rows, "seed", 0).items():
         if base_seed not in by_seed:
             continue
         for other in sorted(s for s in by_seed if s != base_seed):

@@ -172,7 +172,7 @@ def transfer_display(effect: list[dict[str, Any]]) -> list[dict[str, str]]:
     """ImageNet vs from scratch: one row per (pair, figure), the paired interval of the difference."""
     rows = []
     for e in effect:
-        pair = f"{e['arch']} {e['image_size']} px, CLAHE {'on' if e['clahe'] else 'off'}"
+        pair = arm_setting(e)
         for f, label in FIGURE_NAMES.items():
             rows.append({"pair": pair, "figure": label, "a": _num(e.get(f"{f}_a")), "b": _num(e.get(f"{f}_b")),
                          "diff": _signed_ci(e.get(f"{f}_diff"), e.get(f"{f}_ci95")) or e.get("note", "")})
@@ -184,14 +184,15 @@ SEED_DISPLAY = [("arm", "arm"), ("seeds", "seeds"), ("auc_b", "COVID AUC, first"
                 ("f1_a", "macro-F1, second"), ("f1_diff", "macro-F1 second - first [95% CI]")]
 
 
-def _seed_arm(e: dict[str, Any]) -> str:
+def arm_setting(e: dict[str, Any]) -> str:
+    """'<arch> <size> px[, ImageNet], CLAHE on|off': an effect's arm without the field the effect varies."""
     return (f"{e['arch']} {e['image_size']} px{', ImageNet' if e.get('weights') == 'imagenet' else ''}, "
             f"CLAHE {'on' if e['clahe'] else 'off'}")
 
 
 def seed_display(effect: list[dict[str, Any]]) -> list[dict[str, str]]:
     """A second training seed against the first: one row per arm with both."""
-    return [{"arm": _seed_arm(e), "seeds": f"{e['seed_b']}, {e['seed_a']}", "auc_b": _num(e.get("covid_auc_b")),
+    return [{"arm": arm_setting(e), "seeds": f"{e['seed_b']}, {e['seed_a']}", "auc_b": _num(e.get("covid_auc_b")),
              "auc_a": _num(e.get("covid_auc_a")),
              "auc_diff": _signed_ci(e.get("covid_auc_diff"), e.get("covid_auc_ci95")) or e.get("note", ""),
              "f1_b": _num(e.get("macro_f1_b")), "f1_a": _num(e.get("macro_f1_a")),
@@ -213,7 +214,7 @@ def seed_claim(result: dict[str, Any]) -> str:
     if not effect:
         return (f"**How much does a second training run move the figures?** Not measured yet: no arm has a second "
                 f"seed finished. The best two first-seed arms by COVID AUC now: {top_s or 'none'}.")
-    per = "; ".join(f"{_seed_arm(e)}: AUC {_signed_ci(e['covid_auc_diff'], e.get('covid_auc_ci95'))}, macro-F1 "
+    per = "; ".join(f"{arm_setting(e)}: AUC {_signed_ci(e['covid_auc_diff'], e.get('covid_auc_ci95'))}, macro-F1 "
                     f"{_signed_ci(e.get('macro_f1_diff'), e.get('macro_f1_ci95'))}" for e in effect)
     seconded = {(e["arch"], e["image_size"], e["clahe"], e["weights"]) for e in effect}
     missing = [r["name"] for r in top if (r["arch"], r["image_size"], r["clahe"], r.get("weights", "none"))

@@ -15,7 +15,16 @@ import pytest
 from cxrscreen.experiments.config import STUDY_REFERENCE, CompareConfig, train_config_for
 from cxrscreen.experiments.effects import PAIRED_FIGURES, _paired_effect
 from cxrscreen.experiments.probs import write_test_probs
-from cxrscreen.experiments.report import arm_label, claims, convergence, convergence_display, learned, report_finished
+from cxrscreen.experiments.report import (
+    arm_label,
+    clahe_display,
+    clahe_summary,
+    claims,
+    convergence,
+    convergence_display,
+    learned,
+    report_finished,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "configs" / "study_paper.yaml"
@@ -181,3 +190,19 @@ def test_an_arm_that_gives_one_class_to_every_image_is_not_called_stable() -> No
     assert "the most stable is resnet18_128_clahe-on" in stable
     shown = convergence_display(conv)
     assert shown[0]["learned"] == "no: one class for 100 % of the test" and shown[1]["learned"] == "yes"
+
+
+def test_a_clahe_pair_with_an_arm_that_did_not_learn_is_left_out_of_the_counts() -> None:
+    def pair(arch: str, diff: float, lo: float, hi: float) -> dict:
+        return {"arch": arch, "image_size": 128, "weights": "none", "seed": 0, "on": f"{arch}_128_clahe-on",
+                "off": f"{arch}_128_clahe-off", "covid_auc_diff": diff, "covid_auc_ci95": [lo, hi],
+                "macro_f1_diff": diff, "macro_f1_ci95": [lo, hi], "covid_auc_on": 0.8, "covid_auc_off": 0.8 - diff}
+
+    effect = [pair("resnet18", 0.02, -0.01, 0.05), pair("vgg16", -0.15, -0.22, -0.10)]
+    counted = clahe_summary(effect)
+    assert "for 1 of 2 architectures" in counted and "below zero for 1" in counted
+    flagged = clahe_summary(effect, {"vgg16_128_clahe-on"})
+    assert "for 1 of 1 architectures" in flagged and "below zero for 0" in flagged
+    assert "Left out of these counts: vgg16, whose vgg16_128_clahe-on did not learn" in flagged
+    notes = [r["note"] for r in clahe_display(effect, {"vgg16_128_clahe-on"})]
+    assert notes == ["", "vgg16_128_clahe-on did not learn"]

@@ -11,6 +11,7 @@ import base64
 import csv
 import html
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -136,21 +137,37 @@ def arm_label(e: dict[str, Any]) -> str:
     return e["arch"] + (f" ({', '.join(tags)})" if tags else "")
 
 
-def clahe_display(effect: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The CLAHE on vs off mini-table as strings."""
+def _failed_arm(e: dict[str, Any], not_learned: Collection[str]) -> str | None:
+    """The run of a CLAHE pair that did not learn (its difference then measures a failed run, not CLAHE)."""
+    return next((e[k] for k in ("on", "off") if e.get(k) in not_learned), None)
+
+
+def clahe_display(effect: list[dict[str, Any]], not_learned: Collection[str] = ()) -> list[dict[str, str]]:
+    """The CLAHE on vs off mini-table as strings; a pair with an arm that did not learn says so in its note."""
+    def note(e: dict[str, Any]) -> str:
+        bad = _failed_arm(e, not_learned)
+        return "; ".join(n for n in (e.get("note", ""), f"{bad} did not learn" if bad else "") if n)
+
     return [{
         "arch": arm_label(e), "size": _num(e["image_size"]), "f1_on": _num(e.get("macro_f1_on")),
         "f1_off": _num(e.get("macro_f1_off")), "f1_diff": _signed_ci(e.get("macro_f1_diff"), e.get("macro_f1_ci95")),
         "auc_on": _num(e.get("covid_auc_on")), "auc_off": _num(e.get("covid_auc_off")),
-        "auc_diff": _signed_ci(e.get("covid_auc_diff"), e.get("covid_auc_ci95")), "note": e.get("note", ""),
+        "auc_diff": _signed_ci(e.get("covid_auc_diff"), e.get("covid_auc_ci95")), "note": note(e),
     } for e in effect]
 
 
-def clahe_summary(effect: list[dict[str, Any]]) -> str:
-    """One sentence: for how many architectures CLAHE helped, and where the interval excludes zero."""
+def clahe_summary(effect: list[dict[str, Any]], not_learned: Collection[str] = ()) -> str:
+    """One sentence: for how many architectures CLAHE helped, and where the interval excludes zero; pairs with
+    an arm that did not learn are named and left out of the counts."""
     done = [e for e in effect if e.get("covid_auc_diff") is not None]
+    failed = [e for e in done if _failed_arm(e, not_learned)]
+    done = [e for e in done if e not in failed]
+    left_out = "".join(f" Left out of these counts: {arm_label(e)}, whose {_failed_arm(e, not_learned)} did not "
+                       "learn (one class for every test image), so its difference is a failed run's, not CLAHE's."
+                       for e in failed)
     if not done:
-        return "No architecture has both CLAHE settings evaluated; the CLAHE claim is not tested here."
+        return ("No architecture has both CLAHE settings evaluated and learned; the CLAHE claim is not tested "
+                "here." + left_out)
     better = sum(e["covid_auc_diff"] > 0 for e in done)
     ci = [e for e in done if e.get("covid_auc_ci95")]
     sig_up = sum(e["covid_auc_ci95"][0] > 0 for e in ci)
@@ -159,7 +176,7 @@ def clahe_summary(effect: list[dict[str, Any]]) -> str:
     return (f"CLAHE on gave a higher COVID AUC for {better} of {len(done)} architectures and a higher macro-F1 "
             f"for {f1_up} of {len(done)}; the 95 % interval of the AUC difference lies above zero for {sig_up} "
             f"and below zero for {sig_down}. Each arm is one training run (one seed), so the intervals cover "
-            "the test sample only, not training-to-training variation.")
+            "the test sample only, not training-to-training variation." + left_out)
 
 
 FIGURE_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "covid_sensitivity": "COVID sensitivity",
@@ -269,6 +286,11 @@ def learned(c: dict[str, Any]) -> bool:
     return c.get("top_class_share") is None or c["top_class_share"] < ONE_CLASS_SHARE
 
 
+def not_learned(conv: list[dict[str, Any]]) -> set[str]:
+    """The runs of a convergence table that did not learn."""
+    return {c["run"] for c in conv if not learned(c)}
+
+
 def convergence_display(conv: list[dict[str, Any]]) -> list[dict[str, str]]:
     def pct(v: float | None) -> str:
         return "" if v is None else f"{100 * v:+.1f} %" + (" (flat)" if abs(v) < FLAT_DROP else "")
@@ -331,7 +353,7 @@ def claims(result: dict[str, Any], conv: list[dict[str, Any]]) -> list[str]:
     else:
         per = "; ".join(f"{arm_label(e)}: AUC {_signed_ci(e['covid_auc_diff'], e.get('covid_auc_ci95'))}, macro-F1 "
                         f"{_signed_ci(e['macro_f1_diff'], e.get('macro_f1_ci95'))}" for e in ce)
-        out.append(f"**Does CLAHE help?** {clahe_summary(ce)} On - off, paired: {per}.{later}")
+        out.append(f"**Does CLAHE help?** {clahe_summary(ce, not_learned(conv))} On - off, paired: {per}.{later}")
     te = [e for e in result.get("transfer_effect", []) if e.get("covid_auc_diff") is not None]
     if not te:
         out.append("**How far does ImageNet transfer move each figure?** Not measured yet: no architecture has "
@@ -412,6 +434,7 @@ def render_markdown(result: dict[str, Any], table: list[dict[str, Any]], files: 
     """report.md (images referenced by relative path)."""
     meta = result["meta"]
     failed = [r for r in result["runs"] if r["status"] != "ok"]
+    stuck = not_learned(files.get("convergence", []))
     parts = [
         f"# {meta['title']}",
         "Research use only: not a medical device.",
@@ -421,8 +444,8 @@ def render_markdown(result: dict[str, Any], table: list[dict[str, Any]], files: 
         "## The study's claims, answered from the finished arms",
         *claims(result, files.get("convergence", [])),
         "## CLAHE on vs off",
-        clahe_summary(result.get("clahe_effect", [])),
-        _md_table(clahe_display(result.get("clahe_effect", [])), CLAHE_DISPLAY),
+        clahe_summary(result.get("clahe_effect", []), stuck),
+        _md_table(clahe_display(result.get("clahe_effect", []), stuck), CLAHE_DISPLAY),
         "## ImageNet transfer vs from scratch",
         _md_table(transfer_display(result.get("transfer_effect", [])), TRANSFER_DISPLAY)
         if result.get("transfer_effect") else "Not measured yet.",
@@ -493,6 +516,7 @@ def render_html(result: dict[str, Any], table: list[dict[str, Any]], files: dict
     meta = result["meta"]
     e = html.escape
     failed = [r for r in result["runs"] if r["status"] != "ok"]
+    stuck = not_learned(files.get("convergence", []))
     ref_rows = {i for i, r in enumerate(table) if r["source"] != RERUN}
     body = [
         f"<h1>{e(meta['title'])}</h1>", '<p class="warn">Research use only: not a medical device.</p>',
@@ -500,8 +524,8 @@ def render_html(result: dict[str, Any], table: list[dict[str, Any]], files: dict
         "<ul>" + "".join(f"<li>{e(n)}</li>" for n in _notes(result)) + "</ul>",
         "<h2>The study's claims, answered from the finished arms</h2>",
         *[f"<p>{e(c).replace('**', '')}</p>" for c in claims(result, files.get("convergence", []))],
-        "<h2>CLAHE on vs off</h2>", f"<p>{e(clahe_summary(result.get('clahe_effect', [])))}</p>",
-        _html_table(clahe_display(result.get("clahe_effect", [])), CLAHE_DISPLAY),
+        "<h2>CLAHE on vs off</h2>", f"<p>{e(clahe_summary(result.get('clahe_effect', []), stuck))}</p>",
+        _html_table(clahe_display(result.get("clahe_effect", []), stuck), CLAHE_DISPLAY),
         "<h2>ImageNet transfer vs from scratch</h2>",
         _html_table(transfer_display(result.get("transfer_effect", [])), TRANSFER_DISPLAY)
         if result.get("transfer_effect") else "<p>Not measured yet.</p>",

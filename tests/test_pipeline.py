@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,7 @@ def test_interrupted_run_resumes_from_checkpoint(small_data, tmp_path, monkeypat
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
+        time.sleep(1.5)  # the first sitting's epoch takes a time the second sitting's total must include
         return real(*a, **k)
 
     monkeypatch.setattr(engine, "train_one_epoch", flaky)
@@ -103,7 +105,11 @@ def test_interrupted_run_resumes_from_checkpoint(small_data, tmp_path, monkeypat
     monkeypatch.setattr(engine, "train_one_epoch", real)
     train(cfg, data, split, tmp_path / "r", log=logs.append)
     assert any("resuming" in s and "epoch 1" in s for s in logs)
-    assert list(pd.read_csv(tmp_path / "r" / "history.csv")["epoch"]) == [1, 2]
+    hist = pd.read_csv(tmp_path / "r" / "history.csv")
+    assert list(hist["epoch"]) == [1, 2]
+    # the training time counts both sittings: at least the sum of the two epochs' wall times
+    assert hist["seconds"].iloc[0] >= 1.5
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train_seconds"] >= hist["seconds"].sum() - 0.1
 
 
 def test_evaluate_json_keys_and_ci_bounds(trained_run: Path, small_data, tmp_path):

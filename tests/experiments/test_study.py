@@ -24,6 +24,7 @@ from cxrscreen.experiments.report import (
     convergence_display,
     learned,
     report_finished,
+    table_rows,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -206,3 +207,11 @@ def test_a_clahe_pair_with_an_arm_that_did_not_learn_is_left_out_of_the_counts()
     assert "Left out of these counts: vgg16, whose vgg16_128_clahe-on did not learn" in flagged
     notes = [r["note"] for r in clahe_display(effect, {"vgg16_128_clahe-on"})]
     assert notes == ["", "vgg16_128_clahe-on did not learn"]
+
+
+def test_the_training_time_column_counts_every_sitting_of_a_resumed_run() -> None:
+    # a run resumed before the loop summed its sittings recorded only the last one in train_seconds
+    run = {"name": "vgg16_128_clahe-off", "status": "ok", "arch": "vgg16", "image_size": 128, "clahe": False,
+           "metrics": {}, "train_seconds": 845.0, "epoch_seconds_sum": 6191.5}
+    rows = table_rows({"runs": [run, {**run, "name": "old", "epoch_seconds_sum": None}], "reference": STUDY_REFERENCE})
+    assert [r["train_seconds"] for r in rows[:2]] == [6191.5, 845.0]

@@ -214,6 +214,11 @@ class EpochLoop:
         self.history = self.history[: ck["epoch"]]
         self.log(f"resuming {self.out_dir} after epoch {ck['epoch']}")
 
+    def _earlier_seconds(self) -> float:
+        """Wall seconds of the epochs restored from earlier sittings (their history rows)."""
+        done = self.history[: self.start_epoch - 1]
+        return sum(float(r["seconds"]) for r in done if r.get("seconds") not in (None, ""))
+
     def _write_history(self) -> None:
         assert self.out_dir is not None
         cols = self.recipe.history_columns
@@ -280,6 +285,7 @@ class EpochLoop:
         deadline_s = cfg.budget_minutes * 60 if cfg.budget_minutes else None
         out_of_time = (lambda: time.monotonic() - t_start > deadline_s) if deadline_s else None
         stop_reason = "completed all epochs"
+        earlier = self._earlier_seconds()
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             t0 = time.monotonic()
             row = {"epoch": epoch, **self._train_epoch(epoch, out_of_time)}
@@ -312,7 +318,7 @@ class EpochLoop:
         if self.ddp.is_main:
             final = read_config(self.out_dir)
             final.update({"finished": True, "stop_reason": stop_reason,
-                          "train_seconds": seconds + float(final.get("train_seconds", 0))})
+                          "train_seconds": round(seconds + earlier, 1)})  # over every sitting
             write_config(self.out_dir, final)
             (self.out_dir / "train_summary.json").write_text(
                 json.dumps({"stop_reason": stop_reason, "epochs_run": len(self.history)}, indent=2))

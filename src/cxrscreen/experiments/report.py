@@ -51,7 +51,9 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             "run": r["name"], "source": RERUN, "status": r["status"] if r["status"] == "ok"
             else f"failed ({r.get('stage')})", "arch": r["arch"], "image_size": r["image_size"],
             "clahe": "on" if r["clahe"] else "off", "n_test": m.get("n_test"), "accuracy": m.get("accuracy"),
-            "macro_f1": m.get("macro_f1"), "parameters": r.get("parameters"), "train_seconds": r.get("train_seconds"),
+            "macro_f1": m.get("macro_f1"), "parameters": r.get("parameters"),
+            # the epochs' wall time summed from the run's history: every sitting of a resumed run counts
+            "train_seconds": r.get("epoch_seconds_sum") or r.get("train_seconds"),
             "epochs_run": r.get("epochs_run"), "stop_reason": r.get("stop_reason"),
             "inference_images_per_s": (r.get("inference") or {}).get("images_per_s"), "note": r.get("error"),
         })
@@ -100,7 +102,8 @@ DISPLAY = [
     ("run", "run"), ("arch", "arch"), ("size", "px"), ("clahe", "CLAHE"), ("status", "status"), ("n", "n test"),
     ("acc", "accuracy"), ("f1", "macro-F1"), ("sens", "COVID sensitivity [95% CI]"),
     ("spec", "COVID specificity [95% CI]"), ("auc", "COVID AUC [95% CI]"), ("params", "parameters"),
-    ("secs", "training s"), ("epochs", "epochs"), ("stop", "stop reason"), ("ips", "inference img/s"),
+    ("secs", "training s (epochs, all sittings)"), ("epochs", "epochs"), ("stop", "stop reason"),
+    ("ips", "inference img/s"),
 ]
 
 

@@ -112,6 +112,25 @@ def test_interrupted_run_resumes_from_checkpoint(small_data, tmp_path, monkeypat
     assert json.loads((tmp_path / "r" / "config.json").read_text())["train_seconds"] >= hist["seconds"].sum() - 0.1
 
 
+def test_a_run_killed_before_its_first_checkpoint_lists_each_epoch_once(small_data, tmp_path, monkeypatch):
+    data, split = small_data
+    real = engine.train_one_epoch
+
+    def second_epoch_interrupted(*a, **k):
+        if (tmp_path / "r" / "history.csv").is_file():
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "train_one_epoch", second_epoch_interrupted)
+    cfg = _cfg(tmp_path, epochs=2, preprocess=PreprocessConfig(image_size=48))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data, split, tmp_path / "r", log=lambda s: None)
+    (tmp_path / "r" / "checkpoint.pt").unlink()  # as if killed between the history row and the checkpoint
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    train(cfg, data, split, tmp_path / "r", log=lambda s: None)
+    assert list(pd.read_csv(tmp_path / "r" / "history.csv")["epoch"]) == [1, 2]
+
+
 def test_evaluate_json_keys_and_ci_bounds(trained_run: Path, small_data, tmp_path):
     data, split = small_data
     res = evaluate_run(load_run(trained_run), data, split_csv=split, subset="test", n_boot=200,

@@ -200,6 +200,7 @@ class EpochLoop:
             with open(path, newline="") as f:
                 self.history = list(csv.DictReader(f))
         if not self.ckpt_path.is_file():
+            self.history = []  # killed before its first checkpoint: the epoch is trained again, not listed twice
             return
         ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
         r = self.recipe

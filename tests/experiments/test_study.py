@@ -73,6 +73,16 @@ def _probs(labels: list[str], pred: list[str], p_covid: list[float]) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+def test_the_vgg_plateau_check_is_the_study_arm_without_early_stopping() -> None:
+    side = CompareConfig.from_yaml(REPO / "configs" / "study_vgg_plateau.yaml")
+    study = CompareConfig.from_yaml(STUDY)
+    assert side.run_names() == ["vgg16_128_clahe-on"]
+    a = train_config_for(side, side.models[0], True).to_dict()
+    b = train_config_for(study, study.models[4], True).to_dict()
+    assert {k for k in a if a[k] != b[k]} == {"epochs", "patience"}
+    assert a["patience"] >= a["epochs"] == 30  # no early stop within its 30 epochs
+
+
 def test_paired_effect_of_every_figure() -> None:
     labels = ["covid"] * 4 + ["normal"] * 4 + ["pneumonia"] * 4
     good = _probs(labels, labels, [0.9] * 4 + [0.1] * 8)

@@ -129,6 +129,7 @@ def compare(
     import shlex
 
     from cxrscreen.experiments.compare import run_compare
+    from cxrscreen.experiments.report import arm_label
 
     def log(msg: str) -> None:
         console.print(msg, markup=False, highlight=False)
@@ -151,8 +152,6 @@ def compare(
                       num(r["accuracy"]), num(r["macro_f1"]), num(r["covid_sensitivity"]),
                       num(r["covid_specificity"]), num(r["covid_auc"]), num(r["inference_images_per_s"], 1))
     out.print(table)
-    from cxrscreen.experiments.report import arm_label
-
     for e in result["clahe_effect"]:
         if e.get("covid_auc_diff") is not None:
             out.print(f"CLAHE on - off, {arm_label(e)} {e['image_size']} px: macro-F1 {e['macro_f1_diff']:+.3f}, "

@@ -162,12 +162,11 @@ def clahe_display(effect: list[dict[str, Any]], not_learned: Collection[str] = (
 def clahe_summary(effect: list[dict[str, Any]], not_learned: Collection[str] = ()) -> str:
     """One sentence: for how many architectures CLAHE helped, and where the interval excludes zero; pairs with
     an arm that did not learn are named and left out of the counts."""
-    done = [e for e in effect if e.get("covid_auc_diff") is not None]
-    failed = [e for e in done if _failed_arm(e, not_learned)]
-    done = [e for e in done if e not in failed]
-    left_out = "".join(f" Left out of these counts: {arm_label(e)}, whose {_failed_arm(e, not_learned)} did not "
-                       "learn (one class for every test image), so its difference is a failed run's, not CLAHE's."
-                       for e in failed)
+    measured = [(e, _failed_arm(e, not_learned)) for e in effect if e.get("covid_auc_diff") is not None]
+    done = [e for e, bad in measured if not bad]
+    left_out = "".join(f" Left out of these counts: {arm_label(e)}, whose {bad} did not learn (one class for "
+                       "every test image), so its difference is a failed run's, not CLAHE's."
+                       for e, bad in measured if bad)
     if not done:
         return ("No architecture has both CLAHE settings evaluated and learned; the CLAHE claim is not tested "
                 "here." + left_out)

@@ -28,7 +28,7 @@ def cxr_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def real_manifest(cxr_dir: Path) -> pd.DataFrame:
-    """The real manifest (3,078 rows)."""
+    """The real manifest (2,989 rows)."""
     return read_manifest(cxr_dir)
 
 

@@ -130,7 +130,7 @@ def test_build_refuses_to_overwrite_its_input(tmp_path: Path, png: Callable[[Pat
 
 
 def test_build_real_manifest_plus_cohen(cxr_dir: Path, real_manifest: pd.DataFrame, tmp_path: Path) -> None:
-    # The Cohen csv points at the manifest's own Cohen files: all 503 are duplicates, nothing changes.
+    # The Cohen csv points at the manifest's own Cohen files: all 414 are duplicates, nothing changes.
     summary = build_dataset(
         [
             parse_source_arg(f"manifest:{cxr_dir}"),
@@ -138,8 +138,8 @@ def test_build_real_manifest_plus_cohen(cxr_dir: Path, real_manifest: pd.DataFra
         ],
         tmp_path / "out",
     )
-    assert summary["n_images"] == 3078 and summary["n_duplicates"] == 503
-    assert summary["labels"] == {"covid": 1045, "normal": 1514, "pneumonia": 519}
+    assert summary["n_images"] == 2989 and summary["n_duplicates"] == 414
+    assert summary["labels"] == {"covid": 964, "normal": 1506, "pneumonia": 519}
     assert summary["n_split_groups"] == real_manifest["split_group"].nunique()
     built = read_manifest(tmp_path / "out")
     assert built["split_group"].tolist() == real_manifest["split_group"].tolist()
@@ -164,7 +164,7 @@ def test_merge_of_cxr_and_siim_reproduces_the_committed_split(cxr_dir: Path, tmp
     if not (siim / "manifest.csv").is_file():
         pytest.skip(f"siim data not found at {siim}")
     summary = build_dataset([("manifest", cxr_dir), ("manifest", siim)], tmp_path / "merged")
-    assert summary["n_images"] == 3078 + 4666 and summary["by_source"]["siim"] == {
+    assert summary["n_images"] == 2989 + 4666 and summary["by_source"]["siim"] == {
         "covid": 2956, "normal": 1710, "pneumonia": 0}
     merged = read_manifest(tmp_path / "merged")
     repo = Path(__file__).resolve().parents[2]

@@ -233,7 +233,7 @@ def test_folder_adapter(tmp_path: Path, png: Callable[[Path, int], Path]) -> Non
 def test_manifest_adapter_real(cxr_dir: Path) -> None:
     result = ADAPTERS["manifest"](cxr_dir)
     df = result.records
-    assert len(df) == 3078 and result.summary["dropped"] == {}
+    assert len(df) == 2989 and result.summary["dropped"] == {}
     assert {"sha1", "original_label", "width"} <= set(df.columns)  # extra columns kept
     first = Path(df["image"].iloc[0])
     assert first.is_absolute() and first.is_file()

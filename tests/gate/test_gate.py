@@ -267,7 +267,7 @@ def test_squeezed_xray_is_flagged(gate: Gate, real_xray: np.ndarray) -> None:
 
 
 def test_new_rules_flag_no_real_xray(data_dir: Path) -> None:
-    """The level and aspect rules pass every real X-ray of ../shared/data/cxr (3,078 images, ~7 s)."""
+    """The level and aspect rules pass every real X-ray of ../shared/data/cxr (2,989 images, ~7 s)."""
     m = pd.read_csv(data_dir / "manifest.csv", dtype=str, keep_default_na=False)
     worst = {"levels": 256, "portrait": 0.0, "landscape": 0.0}
     flagged = []

@@ -164,11 +164,11 @@ def test_masking_part(audited):
             sub["original"]["accuracy"], sub["lungs_masked"]["accuracy"], sub["chance"], sub["n"])[0], name
         assert sub["covid_signal_outside_lungs"] == audit.covid_signal_verdict(
             sub["lungs_masked"]["covid_auc"], sub["n"])[0], name
-    # this fixture: 2 test images have annotated boxes (too few to judge), the 24 of "all" are enough
+    # this fixture: 4 test images have annotated boxes (too few to judge), the 23 of "all" are enough
     ann = mk["subsets"]["annotated"]
-    assert ann["n"] == 2 < audit.MIN_JUDGE_N and ann["shortcut_flag"] is None
-    assert ann["covid_signal_outside_lungs"] is None and ann["finding"] == "only 2 images: too few to judge"
-    assert allb["n"] == 24 >= audit.MIN_JUDGE_N and isinstance(mk["covid_signal_outside_lungs"], bool)
+    assert ann["n"] == 4 < audit.MIN_JUDGE_N and ann["shortcut_flag"] is None
+    assert ann["covid_signal_outside_lungs"] is None and ann["finding"] == "only 4 images: too few to judge"
+    assert allb["n"] == 23 >= audit.MIN_JUDGE_N and isinstance(mk["covid_signal_outside_lungs"], bool)
     # the overall verdicts: True if any box kind flags, else False if any clears, else None; COVID from "all"
     flags = [mk["subsets"][s]["shortcut_flag"] for s in audit.BOX_SUBSETS]
     assert mk["shortcut_flag"] is (True if True in flags else False if False in flags else None)

@@ -113,7 +113,7 @@ def test_source_holdout(real_manifest: pd.DataFrame) -> None:
     # Only groups holding a Cohen image join the test set (3 covid-cxnet images share a group with Cohen).
     test_groups = set(out.loc[out["subset"] == "test", "split_group"])
     assert test_groups == set(out.loc[out["source"] == "cohen", "split_group"])
-    assert (out["subset"] == "test").sum() == 506
+    assert (out["subset"] == "test").sum() == 417
     rest = out[out["subset"] != "test"]
     assert rest["subset"].value_counts(normalize=True)["val"] == pytest.approx(0.1, abs=0.01)
     assert split.equals(split_source(real_manifest, holdout_source="cohen", seed=0))

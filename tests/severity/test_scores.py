@@ -48,5 +48,5 @@ def test_scored_image_missing_from_manifest_is_refused(tmp_path: Path) -> None:
 
 def test_real_scores(data_dir: Path) -> None:
     s = load_severity_set(data_dir)
-    assert len(s) == 90 and len(set(s.groups)) == 64
+    assert len(s) == 88 and len(set(s.groups)) == 62
     assert s.targets[:, 0].max() <= 8 and s.targets[:, 1].max() <= 6

@@ -59,7 +59,8 @@ GATE_FILE = "gate.json"
 """Outer rows / columns with a grey std below this are cut as padding before the features."""
 """Fewer distinct 8-bit grey levels than this (in the decoded image, before any reduction; DICOM: distinct
 stored values), or a 1-bit file, is flagged: a bilevel or posterised picture has lost the densities the
-model reads. The real X-rays of ../shared/data/cxr (3,078 when measured, 2,989 now) have at least 108 levels (median 248)."""
+model reads. The real X-rays of ../shared/data/cxr (3,078 when measured, 2,989 now) have at least 108 levels
+(median 248)."""
 """Height / width above this is flagged (squeezed or a strip). Real X-rays: at most 1.33 (3:4 portrait);
 chest film is 14 x 17 in (1.21). 2.0 leaves 50 % margin and catches an X-ray squeezed to 220 x 512 (2.33)."""
 """Width / height above this is flagged. Real X-rays reach 2.24 (web figures of a wide bedside film), so

@@ -22,7 +22,7 @@ def safe_cell(value: object) -> str:
     """
     if value is None:
         return ""
-    if isinstance(value, bool) or isinstance(value, int | float):
+    if isinstance(value, int | float):  # bool is an int
         return str(value)
     text = str(value)
     if text.startswith(FORMULA_STARTS):

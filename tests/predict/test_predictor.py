@@ -15,7 +15,8 @@ from cxrscreen.cli import app
 from cxrscreen.errors import CXRError
 from cxrscreen.io.files import file_sha256
 from cxrscreen.predict.inputs import iter_image_files
-from cxrscreen.predict.predictor import default_model_dir, format_probabilities, load_model
+from cxrscreen.predict.predictor import default_model_dir, load_model
+from cxrscreen.predict.prepared import format_probabilities
 from cxrscreen.runs.run_dir import load_run
 from tests.conftest import synthetic_cxr
 

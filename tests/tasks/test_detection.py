@@ -33,15 +33,9 @@ from cxrscreen.models.layers import GREY_MEAN, GREY_STD, grey_conv
 from cxrscreen.models.registry import available_models, create_model
 from cxrscreen.predict.predictor import Predictor
 from cxrscreen.runs.run_dir import load_run
-from cxrscreen.tasks.detection import (
-    IMAGE_RULE,
-    DetectionDataset,
-    collate,
-    detection_batch,
-    image_probabilities,
-    result_boxes,
-)
+from cxrscreen.tasks.detection import IMAGE_RULE, image_probabilities, result_boxes
 from cxrscreen.training.config import TrainConfig
+from cxrscreen.training.detection import DetectionDataset, collate, detection_batch
 from cxrscreen.training.localizer import crossval_localizer, label_boxes
 from cxrscreen.training.train import train
 from cxrscreen.transforms.boxes import DetectionAugment, FlipBoxes, boxes_to_model

@@ -20,12 +20,13 @@ from cxrscreen.data.dataset import XRayTensorDataset
 from cxrscreen.data.manifest import read_manifest
 from cxrscreen.data.splits import read_split, split_grouped, write_split
 from cxrscreen.data.subsets import SubsetData, load_subset
-from cxrscreen.engine.loop import EpochLoop, predict_logits
+from cxrscreen.engine.loop import EpochLoop
 from cxrscreen.engine.setup import pick_device, seed_everything
+from cxrscreen.engine.validation import predict_logits
 from cxrscreen.errors import CXRError
 from cxrscreen.models.registry import create_model
 from cxrscreen.runs.run_dir import LoadedRun
-from cxrscreen.tasks.classification import classifier_recipe
+from cxrscreen.training.classification import classifier_recipe
 from cxrscreen.training.config import TrainConfig
 from cxrscreen.transforms.augment import eval_transform
 from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir

@@ -51,7 +51,8 @@ def predict(
     from cxrscreen.predict.batch import gather_inputs
     from cxrscreen.predict.inputs import OutputNames
     from cxrscreen.predict.onnx_engine import load_for_engine
-    from cxrscreen.predict.predictor import Predictor, format_probabilities
+    from cxrscreen.predict.predictor import Predictor
+    from cxrscreen.predict.prepared import format_probabilities
 
     if as_json and as_csv:
         console.print("error: --json and --csv exclude each other; choose one", markup=False)

@@ -159,7 +159,7 @@ class DistContext:
     def evaluate_epoch(self, model: nn.Module, loader: DataLoader, criterion: nn.Module, *,
                        device: torch.device) -> tuple[float, np.ndarray, np.ndarray]:
         """`engine.evaluate_epoch` over the whole val set, each process predicting a 1/world slice."""
-        from cxrscreen.engine.loop import evaluate_epoch, predict_logits
+        from cxrscreen.engine.validation import evaluate_epoch, predict_logits
 
         if not self.enabled:
             return evaluate_epoch(model, loader, criterion, device=device)
@@ -225,16 +225,3 @@ def launch_torchrun(nproc: int, train_args: list[str]) -> int:
     import subprocess
 
     return subprocess.call(torchrun_command(nproc, train_args))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m cxrscreen.training ARGS` (what torchrun starts): `cxrscreen train ARGS` in this process."""
-    import sys
-
-    from cxrscreen.cli import app
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        app(["train", *args], prog_name="cxrscreen.training", standalone_mode=True)
-    finally:
-        shutdown()

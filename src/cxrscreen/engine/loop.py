@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -73,40 +72,6 @@ def train_one_epoch(
         if deadline is not None and deadline():
             break
     return total / max(seen, 1), seen, step
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    device: torch.device,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, C) and labels (N,) of every batch, in loader order (eval mode)."""
-    model.eval()
-    logits, labels = [], []
-    for x, y in loader:
-        logits.append(model(x.to(device)).float().cpu())
-        labels.append(y)
-    if not logits:
-        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
-
-
-def evaluate_epoch(
-    model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    criterion: nn.Module,
-    *,
-    device: torch.device,
-) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean loss, probabilities (N, C) and labels (N,) of a classifier on a loader (no gradient, eval mode)."""
-    logits, labels = predict_logits(model, loader, device=device)
-    if len(labels) == 0:
-        return float("nan"), logits, labels
-    t_logits, t_labels = torch.from_numpy(logits), torch.from_numpy(labels)
-    loss = float(criterion(t_logits, t_labels))
-    return loss, torch.softmax(t_logits, 1).numpy(), labels
 
 
 def monitor_score(row: dict[str, Any], monitor: str) -> float:

@@ -8,7 +8,7 @@ area lies where the model looked.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pytorch_grad_cam import GradCAM
@@ -17,9 +17,11 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from cxrscreen.errors import CXRError
 from cxrscreen.explain.overlay import draw_text, overlay, write_png
 from cxrscreen.models.registry import cam_target_layer
-from cxrscreen.predict.predictor import Prepared, format_probabilities
-from cxrscreen.runs.run_dir import LoadedRun
+from cxrscreen.predict.prepared import Prepared, format_probabilities
 from cxrscreen.transforms.preprocess import to_model_tensor
+
+if TYPE_CHECKING:
+    from cxrscreen.runs.run_dir import LoadedRun
 
 
 class Explainer:

@@ -12,7 +12,6 @@ no output shows a diagnosis or the model's probabilities for it. With a severity
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ import torch
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.decision import DecisionRule, decide_names
 from cxrscreen.io.xray import XRay, read_xray
+from cxrscreen.predict.prepared import Prepared
 from cxrscreen.runs.run_dir import LoadedRun, load_run
-from cxrscreen.transforms.preprocess import Geometry, Preprocessor
+from cxrscreen.transforms.preprocess import Preprocessor
 
 
 def default_model_dir() -> Path:
@@ -38,21 +38,6 @@ def load_model(model: str | Path | None = None, *, device: str = "cpu") -> Loade
     if model is None and not (path / "model.safetensors").is_file():
         raise CXRError("the bundled default model is missing from this installation; pass --model RUN_DIR", path)
     return load_run(path, device=device)
-
-
-def format_probabilities(probs: dict[str, float]) -> str:
-    """'covid 54.8 %, normal 27.0 %, pneumonia 18.2 %' as the study printed them."""
-    return ", ".join(f"{c} {100 * p:.1f} %" for c, p in probs.items())
-
-
-@dataclass
-class Prepared:
-    """One decoded and preprocessed input."""
-
-    path: str
-    xray: XRay
-    image: np.ndarray
-    geometry: Geometry
 
 
 class Predictor:

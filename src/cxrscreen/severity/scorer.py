@@ -70,8 +70,7 @@ class SeverityScorer:
                                                                                                      strict=True)}
         source = dict.fromkeys(LUNGS, "atlas")
         if self.localizer is not None:
-            from cxrscreen.tasks.detection import detect
-            from cxrscreen.training.localizer import best_per_lung, to_original
+            from cxrscreen.tasks.detection import best_per_lung, detect, to_original
             from cxrscreen.transforms.preprocess import Preprocessor
 
             img, geom = Preprocessor(self.localizer.preprocess)(pixels)

@@ -1,9 +1,12 @@
-"""Tasks: what each kind of model owns (see `tasks.base`); looked up by the kind a spec or run names."""
+"""Tasks at inference: what each kind of model owns (see `tasks.base`); looked up by the kind a spec or run names.
+
+Training each kind is `cxrscreen.training.tasks`; importing this package imports no training code.
+"""
 
 from __future__ import annotations
 
 from cxrscreen.errors import CXRError
-from cxrscreen.tasks.base import Task, TrainContext
+from cxrscreen.tasks.base import Task
 from cxrscreen.tasks.classification import ClassificationTask
 from cxrscreen.tasks.detection import DetectionTask
 
@@ -15,11 +18,11 @@ TASKS: dict[str, Task] = {
 
 
 def task_for(kind: str) -> Task:
-    """The task of a registry kind or a run's config.json "kind"."""
+    """The inference task of a registry kind or a run's config.json "kind"."""
     try:
         return TASKS[kind]
     except KeyError:
         raise CXRError(f"unknown model kind {kind!r}; known: {', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["TASKS", "Task", "TrainContext", "task_for"]
+__all__ = ["TASKS", "Task", "task_for"]

@@ -1,64 +1,38 @@
-"""The seam between the package and a kind of model: what a task owns, so that nothing else branches on kind.
+"""The seam between prediction and a kind of model: what a task owns at inference, so nothing else branches on kind.
 
-A task (classification, detection) owns its training recipe (dataset, loss, step, validation), how its
-model turns preprocessed images into class probabilities and extra result fields, what its trained model
-offers (logits for calibration, Grad-CAM and the audit), and how a prediction is drawn. Tasks are looked
-up by the `kind` a registry spec or a run's config.json names (`cxrscreen.tasks.task_for`).
+A task (classification, detection) owns how its model turns preprocessed images into class probabilities and
+extra result fields, what its trained model offers (logits for calibration, Grad-CAM and the audit), and how a
+prediction is drawn. Tasks are looked up by the `kind` a registry spec or a run's config.json names
+(`cxrscreen.tasks.task_for`). Training each kind (recipe, datasets, loss, validation) is the other side of the
+seam, in `cxrscreen.training.tasks`; nothing here imports training code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 from torch import nn
 
-from cxrscreen.data.subsets import SubsetData
-from cxrscreen.engine.distributed import DistContext
-from cxrscreen.engine.loop import Recipe
 from cxrscreen.transforms.preprocess import Geometry
 
 if TYPE_CHECKING:
-    from cxrscreen.predict.predictor import Prepared
+    from cxrscreen.predict.prepared import Prepared
     from cxrscreen.runs.run_dir import LoadedRun
-    from cxrscreen.training.config import TrainConfig
 
 Drawer = Callable[["Prepared", dict[str, Any], Path, "str | None"], Path]
 
 
-@dataclass
-class TrainContext:
-    """What a task's recipe is built from: the config, the loaded train and val subsets, and the run."""
-
-    cfg: TrainConfig
-    train: SubsetData
-    val: SubsetData
-    classes: list[str]
-    device: torch.device
-    generator: torch.Generator
-    data_dir: Path
-    out_dir: Path
-    log: Callable[[str], None]
-    ddp: DistContext = field(default_factory=DistContext)  # a distributed run's process (one process: no-op)
-
-
 class Task(Protocol):
-    """A kind of model. `has_logits`: the model maps images to class logits (N, C), which calibration,
-    Grad-CAM and the shortcut audit need. `drawing`: what `predict --heatmap` writes ("heatmap" or "boxes")."""
+    """A kind of model at inference. `has_logits`: the model maps images to class logits (N, C), which
+    calibration, Grad-CAM and the shortcut audit need. `drawing`: what `predict --heatmap` writes ("heatmap" or
+    "boxes")."""
 
     kind: str
     has_logits: bool
     drawing: str
-
-    def check_config(self, cfg: TrainConfig, out_dir: Path) -> None:
-        """CXRError for a config this task cannot train, before any image is loaded."""
-
-    def recipe(self, ctx: TrainContext) -> Recipe:
-        """Model, optimiser, batches, loss and validation of one training run; task fields in `config`."""
 
     def for_inference(self, model: nn.Module) -> nn.Module:
         """The loaded model prepared for inference (eval mode; a faster memory layout where one helps)."""

@@ -52,7 +52,8 @@ from cxrscreen.evaluation.formatting import format_value
 from cxrscreen.evaluation.metrics import mean_average_precision
 from cxrscreen.models.detectors import Detections, check_input_size, create_detector
 from cxrscreen.runs.run_dir import LoadedRun, run_config, save_weights, write_config
-from cxrscreen.tasks.detection import DetectionDataset, detect, detector_recipe
+from cxrscreen.tasks.detection import best_per_lung, detect, to_original
+from cxrscreen.training.detection import DetectionDataset, detector_recipe
 from cxrscreen.transforms.boxes import DetectionAugment
 from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir, load_images
 from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, geometry_for
@@ -95,23 +96,6 @@ def train_localizer(
     settings = SimpleNamespace(epochs=epochs, patience=epochs, monitor="train_loss", budget_minutes=budget_minutes)
     EpochLoop(settings, recipe, gen, dev, has_val=False, name="localizer ", log=log).run()
     return model.eval()
-
-
-def best_per_lung(det: Detections) -> Detections:
-    """At most one box per lung label: the highest-scoring one."""
-    keep = []
-    for lbl in (RIGHT, LEFT):
-        idx = np.flatnonzero(det["labels"] == lbl)
-        if len(idx):
-            keep.append(int(idx[np.argmax(det["scores"][idx])]))
-    k = np.array(keep, np.int64)
-    return {"boxes": det["boxes"][k].reshape(-1, 4), "labels": det["labels"][k], "scores": det["scores"][k]}
-
-
-def to_original(det: Detections, geom: Geometry) -> Detections:
-    """Detection boxes from model pixels to original pixels."""
-    boxes = np.array([geom.box_to_original(tuple(map(float, b))) for b in det["boxes"]], np.float32).reshape(-1, 4)
-    return {**det, "boxes": boxes}
 
 
 def localizer_scores(preds: Sequence[Detections], truths: Sequence[ImageBoxes]) -> dict[str, float | None]:

@@ -1,9 +1,9 @@
 """`train()` for every task: data from a manifest + split, the task's recipe, the one epoch loop, resume.
 
 `train(TrainConfig(...), data_dir, split_csv, out_dir)` writes a run directory (`runs.run_dir`): the
-architecture's registry kind names the task (`cxrscreen.tasks`) that builds the model, batches, loss and
-validation. A checkpoint is written after every epoch; calling `train` again on the same directory with
-the same configuration continues from it, and a finished run is not trained again.
+architecture's registry kind names the training task (`cxrscreen.training.tasks`) that builds the model,
+batches, loss and validation. A checkpoint is written after every epoch; calling `train` again on the same
+directory with the same configuration continues from it, and a finished run is not trained again.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from cxrscreen.engine.setup import setup_run
 from cxrscreen.io.files import file_sha256
 from cxrscreen.models.registry import count_parameters, get_spec
 from cxrscreen.runs.run_dir import read_config, run_config, write_config
-from cxrscreen.tasks import TrainContext, task_for
 from cxrscreen.training.config import TrainConfig, stored_run
+from cxrscreen.training.tasks import TrainContext, training_for
 
 
 def run_base_config(
@@ -60,7 +60,7 @@ def train(
     """
     data_dir, split_csv, out_dir = Path(data_dir), Path(split_csv), Path(out_dir)
     kind = get_spec(cfg.arch).kind
-    task = task_for(kind)
+    task = training_for(kind)
     task.check_config(cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ddp = distributed.context(cfg.device)  # under torchrun: join the process group (one process: no-op)

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from cxrscreen.cli import app
 from cxrscreen.errors import CXRError
 from cxrscreen.io.xray import read_xray
-from cxrscreen.predict.onnx_engine import OnnxModule, export_onnx, load_for_engine, load_onnx_run, read_onnx_metadata
+from cxrscreen.predict.onnx_engine import OnnxModel, load_for_engine, load_onnx_run, read_onnx_metadata
+from cxrscreen.predict.onnx_export import export_onnx
 from cxrscreen.predict.predictor import Predictor, load_model
 from cxrscreen.runs.run_dir import load_run
 from tests.batch_fixtures import make_tiny_run, write_images
@@ -56,7 +57,7 @@ def test_metadata_carries_what_serving_needs(tiny: tuple[Path, Path]) -> None:
 
 def test_dynamic_batch_and_parity_with_pytorch(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     run_dir, onnx_file = tiny
-    module = OnnxModule(onnx_file, threads=1)
+    module = OnnxModel(onnx_file, threads=1)
     for n in (1, 5):
         out = module.run(np.zeros((n, 1, 64, 64), np.float32))
         assert out["logits"].shape == (n, 3) and out["probabilities"].shape == (n, 3)
@@ -145,3 +146,32 @@ def test_bundled_model_parity_on_real_images(data_dir: Path, tmp_path: Path) -> 
     diff = float(np.abs(_probabilities(torch_pred, images) - _probabilities(onnx_pred, images)).max())
     print(f"max |p_onnxruntime - p_torch| over {len(files)} real images: {diff:.2e}")
     assert diff < PARITY_TOL
+
+
+def test_onnx_engine_predicts_without_torch(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Loading an .onnx export and predicting files with it imports neither torch nor torchvision (a fresh
+    process), and gives the probabilities the PyTorch engine gives in this one."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir, onnx_file = tiny
+    files = write_images(tmp_path / "img", 4, bad=0)
+    code = (
+        "import json, sys\n"
+        "from cxrscreen.predict.onnx_engine import load_for_engine\n"
+        "from cxrscreen.predict.predictor import Predictor\n"
+        f"run = load_for_engine({str(onnx_file)!r}, 'onnxruntime', threads=1)\n"
+        f"res = [r for r, _ in Predictor(run).predict_files({[str(f) for f in files]!r})]\n"
+        "print(json.dumps({'torch': sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')),"
+        " 'probs': [r['probabilities'] for r in res]}))\n"
+    )
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["torch"] == []
+    expected = [r["probabilities"] for r, _ in Predictor(load_run(run_dir)).predict_files(files)]
+    for a, b in zip(got["probs"], expected, strict=True):
+        assert max(abs(a[c] - b[c]) for c in a) < PARITY_TOL

@@ -21,7 +21,7 @@ def export(
 ) -> None:
     """Export a classifier to ONNX (dynamic batch; preprocessing, classes, temperature, decision rule and gate
     in its metadata) for `predict --engine onnxruntime` and `serve --engine onnxruntime`."""
-    from cxrscreen.predict.onnx_engine import export_onnx
+    from cxrscreen.predict.onnx_export import export_onnx
     from cxrscreen.predict.predictor import load_model
 
     if fmt != "onnx":

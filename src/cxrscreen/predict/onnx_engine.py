@@ -1,6 +1,6 @@
-"""ONNX export of a classifier run and the ONNX Runtime engine that predicts with it.
+"""The ONNX Runtime engine: a classifier exported to .onnx predicts without torch (numpy in, numpy out).
 
-`export_onnx(run, "model.onnx")` writes a self-contained model file:
+`predict.onnx_export.export_onnx(run, "model.onnx")` writes a self-contained model file:
 
 - graph input ``image``: float32 (N, 1, S, S), the normalised grey image of
   `transforms.to_model_tensor` (``(u8 / 255 - mean) / std``), N dynamic;
@@ -13,22 +13,20 @@
   ``cxrscreen.gate`` (the input gate's parameters).
 
 The .onnx file alone is enough to predict and to serve: `load_onnx_run(path)` reads everything from the
-metadata and returns a `LoadedRun` whose `model` runs the graph in ONNX Runtime (:class:`OnnxModule`), so
-`Predictor` and the web app use it unchanged. What is exported is the run as it is at export time: a run
-calibrated afterwards needs a new export. Grad-CAM needs gradients and stays with the PyTorch engine.
+metadata and returns a `LoadedRun` whose `model` runs the graph in ONNX Runtime (:class:`OnnxModel`), so
+`Predictor` and the web app use it unchanged; nothing on that path imports torch. What is exported is the
+run as it is at export time: a run calibrated afterwards needs a new export. Grad-CAM needs gradients and stays
+with the PyTorch engine. The bundled model ships its export (`weights/model.onnx`, its sha256 in the bundle's
+config.json as ``onnx_sha256``), so `--engine onnxruntime` needs no export step.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from cxrscreen.errors import CXRError
 from cxrscreen.runs.run_dir import LoadedRun
@@ -46,92 +44,6 @@ def _require(module: str) -> Any:
         return __import__(module)
     except ImportError as exc:
         raise CXRError(f"the ONNX engine needs the package {module!r}: pip install -e '.[onnx]'") from exc
-
-
-class _WithProbabilities(nn.Module):
-    """The classifier plus its calibrated softmax: (logits, softmax(logits / T))."""
-
-    def __init__(self, model: nn.Module, temperature: float) -> None:
-        super().__init__()
-        self.model = model
-        self.temperature = float(temperature)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
-        return logits, torch.softmax(logits / self.temperature, dim=1)
-
-
-def export_metadata(run: LoadedRun) -> dict[str, str]:
-    """The metadata_props written into the .onnx file (see the module docstring)."""
-    from cxrscreen.gate.model import gate_for_run
-
-    rule = run.decision_rule().to_dict()
-    config = {**run.config, "decision": rule}
-    pre = run.preprocess
-    meta = {
-        "config": json.dumps(config, default=str),
-        "classes": json.dumps(run.classes),
-        "preprocess": json.dumps(pre.to_dict()),
-        "temperature": repr(run.temperature),
-        "decision": json.dumps(rule),
-        "weights_sha256": str(run.config.get("weights_sha256") or ""),
-        "input": (f"{INPUT_NAME}: float32 (N, 1, {pre.image_size}, {pre.image_size}) = (grey_u8 / 255 - {pre.mean}) "
-                  f"/ {pre.std} after the preprocessing in cxrscreen.preprocess; outputs {LOGITS_NAME} and "
-                  f"{PROBS_NAME} = softmax({LOGITS_NAME} / temperature), classes in cxrscreen.classes order"),
-    }
-    gate = gate_for_run(run)
-    if gate is not None:
-        meta["gate"] = json.dumps(gate.to_dict())
-    return {META_PREFIX + k: v for k, v in meta.items()}
-
-
-def export_onnx(run: LoadedRun, out_path: str | Path, *, opset: int = DEFAULT_OPSET,
-                check_batch: int = 2) -> dict[str, Any]:
-    """Export a loaded classifier run to `out_path` (dynamic batch axis, metadata as in the module doc).
-
-    The file is checked with `onnx.checker` and run once in ONNX Runtime on `check_batch` random inputs
-    against PyTorch. Returns {path, opset, bytes, max_abs_diff_probabilities, metadata keys}.
-    CXRError for a detector run or when the export fails.
-    """
-    onnx = _require("onnx")
-    if not run.task.has_logits:
-        raise CXRError(f"ONNX export is for classifiers; {run.arch} is a {run.kind}", run.run_dir)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    size = run.preprocess.image_size
-    wrapped = _WithProbabilities(run.model, run.temperature).eval()
-    params = list(run.model.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    example = torch.randn(check_batch, 1, size, size, generator=torch.Generator().manual_seed(0))
-    tmp = out_path.with_name(out_path.name + f".{os.getpid()}.tmp")
-    try:
-        with warnings.catch_warnings():  # the TorchScript exporter is deprecated; it needs no onnxscript
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapped, (example.to(device),), str(tmp), input_names=[INPUT_NAME],
-                output_names=[LOGITS_NAME, PROBS_NAME], opset_version=opset, dynamo=False,
-                dynamic_axes={INPUT_NAME: {0: "batch"}, LOGITS_NAME: {0: "batch"}, PROBS_NAME: {0: "batch"}},
-            )
-        proto = onnx.load(str(tmp))
-        for key, value in export_metadata(run).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.producer_name = "cxrscreen"
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
-    except CXRError:
-        tmp.unlink(missing_ok=True)
-        raise
-    except Exception as exc:  # exporter and checker errors come in many types
-        tmp.unlink(missing_ok=True)
-        raise CXRError(f"ONNX export of {run.arch} failed ({type(exc).__name__}: {exc})", out_path) from exc
-    os.replace(tmp, out_path)
-    with torch.no_grad():
-        expected = wrapped(example.to(device))[1].float().cpu().numpy()
-    got = OnnxModule(out_path, threads=1).run(example.numpy())[PROBS_NAME]
-    return {"path": str(out_path), "opset": opset, "bytes": out_path.stat().st_size,
-            "max_abs_diff_probabilities": float(np.abs(expected - got).max()),
-            "metadata_keys": sorted(export_metadata_keys(out_path))}
 
 
 def export_metadata_keys(path: str | Path) -> list[str]:
@@ -170,15 +82,17 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     return out
 
 
-class OnnxModule(nn.Module):
-    """An ONNX Runtime session behind the `nn.Module` call the Predictor makes: (N, 1, S, S) -> logits.
+class OnnxModel:
+    """An ONNX Runtime session in the place of a PyTorch model: float32 (N, 1, S, S) array -> logits (N, C).
 
-    Runs on the CPU execution provider; inputs on another device are copied to the CPU. `threads`: intra-op
-    threads (None: ONNX Runtime's default, one per core).
+    `takes_numpy` tells the classification task to hand it numpy batches (`tasks.classification`), so that
+    predicting with it imports no torch. Runs on the CPU execution provider; `threads`: intra-op threads
+    (None: ONNX Runtime's default, one per core).
     """
 
+    takes_numpy = True
+
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
-        super().__init__()
         self.path = Path(path)
         self.session = _session(self.path, threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -188,8 +102,8 @@ class OnnxModule(nn.Module):
         outs = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
         return dict(zip(self.output_names, outs, strict=True))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run(x.detach().cpu().numpy())[LOGITS_NAME])
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[LOGITS_NAME]
 
 
 class OnnxLoadedRun(LoadedRun):
@@ -214,7 +128,7 @@ def load_onnx_run(path: str | Path, *, threads: int | None = None) -> OnnxLoaded
     except (ValueError, TypeError) as exc:
         raise CXRError(f"broken cxrscreen metadata in the ONNX model ({exc})", path) from exc
     config["engine"] = {"name": "onnxruntime", "onnx_file": str(path)}
-    run = OnnxLoadedRun(model=OnnxModule(path, threads=threads), config=config, run_dir=path.parent)
+    run = OnnxLoadedRun(model=OnnxModel(path, threads=threads), config=config, run_dir=path.parent)
     if "gate" in meta:
         from cxrscreen.gate.model import Gate
 
@@ -225,10 +139,27 @@ def load_onnx_run(path: str | Path, *, threads: int | None = None) -> OnnxLoaded
     return run
 
 
+def load_bundled_onnx(folder: Path, *, threads: int | None = None) -> OnnxLoadedRun:
+    """The bundled model's ONNX export, its sha256 checked against the bundle's config.json (`onnx_sha256`)."""
+    from cxrscreen.io.files import file_sha256
+
+    path = Path(folder) / ONNX_FILE
+    if not path.is_file():
+        raise CXRError("the bundled model has no ONNX export in this installation; pass --model FILE.onnx "
+                       "(make one with `cxrscreen export`)", path)
+    expected = json.loads((Path(folder) / "config.json").read_text()).get("onnx_sha256")
+    actual = file_sha256(path)
+    if expected != actual:
+        raise CXRError(f"ONNX checksum mismatch: sha256 is {actual}, the bundle's config.json expects {expected}; "
+                       "the file is corrupt or was replaced, and will not be loaded", path)
+    return load_onnx_run(path, threads=threads)
+
+
 def load_for_engine(model: str | Path | None, engine: str = "torch", *, threads: int | None = None) -> LoadedRun:
     """The model to predict with: a run directory (or the bundled model when None) for engine "torch"; an
-    .onnx file, or a folder holding model.onnx, for engine "onnxruntime"."""
-    from cxrscreen.predict.predictor import load_model
+    .onnx file, or a folder holding model.onnx (the bundled model's export when None), for engine
+    "onnxruntime"."""
+    from cxrscreen.predict.predictor import default_model_dir, load_model
 
     if engine == "torch":
         if model is not None and Path(model).suffix == ".onnx":
@@ -236,6 +167,6 @@ def load_for_engine(model: str | Path | None, engine: str = "torch", *, threads:
         return load_model(model)
     if engine == "onnxruntime":
         if model is None:
-            raise CXRError("--engine onnxruntime needs --model FILE.onnx (make one with `cxrscreen export`)")
+            return load_bundled_onnx(default_model_dir(), threads=threads)
         return load_onnx_run(model, threads=threads)
     raise CXRError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")

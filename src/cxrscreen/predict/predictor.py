@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.decision import DecisionRule, decide_names
@@ -51,14 +50,11 @@ class Predictor:
         self.batch_size = batch_size
         self.preprocess = Preprocessor(run.preprocess)
         self.gate = gate
-        # a model without parameters (the ONNX Runtime engine, cxrscreen.predict.onnx_engine) takes CPU tensors
-        self.device = next(run.model.parameters(), torch.empty(0)).device
 
     def prepare(self, xray: XRay) -> Prepared:
         img, geom = self.preprocess(xray.pixels)
         return Prepared(path=xray.path, xray=xray, image=img, geometry=geom)
 
-    @torch.no_grad()
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(N, C) calibrated probabilities of preprocessed uint8 images (by the run's task)."""
         return self.run.task.outputs(self.run, images, batch_size=self.batch_size)[0]

@@ -12,18 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.decision import DecisionRule
 from cxrscreen.io.files import file_sha256, write_json
-from cxrscreen.models.registry import create_model
 from cxrscreen.transforms.preprocess import PreprocessConfig
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch, safetensors and the registry load with a PyTorch model, not with the ONNX engine
+    import pandas as pd
+    import torch
+    from torch import nn
+
     from cxrscreen.tasks.base import Task
 
 WEIGHTS_FILE = "model.safetensors"
@@ -38,6 +36,8 @@ def save_weights(model: nn.Module, run_dir: Path, *, dtype: torch.dtype | None =
     dtype: store floating-point tensors in this type (e.g. torch.float16 to halve a bundled file);
     load_run casts them back to the model's own type.
     """
+    from safetensors.torch import save_file
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -86,7 +86,7 @@ def read_config(run_dir: Path) -> dict[str, Any]:
 class LoadedRun:
     """A model ready for inference and the configuration it was trained with."""
 
-    model: nn.Module
+    model: Any  # a torch nn.Module, or the ONNX Runtime engine's model (numpy in, numpy out)
     config: dict[str, Any]
     run_dir: Path
     preprocess: PreprocessConfig = field(init=False)
@@ -141,6 +141,10 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Load
     The weights' sha256 is checked against the one recorded in config.json; a mismatch is refused.
     Classifiers are returned in eval mode with channels-last weights (faster on the CPU, same outputs).
     """
+    from safetensors.torch import load_file
+
+    from cxrscreen.models.registry import create_model
+
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     wpath = run_dir / WEIGHTS_FILE
@@ -168,6 +172,8 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Load
 
 def read_history(path: Path) -> pd.DataFrame:
     """history.csv as numbers (blank cells NaN); empty frame when missing."""
+    import pandas as pd
+
     if not path.is_file():
         return pd.DataFrame()
     return pd.read_csv(path).apply(pd.to_numeric, errors="coerce")

@@ -29,7 +29,7 @@ from cxrscreen.errors import CXRError
 from cxrscreen.explain.overlay import heatmap_png_base64
 from cxrscreen.gate.model import gate_for_run
 from cxrscreen.io.xray import MAX_PIXELS, read_xray_bytes
-from cxrscreen.predict.onnx_engine import OnnxModule
+from cxrscreen.predict.onnx_engine import OnnxModel
 from cxrscreen.predict.predictor import Predictor, Prepared
 from cxrscreen.runs.run_dir import LoadedRun
 from cxrscreen.serving.page import INDEX_HTML
@@ -223,7 +223,7 @@ class _Service:
                 severity: bool = False) -> dict[str, Any]:
         """Decode, predict and optionally explain and score severity of one upload (blocking: call it in a
         worker thread)."""
-        if heatmap and isinstance(self.run.model, OnnxModule):
+        if heatmap and isinstance(self.run.model, OnnxModel):
             raise CXRError("heatmaps (Grad-CAM) need the PyTorch engine; this server runs ONNX Runtime", name)
         prep = self.decode(data, name)
         probs, extra = self.batcher(prep)

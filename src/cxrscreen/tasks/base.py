@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from torch import nn
 
 from cxrscreen.transforms.preprocess import Geometry
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from cxrscreen.predict.prepared import Prepared
     from cxrscreen.runs.run_dir import LoadedRun
 

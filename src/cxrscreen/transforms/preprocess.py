@@ -11,11 +11,13 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 ResizeMode = Literal["crop", "pad"]
 
@@ -194,10 +196,21 @@ class Preprocessor:
 
 def to_model_tensor(img_u8: np.ndarray | torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """uint8 (H, W) or (1, H, W) -> normalised float32 (1, H, W)."""
+    import torch  # here, not at the top: the ONNX Runtime engine preprocesses without torch
+
     t = torch.as_tensor(img_u8)
     if t.ndim == 2:
         t = t.unsqueeze(0)
     return (t.float() / 255.0 - config.mean) / config.std
+
+
+def to_model_array(images_u8: np.ndarray | list[np.ndarray], config: PreprocessConfig) -> np.ndarray:
+    """uint8 squares (N, S, S) -> the normalised float32 batch (N, 1, S, S) that `to_model_tensor` gives, in
+    numpy (the ONNX Runtime engine's input)."""
+    x = np.asarray(images_u8, dtype=np.float32)
+    if x.ndim == 3:
+        x = x[:, None]
+    return ((x / np.float32(255.0) - np.float32(config.mean)) / np.float32(config.std)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- geometry

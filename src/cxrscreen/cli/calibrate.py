@@ -11,8 +11,8 @@ from rich.table import Table
 
 from cxrscreen.cli.app import _fail, _shown, app, console, out
 from cxrscreen.errors import CXRError
-from cxrscreen.evaluation.decision import DecisionRule
 from cxrscreen.evaluation.formatting import format_ci, format_value
+from cxrscreen.runs.decision import DecisionRule
 
 
 @app.command()

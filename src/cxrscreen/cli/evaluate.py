@@ -12,8 +12,8 @@ from rich.table import Table
 
 from cxrscreen.cli.app import _fail, _shown, app, console, out
 from cxrscreen.errors import CXRError
-from cxrscreen.evaluation.decision import DecisionRule
 from cxrscreen.evaluation.formatting import format_ci
+from cxrscreen.runs.decision import DecisionRule
 
 
 def _print_eval(result: dict[str, Any], title: str) -> None:

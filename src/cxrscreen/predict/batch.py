@@ -35,6 +35,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from cxrscreen.errors import CXRError
+from cxrscreen.io.csvcell import safe_cell
 from cxrscreen.predict.inputs import ImageInput, collect_inputs
 from cxrscreen.predict.predictor import Predictor, Prepared
 from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, Preprocessor
@@ -195,10 +196,15 @@ class ResultWriter:
         os.fsync(self._file.fileno())
 
     def csv_row(self, res: dict[str, Any]) -> list[str]:
+        """A result as CSV cells: text through `safe_cell` (control characters escaped, no formula)."""
         probs = res.get("probabilities") or {}
-        return [res["path"], res.get("class") or "", *[repr(float(probs[c])) if c in probs else ""
-                                                       for c in self.classes],
-                ";".join(res.get("flags") or []), res.get("error") or ""]
+        return [safe_cell(res["path"]), safe_cell(res.get("class") or ""),
+                *[repr(float(probs[c])) if c in probs else "" for c in self.classes],
+                safe_cell(";".join(res.get("flags") or [])), safe_cell(res.get("error") or "")]
+
+    def has(self, path: str) -> bool:
+        """True if the resumed output already holds the row of input `path` (as its cell is written)."""
+        return (safe_cell(path) if self.format == "csv" else path) in self.done
 
     def write(self, results: Sequence[dict[str, Any]]) -> None:
         """Append one batch of results and make it durable."""
@@ -349,22 +355,28 @@ def screen(
     gate: Any = None,
     progress_factory: Callable[[int], Any] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    problems: Sequence[CXRError] = (),
 ) -> BatchSummary:
     """Screen `inputs` (this shard's, minus those already in the output when resuming) into `out_path`.
 
     predictor: its own gate must be None; the gate given here runs in the decode workers.
     progress_factory(total) -> object with update(n) and close(); on_row is called with every written row.
+    problems: inputs that could not be read or listed (CXRErrors naming their path): each gets an error row
+    (counted in `errors`), unless a resumed output already holds it.
     """
     if predictor.gate is not None:
         raise ValueError("pass the gate to screen(), not to the Predictor (it runs in the decode workers)")
     shard = shard or Shard()
     mine = shard.select(inputs)
     writer = ResultWriter(out_path, predictor.run.classes, resume=resume)
-    todo = [i for i in mine if str(i.path) not in writer.done]
+    todo = [i for i in mine if not writer.has(str(i.path))]
     bar = progress_factory(len(todo)) if progress_factory else None
     t0 = time.monotonic()
     errors = 0
     try:
+        bad = [_problem_row(p) for p in problems if not writer.has(str(p.path))]
+        writer.write(bad)
+        errors += len(bad)
         loader = decode_loader([i.path for i in todo], predictor.run.preprocess, gate,
                                batch_size=predictor.batch_size, workers=workers)
         for items in loader:
@@ -384,6 +396,12 @@ def screen(
                         screened=len(todo), errors=errors, earlier_errors=writer.done_errors,
                         seconds=round(time.monotonic() - t0, 3),
                         output=str(out_path), shard=str(shard))
+
+
+def _problem_row(problem: CXRError) -> dict[str, Any]:
+    """The error row of an input that could not be read or listed."""
+    return {"path": str(problem.path), "class": None, "probabilities": None, "error": problem.problem,
+            "flags": []}
 
 
 class RichProgress:
@@ -429,16 +447,17 @@ class RichProgress:
 
 def screen_command(run: Any, inputs: Sequence[ImageInput], out_path: Path, *, rule: Any, gate: Any,
                    batch_size: int, workers: int, resume: bool, shard: str | None, console: Any,
-                   failed: int = 0) -> int:
+                   failed: int = 0, problems: Sequence[CXRError] = ()) -> int:
     """`cxrscreen predict --out FILE`: screen, report on `console`, return the exit status (0 all done,
-    1 some input failed, 2 bad usage)."""
+    1 some input failed, 2 bad usage). `problems`: inputs that could not be read or listed (each gets an
+    error row)."""
     try:
         chosen = Shard.parse(shard)
         if workers < 0:
             raise CXRError(f"--workers must be 0 or more, not {workers}")
         predictor = Predictor(run, batch_size=batch_size, gate=None, rule=rule)
         summary = screen(predictor, inputs, out_path, workers=workers, resume=resume, shard=chosen, gate=gate,
-                         progress_factory=lambda total: RichProgress(console, total))
+                         progress_factory=lambda total: RichProgress(console, total), problems=problems)
     except CXRError as exc:
         console.print(f"error: {exc}", markup=False)
         return 2

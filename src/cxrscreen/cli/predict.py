@@ -197,12 +197,16 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="torch threads for the forward passes (default: one per "
                                                      "core; 1 is faster on a machine busy with other work)")] = None,
     engine: Annotated[str, typer.Option(help="torch (a run directory) | onnxruntime (--model FILE.onnx)")] = "torch",
+    allowed_host: Annotated[list[str] | None, typer.Option(help="a Host name clients use (repeatable); others get "
+                                                                "400. Default: the bound address (127.0.0.1 also "
+                                                                "localhost); none checked for 0.0.0.0")] = None,
 ) -> None:
     """Serve the upload page and HTTP API for one model (research use only: not a medical device)."""
     from cxrscreen.serving import serve as serve_app
 
     try:
-        serve_app(model, host=host, port=port, torch_threads=threads, engine=engine)
+        serve_app(model, host=host, port=port, torch_threads=threads, engine=engine,
+                  allowed_hosts=allowed_host or ())
     except CXRError as exc:
         _fail(exc)
 

@@ -637,6 +637,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool, max_s
         "voi": voi,
         "view_position": _dicom_str(ds, "ViewPosition"),
         "modality": _dicom_str(ds, "Modality"),
+        "body_part": _dicom_str(ds, "BodyPartExamined"),
         "transfer_syntax": None if tsyntax is None else str(tsyntax),
     }
     if levels is not None:
@@ -650,8 +651,14 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool, max_s
 
 
 def _dicom_str(ds: Any, keyword: str) -> str | None:
+    """A text element, stripped; a multi-valued one joined with DICOM's own separator (``PA\\LL``)."""
+    from pydicom.multival import MultiValue
+
     value = ds.get(keyword)
-    text = "" if value is None else str(value).strip()
+    if isinstance(value, MultiValue | list | tuple):
+        text = "\\".join(str(v).strip() for v in value)
+    else:
+        text = "" if value is None else str(value).strip()
     return text or None
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from cxrscreen.runs.run_dir import LoadedRun
 from cxrscreen.serving import create_app
 from cxrscreen.serving.page import INDEX_HTML
-from cxrscreen.serving.security import allowed_hosts_for, uvicorn_config
+from cxrscreen.serving.security import BodyTimeout, allowed_hosts_for, uvicorn_config
 from tests.serving.test_app import png_bytes, run  # noqa: F401 (the tiny model fixture)
 
 
@@ -109,6 +109,30 @@ def test_stalled_body_gets_408(app: Any) -> None:
     asyncio.run(asyncio.wait_for(app(scope, receive, send), 20))
     assert time.monotonic() - t0 < 10
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+
+
+def test_trickled_body_gets_408_at_the_total_deadline() -> None:
+    """One byte a second never trips a per-chunk timeout: the whole body has a deadline too."""
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(0.2)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    t0 = time.monotonic()
+    asyncio.run(asyncio.wait_for(BodyTimeout(app, seconds=1.0, total_seconds=1.5)({"type": "http"}, receive, send),
+                                 20))
+    assert 1.4 < time.monotonic() - t0 < 5
+    assert sent[0]["status"] == 408
 
 
 # ------------------------------------------------------------------------------------ uvicorn's own limits

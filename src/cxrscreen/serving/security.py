@@ -32,6 +32,9 @@ KEEP_ALIVE_TIMEOUT_S = 5.0
 """Seconds an idle keep-alive connection stays open after a response."""
 BODY_TIMEOUT_S = 15.0
 """Seconds the server waits for each next chunk of a request body (408 after that)."""
+BODY_TOTAL_TIMEOUT_S = 60.0
+"""Seconds a whole request body may take (a client trickling one byte a second gets 408): 30 MB, the
+upload limit, at 4 Mbit/s."""
 MAX_CONNECTIONS = 200
 """Connections and requests in progress at once; above it new requests get 503."""
 MAX_HEAD_BYTES = 16 * 1024
@@ -100,26 +103,32 @@ class BodyReadTimeout(HTTPException):
 
 
 class BodyTimeout:
-    """ASGI middleware: every `receive()` of a request body must complete within `seconds`.
+    """ASGI middleware: every `receive()` of a request body must complete within `seconds`, and the whole
+    body within `total_seconds` of the request's start.
 
     The error is raised inside the app's body read (an HTTPException, so FastAPI lets it through to the
     app's handler); if it escapes before a response started, this middleware answers 408 itself."""
 
-    def __init__(self, app: ASGIApp, seconds: float = BODY_TIMEOUT_S) -> None:
+    def __init__(self, app: ASGIApp, seconds: float = BODY_TIMEOUT_S,
+                 total_seconds: float = BODY_TOTAL_TIMEOUT_S) -> None:
         self.app = app
         self.seconds = seconds
+        self.total_seconds = total_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = False
+        deadline = asyncio.get_running_loop().time() + self.total_seconds
 
         async def timed_receive() -> Message:
+            left = deadline - asyncio.get_running_loop().time()
+            wait = min(self.seconds, left)
             try:
-                return await asyncio.wait_for(receive(), self.seconds)
+                return await asyncio.wait_for(receive(), max(0.0, wait))
             except TimeoutError:
-                raise BodyReadTimeout(self.seconds) from None
+                raise BodyReadTimeout(self.seconds if wait == self.seconds else self.total_seconds) from None
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
@@ -170,7 +179,8 @@ def uvicorn_config(app: Any, host: str, port: int, *, head_timeout_s: float = HE
                           h11_max_incomplete_event_size=MAX_HEAD_BYTES, log_level=log_level)
 
 
-def harden(app: Any, *, allowed_hosts: Sequence[str] | None, body_timeout_s: float, page_html: str) -> None:
+def harden(app: Any, *, allowed_hosts: Sequence[str] | None, body_timeout_s: float, page_html: str,
+           body_total_timeout_s: float = BODY_TOTAL_TIMEOUT_S) -> None:
     """Add the body timeout, the Host check (when `allowed_hosts` is given) and the security headers to a
     FastAPI app (outermost last: the headers are on every response, a refused Host's included)."""
     from fastapi.responses import JSONResponse
@@ -180,7 +190,7 @@ def harden(app: Any, *, allowed_hosts: Sequence[str] | None, body_timeout_s: flo
     async def body_timeout(_: Any, exc: BodyReadTimeout) -> JSONResponse:
         return JSONResponse({"error": exc.detail, "path": None}, status_code=408, headers={"connection": "close"})
 
-    app.add_middleware(BodyTimeout, seconds=body_timeout_s)
+    app.add_middleware(BodyTimeout, seconds=body_timeout_s, total_seconds=body_total_timeout_s)
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
     app.add_middleware(SecurityHeaders, csp=content_security_policy(page_html))

@@ -6,7 +6,7 @@ A fixed sample of real X-rays of ../shared/data/cxr (every k-th of the sorted ma
 (`Gate.squeeze_drop`: the novelty minus the novelty of the image made square) are reported, with how many
 of the squeezed films are refused and how many real images the squeeze rule would wrongly refuse.
 
-    python benchmarks/gate_squeeze.py > docs/results/gate_squeeze.json
+    python benchmarks/gate_squeeze.py --n 200 > docs/results/gate_squeeze.json
 """
 
 from __future__ import annotations

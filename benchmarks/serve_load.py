@@ -11,6 +11,12 @@ thread count (one per core) and with one torch thread (`cxrscreen serve --thread
 when the CPUs are shared (here: with the clients themselves).
 
     python benchmarks/serve_load.py > docs/results/serve_load.json
+    python benchmarks/serve_load.py --hostile --clients 4 --requests 40 > docs/results/serve_load_hostile.json
+
+`--hostile` runs only the hostile phase (issue 21): normal requests beside clients uploading small
+compressed TIFFs / DICOMs that decode to hundreds of MB and beside slow-header and slow-body sockets; it
+reports the normal requests' latency, what the bombs got, whether the server closed every slow socket,
+and the server's RSS before, during (sampled every 0.2 s), 10 s after, and its peak (VmHWM).
 """
 
 from __future__ import annotations
@@ -66,10 +72,11 @@ def _start_server(port: int, torch_threads: int | None) -> subprocess.Popen:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
     threads = "" if torch_threads is None else f"import torch; torch.set_num_threads({int(torch_threads)}); "
     code = (threads + "import sys, uvicorn; from cxrscreen.serving.app import create_app; "
+            "from cxrscreen.serving.security import allowed_hosts_for, uvicorn_config; "
             "from cxrscreen.gate.model import gate_for_run; "
             "from cxrscreen.predict.predictor import load_model; run = load_model(None); app = create_app(run, "
-            "gate=gate_for_run(run)); "
-            f"uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning')")
+            "gate=gate_for_run(run), allowed_hosts=allowed_hosts_for('127.0.0.1')); "
+            f"uvicorn.Server(uvicorn_config(app, '127.0.0.1', {port}, log_level='warning')).run()")
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
@@ -199,6 +206,179 @@ def run_server_load(images: list[tuple[str, bytes]], *, clients: int, per_client
     }
 
 
+# ------------------------------------------------------------------------------------------- hostile phase
+
+
+def _rss_mb(pid: int) -> float | None:
+    """VmRSS (resident set now) of a process, MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def hostile_payloads() -> list[tuple[str, bytes]]:
+    """Small files that decode to hundreds of MB: deflated TIFFs (32-bit integer, float, CMYK) at 7071^2
+    (over the decoded-bytes limit: refused from the header) and 6000^2 (under it: decoded and reduced), and
+    a deflated 7071^2 16-bit DICOM (98 KB)."""
+    import io
+
+    import pydicom
+    from PIL import Image
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from cxrscreen.synthetic import write_dicom
+
+    out = []
+    for mode in ("I", "F", "CMYK"):
+        for side in (7071, 6000):
+            buf = io.BytesIO()
+            Image.new(mode, (side, side)).save(buf, format="TIFF", compression="tiff_adobe_deflate")
+            out.append((f"bomb_{mode}_{side}.tif", buf.getvalue()))
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_load_{os.getpid()}.dcm"
+    try:
+        write_dicom(tmp, np.zeros((7071, 7071), np.uint16), bits_stored=12)
+        ds = pydicom.dcmread(tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    out.append(("bomb_16bit_7071.dcm", buf.getvalue()))
+    return out
+
+
+def _slow_socket(port: int, kind: str, stop: threading.Event, log: list[dict[str, Any]]) -> None:
+    """A slow client: `header` sends its request head one byte a second, `body` sends a complete head
+    announcing 100 KB then one body byte a second. Records how long the server kept it open."""
+    t0 = time.monotonic()
+    closed_by_server = False
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            head = b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            if kind == "body":
+                s.sendall(head + b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n")
+            else:
+                s.sendall(head[:20])
+            s.settimeout(1.0)
+            while not stop.is_set():
+                try:
+                    s.sendall(b"x")
+                    if s.recv(4096) == b"":
+                        closed_by_server = True
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed_by_server = True
+                    break
+    except OSError:
+        closed_by_server = True
+    log.append({"kind": kind, "open_s": round(time.monotonic() - t0, 1), "closed_by_server": closed_by_server})
+
+
+def run_hostile(images: list[tuple[str, bytes]], *, clients: int, per_client: int, bomb_clients: int,
+                slow_sockets: int, torch_threads: int | None) -> dict[str, Any]:
+    """Normal traffic (`clients` x `per_client` real X-rays) while `bomb_clients` threads upload the
+    hostile payloads in a loop and `slow_sockets` slow-header plus as many slow-body connections are held
+    open; the server's RSS sampled every 0.2 s, and again 10 s after the burst."""
+    import httpx
+
+    bombs = hostile_payloads()
+    load_before = os.getloadavg()
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/"
+    proc = _start_server(port, torch_threads)
+    stop = threading.Event()
+    stop_slow = threading.Event()
+    rss: list[float] = []
+    bomb_status: dict[str, dict[str, int]] = {}
+    slow_log: list[dict[str, Any]] = []
+    try:
+        with httpx.Client() as client:
+            _wait_ready(client, base, proc)
+            refs = []
+            for name, data in images:
+                _, status, body = _post(client, base, name, data, heatmap=False)
+                refs.append(body if status == 200 and body is not None else {})
+        rss_before = _rss_mb(proc.pid)
+
+        def sample() -> None:
+            while not stop.is_set():
+                v = _rss_mb(proc.pid)
+                if v is not None:
+                    rss.append(v)
+                time.sleep(0.2)
+
+        def bomber(k: int) -> None:
+            with httpx.Client() as c:
+                i = k
+                while not stop.is_set():
+                    name, data = bombs[i % len(bombs)]
+                    _, status, _ = _post(c, base, name, data, heatmap=False)
+                    counts = bomb_status.setdefault(name, {})
+                    counts[str(status)] = counts.get(str(status), 0) + 1
+                    i += 1
+
+        threads = [threading.Thread(target=sample, daemon=True)]
+        threads += [threading.Thread(target=bomber, args=(k,), daemon=True) for k in range(bomb_clients)]
+        slow = [threading.Thread(target=_slow_socket, args=(port, kind, stop_slow, slow_log), daemon=True)
+                for kind in ("header", "body") for _ in range(slow_sockets)]
+        for t in threads + slow:
+            t.start()
+        time.sleep(2.0)  # the bombs and slow sockets are in place
+        normal = _phase(base, images, refs, clients * per_client, clients, heatmap=False)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        rss_peak_during = max(rss) if rss else None
+        time.sleep(10.0)
+        rss_after = _rss_mb(proc.pid)
+        peak = _peak_rss_mb(proc.pid)
+        deadline = time.monotonic() + 80  # the server's body deadline is 60 s
+        while time.monotonic() < deadline and any(t.is_alive() for t in slow):
+            time.sleep(0.5)
+        stop_slow.set()
+        for t in slow:
+            t.join(5)
+    finally:
+        stop.set()
+        stop_slow.set()
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    slow = {kind: {"sockets": sum(r["kind"] == kind for r in slow_log),
+                   "closed_by_server": sum(r["kind"] == kind and r["closed_by_server"] for r in slow_log),
+                   "max_open_s_when_closed": max([r["open_s"] for r in slow_log
+                                                  if r["kind"] == kind and r["closed_by_server"]], default=None)}
+            for kind in ("header", "body")}
+    return {
+        "server_torch_threads": torch_threads or "torch default (one per core)",
+        "load_average_1_5_15_before": [round(v, 2) for v in load_before],
+        "load_average_1_5_15_after": [round(v, 2) for v in os.getloadavg()],
+        "normal_traffic": normal,
+        "bomb_clients": bomb_clients,
+        "bomb_payload_bytes": {n: len(d) for n, d in bombs},
+        "bomb_responses": bomb_status,
+        "slow_clients": slow,
+        "server_rss_mb_before": rss_before,
+        "server_rss_mb_peak_during": rss_peak_during,
+        "server_rss_mb_10s_after": rss_after,
+        "server_peak_rss_mb_vmhwm": peak,
+        "targets": {
+            "normal_p95_le_1_s": normal["latency_ms_p95"] <= 1000,
+            "normal_zero_errors": normal["errors"] == 0,
+            "peak_rss_le_2_gb": peak is not None and peak <= 2048,
+            "every_slow_socket_closed": all(v["closed_by_server"] == v["sockets"] for v in slow.values()),
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA_DIR)
@@ -210,11 +390,32 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch intra-op threads in the server, repeatable: one server run per value "
                          "(default: torch's own, one per core, then 1)")
     ap.add_argument("--note", default=None, help="free text about the machine's load, kept in the JSON")
+    ap.add_argument("--hostile", action="store_true",
+                    help="only the hostile phase: --clients x --requests normal requests while --bomb-clients "
+                         "upload decompression-bomb TIFFs / DICOMs and --slow-sockets slow-header and slow-body "
+                         "connections are held open")
+    ap.add_argument("--bomb-clients", type=int, default=8)
+    ap.add_argument("--slow-sockets", type=int, default=50, help="slow-header sockets, and as many slow-body")
     args = ap.parse_args(argv)
 
     if not (args.data / "manifest.csv").is_file():
         raise SystemExit(f"real data not found at {args.data}")
     images = [(p.name, p.read_bytes()) for p in _sample(args.data, args.images)]
+    if args.hostile:
+        t = (args.torch_threads or [1])[0]
+        report = {
+            "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "conditions": {"cpus": os.cpu_count(), "python": platform.python_version(), "note": args.note,
+                           "server": "uvicorn with cxrscreen's config (serving/security.py), one process, bundled "
+                                     "model and gate; clients on the same machine",
+                           "load": f"{args.clients} clients x {args.requests} normal requests over {len(images)} "
+                                   f"real X-rays, beside {args.bomb_clients} clients uploading bombs in a loop and "
+                                   f"{args.slow_sockets} slow-header + {args.slow_sockets} slow-body sockets"},
+            "hostile": run_hostile(images, clients=args.clients, per_client=args.requests,
+                                   bomb_clients=args.bomb_clients, slow_sockets=args.slow_sockets, torch_threads=t),
+        }
+        print(json.dumps(report, indent=1))
+        return 0
     settings = args.torch_threads or [None, 1]
     runs = [run_server_load(images, clients=args.clients, per_client=args.requests,
                             heatmap_per_client=args.heatmap_requests, torch_threads=t) for t in settings]

@@ -12,6 +12,7 @@ import typer
 
 from cxrscreen.cli.app import _fail, _shown, app, console, out
 from cxrscreen.errors import CXRError
+from cxrscreen.io.csvcell import safe_cell
 
 
 @app.command()
@@ -48,8 +49,8 @@ def predict(
     get no class and no probabilities (`no diagnosis` and the reasons).
     Exit status: 0 all done, 1 some input failed, 2 bad usage or no usable input.
     """
-    from cxrscreen.predict.batch import gather_inputs
-    from cxrscreen.predict.inputs import OutputNames
+    from cxrscreen.predict.guard import check_predict_options, check_target
+    from cxrscreen.predict.inputs import OutputNames, gather
     from cxrscreen.predict.onnx_engine import load_for_engine
     from cxrscreen.predict.predictor import Predictor
     from cxrscreen.predict.prepared import format_probabilities
@@ -67,18 +68,26 @@ def predict(
     if engine != "torch" and heatmap is not None:
         console.print("error: heatmaps (Grad-CAM) need gradients: use --engine torch", markup=False)
         raise typer.Exit(2)
+    try:
+        check_predict_options(batch_size=batch_size, argmax=argmax, threshold=threshold, workers=workers,
+                              heatmap=heatmap, out_file=out_file, resume=resume, shard=shard)
+    except CXRError as exc:
+        _fail(exc)
     if threads is not None:
         import torch
 
         torch.set_num_threads(max(1, threads))
     try:
         run = load_for_engine(model, engine, threads=threads)
-        inputs, empty = gather_inputs(paths)
+        check_target(target, run.classes)
+        gathered = gather(paths)
     except CXRError as exc:
         _fail(exc)
+    inputs, empty = gathered.inputs, gathered.empty
     for folder in empty:
         console.print(f"error: {_shown(folder)}: no image files (PNG, JPEG, TIFF, BMP or DICOM) in this folder",
                       markup=False)
+    _report_gathered(gathered)
     if not inputs:
         raise typer.Exit(2)
     gate = _load_gate(run)
@@ -91,7 +100,7 @@ def predict(
 
         raise typer.Exit(screen_command(run, inputs, out_file, rule=rule, gate=gate, batch_size=batch_size,
                                         workers=workers, resume=resume, shard=shard, console=console,
-                                        failed=len(empty)))
+                                        failed=len(empty), problems=gathered.problems))
     from cxrscreen.severity.output import make_scorer, severity_csv, severity_csv_header, severity_text, with_zones
 
     scorer = make_scorer(run, severity, localizer, _fail)
@@ -109,9 +118,9 @@ def predict(
     writer = None
     if as_csv:
         writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "class", *[f"p_{c}" for c in run.classes], "flags", "error", "heatmap",
-                         *severity_csv_header(scorer)])
-    failed = len(empty)
+        writer.writerow([safe_cell(c) for c in ["path", "class", *[f"p_{c}" for c in run.classes], "flags",
+                                                  "error", "heatmap", *severity_csv_header(scorer)]])
+    failed = len(empty) + len(gathered.problems)
     labels = {str(i.path): i.label for i in inputs}
     for res, prep in predictor.predict_files([i.path for i in inputs]):
         if res["error"]:
@@ -131,10 +140,9 @@ def predict(
             print(json.dumps(res))
         elif writer is not None:
             probs = res["probabilities"] or {}
-            writer.writerow([res["path"], res["class"] or "",
-                             *[f"{probs[c]:.4f}" if c in probs else "" for c in run.classes],
-                             ";".join(res["flags"]), res["error"] or "", res.get("heatmap") or "",
-                             *severity_csv(scorer, res)])
+            writer.writerow([safe_cell(v) for v in [
+                res["path"], res["class"] or "", *[f"{probs[c]:.4f}" if c in probs else "" for c in run.classes],
+                ";".join(res["flags"]), res["error"] or "", res.get("heatmap") or "", *severity_csv(scorer, res)]])
         elif res["error"]:
             continue
         elif res["class"] is None:
@@ -161,6 +169,19 @@ def explain(
             resume=False, shard=None, threads=None)
 
 
+def _report_gathered(gathered: Any) -> None:
+    """Every input that could not be read or listed on stderr (one line each), and how many files in the
+    folders were no supported image (the first few named)."""
+    for problem in gathered.problems:
+        console.print(f"{_shown(problem.path)}: error: {_shown(problem.problem)}" if problem.path
+                      else f"error: {_shown(problem)}", markup=False)
+    if gathered.skipped:
+        shown = ", ".join(_shown(p) for p in gathered.skipped[:3])
+        more = f" and {len(gathered.skipped) - 3} more" if len(gathered.skipped) > 3 else ""
+        console.print(f"skipped {len(gathered.skipped)} file(s) in the folders that are no supported image "
+                      f"(PNG, JPEG, TIFF, BMP or DICOM): {shown}{more}", markup=False)
+
+
 def _load_gate(run: Any) -> Any:
     """`gate.model.gate_for_run`, looked up at call time (tests replace this name)."""
     from cxrscreen.gate.model import gate_for_run
@@ -176,12 +197,16 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="torch threads for the forward passes (default: one per "
                                                      "core; 1 is faster on a machine busy with other work)")] = None,
     engine: Annotated[str, typer.Option(help="torch (a run directory) | onnxruntime (--model FILE.onnx)")] = "torch",
+    allowed_host: Annotated[list[str] | None, typer.Option(help="a Host name clients use (repeatable); others get "
+                                                                "400. Default: the bound address (127.0.0.1 also "
+                                                                "localhost); none checked for 0.0.0.0")] = None,
 ) -> None:
     """Serve the upload page and HTTP API for one model (research use only: not a medical device)."""
     from cxrscreen.serving import serve as serve_app
 
     try:
-        serve_app(model, host=host, port=port, torch_threads=threads, engine=engine)
+        serve_app(model, host=host, port=port, torch_threads=threads, engine=engine,
+                  allowed_hosts=allowed_host or ())
     except CXRError as exc:
         _fail(exc)
 

@@ -25,6 +25,7 @@ from cxrscreen.experiments.config import STUDY_REFERENCE, CompareConfig
 from cxrscreen.experiments.effects import best_vs, clahe_effect, seed_effect, transfer_effect
 from cxrscreen.experiments.plots import plot_confusion, plot_curves_all, plot_roc, plot_run_curves, run_styles
 from cxrscreen.experiments.probs import read_test_probs, write_test_probs
+from cxrscreen.io.csvcell import safe_cell
 from cxrscreen.io.files import write_json
 from cxrscreen.runs.provenance import utc_now
 from cxrscreen.runs.run_dir import load_run, read_history
@@ -79,7 +80,7 @@ def write_table_csv(rows: list[dict[str, Any]], path: Path) -> Path:
         w = csv.writer(f)
         w.writerow(TABLE_COLUMNS)
         for r in rows:
-            w.writerow(["" if r[c] is None else repr(r[c]) if isinstance(r[c], float) else r[c]
+            w.writerow(["" if r[c] is None else repr(r[c]) if isinstance(r[c], float) else safe_cell(r[c])
                         for c in TABLE_COLUMNS])
     return path
 

@@ -4,6 +4,8 @@ blank frames, odd aspect ratios)."""
 
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 
@@ -25,6 +27,18 @@ NON_FRONTAL_VIEWS: dict[str, str] = {
     "LL": "lateral", "RL": "lateral", "LAT": "lateral", "LATERAL": "lateral", "LLAT": "lateral",
     "RLAT": "lateral", "RLO": "oblique", "LLO": "oblique", "RAO": "oblique", "LAO": "oblique",
 }
+
+# Words of a DICOM BodyPartExamined (defined terms, and the free text scanners write) that name a part other
+# than the chest; a value holding any chest word is never flagged ("CHEST SPINE" stays a chest).
+NON_CHEST_PARTS = frozenset({
+    "HEAD", "SKULL", "BRAIN", "FACE", "JAW", "TMJ", "SINUS", "ORBIT", "NOSE", "EAR", "NECK", "CSPINE", "LSPINE",
+    "SSPINE", "SACRUM", "COCCYX", "LUMBAR", "CERVICAL", "ABDOMEN", "PELVIS", "HIP", "KNEE", "FOOT", "ANKLE",
+    "HEEL", "TOE", "HAND", "FINGER", "THUMB", "WRIST", "ELBOW", "FOREARM", "ARM", "HUMERUS", "SHOULDER",
+    "LEG", "FEMUR", "TIBIA", "FIBULA", "PATELLA", "EXTREMITY", "BREAST", "KIDNEY", "BLADDER", "DENTAL",
+    "TEETH", "TOOTH",
+})
+CHEST_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "PECHO", "POITRINE", "TORACE",
+                         "RIBS", "CHESTABDOMEN", "THORAXABDOMEN", "HEART"})
 
 BLANK_RANGE = 0.05
 BORDER_STD = 0.02
@@ -207,8 +221,16 @@ def rule_flags(xray: XRay, *, colour_fraction: float | None = None, min_grey_lev
         out.append(f"not a chest radiograph: DICOM Modality is {modality} "
                    f"({NON_RADIOGRAPH_MODALITIES[modality]})")
     view = str(meta.get("view_position") or "").strip().upper()
-    if view in NON_FRONTAL_VIEWS:
+    views = [v.strip() for v in view.split("\\") if v.strip()]
+    if len(set(views)) > 1:
+        out.append(f"ambiguous view: DICOM ViewPosition has several values ({view}); one frontal (PA or AP) "
+                   "view is screened")
+    elif view in NON_FRONTAL_VIEWS:
         out.append(f"not a frontal view: DICOM ViewPosition is {view} ({NON_FRONTAL_VIEWS[view]})")
+    part = str(meta.get("body_part") or "").strip().upper()
+    words = set(re.split(r"[^A-Z]+", part)) - {""}
+    if words & NON_CHEST_PARTS and not words & CHEST_PARTS:
+        out.append(f"not a chest radiograph: DICOM BodyPartExamined is {part}")
     g = cv2.resize(np.asarray(xray.pixels, dtype=np.float32), (128, 128), interpolation=cv2.INTER_AREA)
     lo, hi = np.percentile(g, [1, 99])
     if hi - lo < BLANK_RANGE:

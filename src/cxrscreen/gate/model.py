@@ -52,6 +52,14 @@ from cxrscreen.gate.features import (
 )
 from cxrscreen.io.xray import XRay
 
+SQUEEZE_MIN_ASPECT = 1.5
+"""Landscape images wider than this (width / height) are tested for a sideways squeeze."""
+SQUEEZE_NOVELTY_DROP = 20.0
+"""A landscape image whose novelty falls by more than this when made square is flagged as squeezed.
+Chosen on 31 real X-rays of ../shared/data/cxr squeezed to 512 x 220 (they fall by 22.8 to 107) and the 8
+real images of the set wider than 1.5 (-34 to 18.7): a narrow margin. On 200 squeezed X-rays
+(`benchmarks/gate_squeeze.py --n 200`, docs/results/gate_squeeze.json) 195 are caught."""
+
 """Changes whenever :func:`gate_features` changes; a gate fitted on another version is refused."""
 
 GATE_FILE = "gate.json"
@@ -166,7 +174,28 @@ class Gate:
         if sc["novelty"] > self.novelty_threshold:
             out.append(f"unlike the frontal chest X-rays the gate knows (novelty {sc['novelty']:.0f} > "
                        f"limit {self.novelty_threshold:.0f})")
+        drop = self.squeeze_drop(xray, sc["novelty"])
+        if drop is not None and drop > SQUEEZE_NOVELTY_DROP:
+            h, w = np.asarray(xray.pixels).shape[:2]
+            out.append(f"looks squeezed sideways: {w}x{h} made square is far more like a chest X-ray (novelty "
+                       f"falls by {drop:.0f} > {SQUEEZE_NOVELTY_DROP:g}); resend the image at its true shape")
         return out
+
+    def squeeze_drop(self, xray: XRay, novelty: float | None = None) -> float | None:
+        """For a landscape image (width > SQUEEZE_MIN_ASPECT x height): its novelty minus the novelty of
+        the same image resized to a square; None for other shapes. A chest X-ray squeezed sideways becomes
+        a plausible chest again when made square (its novelty falls); a genuinely wide film does not."""
+        px = np.asarray(xray.pixels, dtype=np.float32)
+        h, w = px.shape[:2]
+        if w <= SQUEEZE_MIN_ASPECT * h:
+            return None
+        import cv2
+
+        if novelty is None:
+            novelty = self.scores(xray)["novelty"]
+        square = cv2.resize(px, (h, h), interpolation=cv2.INTER_AREA)
+        meta = {k: v for k, v in (xray.meta or {}).items() if not k.startswith("original_")}
+        return float(novelty) - float(self.novelty(gate_features(XRay(square, xray.path, meta))))
 
     # -- persistence
 

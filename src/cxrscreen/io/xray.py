@@ -7,6 +7,8 @@ This is the only module in the project that opens image files. Every failure on 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,16 @@ from cxrscreen.errors import CXRError
 MAX_PIXELS: int = 50_000_000
 """Largest image (width * height) decoded: checked from the header before any pixel is decoded (a guard
 against decompression bombs; cxrscreen's own limit, quoted in the error message)."""
+
+MAX_FILE_BYTES: int = 256 * 1024 * 1024
+"""Largest image file read (checked with fstat before any byte is read): a sparse multi-gigabyte file or
+a device is refused instead of being read whole into memory."""
+
+MAX_DECODED_BYTES: int = 150_000_000
+"""Largest decoded image in bytes (width * height * bytes per pixel as the decoder stores it: 1 for 8-bit
+grey, 2 for 16-bit, 3 for RGB, 4 for RGBA, CMYK, 32-bit integer and float), checked from the header before
+any pixel is decoded. 150 MB admits a 7000 x 7000 RGB image and any 16-bit image under `MAX_PIXELS`; a
+32-bit or CMYK image up to about 6100 x 6100."""
 
 CHROMA_STRONG = 0.25
 """A pixel is 'strongly coloured' when max(R,G,B) - min(R,G,B) exceeds this (on [0, 1])."""
@@ -63,36 +75,81 @@ class XRay:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS, max_side: int | None = None) -> XRay:
+def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS, max_side: int | None = None,
+              max_bytes: int = MAX_FILE_BYTES, max_decoded_bytes: int = MAX_DECODED_BYTES) -> XRay:
     """Read an image file (format sniffed from its content) into an :class:`XRay`.
 
     ``max_side``: reduce while decoding so that the long side is at most this many pixels (JPEG through
     the codec's own 1/2..1/8 scaling, then area interpolation); ``meta`` then records ``original_width``
     and ``original_height``. None (default) keeps the full resolution.
+    ``max_decoded_bytes``: the largest decoded image (see `MAX_DECODED_BYTES`), checked from the header.
+    ``max_bytes``: the largest file read (only regular files are read: a FIFO or a device is refused
+    without blocking on it).
     Raises CXRError for a missing, empty, truncated, unsupported or oversized file.
     """
-    p = Path(path)
+    name = str(path)
+    return _decode(read_image_file(path, max_bytes=max_bytes), name, max_pixels, max_side, max_decoded_bytes)
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "is a directory, not an image file"),
+               (stat.S_ISFIFO, "is a FIFO (named pipe), not a regular file; only regular files are read"),
+               (stat.S_ISCHR, "is a character device, not a regular file; only regular files are read"),
+               (stat.S_ISBLK, "is a block device, not a regular file; only regular files are read"),
+               (stat.S_ISSOCK, "is a socket, not a regular file; only regular files are read"))
+
+
+def read_image_file(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` bytes.
+
+    The file is opened without blocking (a FIFO never hangs the caller) and checked with fstat (the very
+    file opened: no race with a rename) before anything is read; at most ``max_bytes`` bytes are read even
+    if it grows meanwhile. CXRError naming the file: missing, a directory, FIFO, device or socket, or
+    over the limit.
+    """
     name = str(path)
     try:
-        if p.is_dir():
-            raise CXRError("is a directory, not an image file", name)
-        data = p.read_bytes()
-    except CXRError:
-        raise
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
         raise CXRError("file not found", name) from exc
     except IsADirectoryError as exc:
         raise CXRError("is a directory, not an image file", name) from exc
     except OSError as exc:
         raise CXRError(f"cannot read file ({exc.strerror or exc})", name) from exc
-    return _decode(data, name, max_pixels, max_side)
+    try:
+        st = os.fstat(fd)
+        for test, problem in _FILE_KINDS:
+            if test(st.st_mode):
+                raise CXRError(problem, name)
+        if not stat.S_ISREG(st.st_mode):
+            raise CXRError("is not a regular file; only regular files are read", name)
+        if st.st_size > max_bytes:
+            raise CXRError(f"file is {st.st_size:,} bytes, over the limit of {max_bytes:,} bytes for one image",
+                           name)
+        chunks, left = [], max_bytes + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 22))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            raise CXRError(f"file grew past the limit of {max_bytes:,} bytes while being read", name)
+        return b"".join(chunks)
+    except CXRError:
+        raise
+    except IsADirectoryError as exc:
+        raise CXRError("is a directory, not an image file", name) from exc
+    except OSError as exc:
+        raise CXRError(f"cannot read file ({exc.strerror or exc})", name) from exc
+    finally:
+        os.close(fd)
 
 
 def read_xray_bytes(data: bytes, *, name: str = "<upload>", max_pixels: int = MAX_PIXELS,
-                    max_side: int | None = None) -> XRay:
+                    max_side: int | None = None, max_decoded_bytes: int = MAX_DECODED_BYTES) -> XRay:
     """Decode an image held in memory (e.g. a web upload); ``name`` is a label used in errors and as
     ``path``, never opened. ``max_side`` as in :func:`read_xray`."""
-    return _decode(bytes(data), name, max_pixels, max_side)
+    return _decode(bytes(data), name, max_pixels, max_side, max_decoded_bytes)
 
 
 def is_supported_file(path: str | Path) -> bool:
@@ -101,8 +158,15 @@ def is_supported_file(path: str | Path) -> bool:
     suffix = p.suffix.lower()
     if suffix:
         return suffix in SUPPORTED_SUFFIXES
+    return has_dicom_magic(p)
+
+
+def has_dicom_magic(path: str | Path) -> bool:
+    """True if ``path`` is a regular file whose bytes 128..131 read 'DICM' (never blocks on a FIFO)."""
     try:
-        with p.open("rb") as fh:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as fh:
             return _is_dicom_header(fh.read(132))
     except OSError:
         return False
@@ -115,19 +179,22 @@ def _is_dicom_header(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _decode(data: bytes, name: str, max_pixels: int, max_side: int | None = None) -> XRay:
+def _decode(data: bytes, name: str, max_pixels: int, max_side: int | None = None,
+            max_decoded_bytes: int = MAX_DECODED_BYTES) -> XRay:
     """Dispatch on the content (DICOM preamble, else Pillow), wrapping every library error."""
     if len(data) == 0:
         raise CXRError("empty file (0 bytes)", name)
     suffix = Path(name).suffix.lower()
     try:
         if _is_dicom_header(data):
-            return _decode_dicom(data, name, max_pixels, force=False, max_side=max_side)
+            return _decode_dicom(data, name, max_pixels, force=False, max_side=max_side,
+                                 max_decoded_bytes=max_decoded_bytes)
         try:
-            return _decode_pil(data, name, max_pixels, max_side)
+            return _decode_pil(data, name, max_pixels, max_side, max_decoded_bytes)
         except UnidentifiedImageError:
             if suffix in _DICOM_SUFFIXES:  # DICOM written without the 128-byte preamble
-                return _decode_dicom(data, name, max_pixels, force=True, max_side=max_side)
+                return _decode_dicom(data, name, max_pixels, force=True, max_side=max_side,
+                                     max_decoded_bytes=max_decoded_bytes)
             raise CXRError(
                 "not a recognised image file (expected PNG, JPEG, TIFF, BMP or DICOM)", name
             ) from None
@@ -138,7 +205,10 @@ def _decode(data: bytes, name: str, max_pixels: int, max_side: int | None = None
 
 
 def _finish(pixels: np.ndarray) -> np.ndarray:
-    """Clean up to a C-contiguous float32 (H, W) array in [0, 1]."""
+    """Clean up to a C-contiguous float32 (H, W) array in [0, 1] (a float32 array: in place)."""
+    if isinstance(pixels, np.ndarray) and pixels.dtype == np.float32 and pixels.flags.c_contiguous:
+        np.nan_to_num(pixels, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+        return np.clip(pixels, 0.0, 1.0, out=pixels)
     out = np.nan_to_num(np.asarray(pixels, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
     return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
@@ -178,11 +248,30 @@ def _open_unchecked(data: bytes) -> Image.Image | None:
     return None
 
 
+_PIL_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
+
+
+def _pil_pixel_bytes(mode: str) -> int:
+    """Bytes per pixel of a decoded Pillow image of ``mode`` (16-bit modes 2, 32-bit and 4-band modes 4)."""
+    if mode.startswith("I;16"):
+        return 2
+    return _PIL_PIXEL_BYTES.get(mode, 4)
+
+
+def _check_decoded_bytes(width: int, height: int, pixel_bytes: int, mode: str, limit: int, name: str) -> None:
+    """CXRError when width * height * pixel_bytes is over ``limit`` (from the header, before decoding)."""
+    size = width * height * pixel_bytes
+    if size > limit:
+        raise CXRError(f"image is {width}x{height} {mode} ({pixel_bytes} bytes per pixel): {size:,} bytes "
+                       f"once decoded, over the limit of {limit:,}", name)
+
+
 def _too_large(width: int, height: int, max_pixels: int) -> str:
     return f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
 
 
-def _decode_pil(data: bytes, name: str, max_pixels: int, max_side: int | None = None) -> XRay:
+def _decode_pil(data: bytes, name: str, max_pixels: int, max_side: int | None = None,
+                max_decoded_bytes: int = MAX_DECODED_BYTES) -> XRay:
     """Decode PNG/JPEG/TIFF/BMP with Pillow; raises UnidentifiedImageError for non-images.
 
     The size is checked from the header before any pixel is decoded. With ``max_side``, a JPEG is
@@ -214,6 +303,8 @@ def _decode_pil(data: bytes, name: str, max_pixels: int, max_side: int | None = 
             got = img.draft(img.mode, (max(1, int(width * factor)), max(1, int(height * factor))))
             if got is not None and img.size != (width, height):
                 draft_scale = int(round(width / img.size[0]))
+        _check_decoded_bytes(img.size[0], img.size[1], _pil_pixel_bytes(img.mode), mode, max_decoded_bytes,
+                             name)
         try:
             img.load()
             orientation = img.getexif().get(0x0112)
@@ -223,10 +314,15 @@ def _decode_pil(data: bytes, name: str, max_pixels: int, max_side: int | None = 
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise CXRError(f"truncated or corrupt {fmt.upper()} file ({exc})", name) from exc
         swapped = orientation in (5, 6, 7, 8)  # EXIF orientations that transpose
+        value_range = None
+        if img.mode in ("I", "F"):  # the whole image's range, before any reduction narrows it
+            if img.mode == "F":
+                _check_finite(img, name)
+            value_range = img.getextrema()
         levels = None
         if max_side is not None and max(img.size) >= 2 * max_side:
-            img, levels = _reduce_in_pil(img, max_side, fmt, bits_hint)
-        raw, to_grey, dtype, bits = _pil_samples(img, fmt, bits_hint)
+            img, levels = _reduce_in_pil(img, max_side, fmt, bits_hint, value_range)
+        raw, to_grey, dtype, bits = _pil_samples(img, fmt, bits_hint, value_range)
         if mode == "1":
             dtype, bits = "bool", 1
         del img
@@ -263,10 +359,25 @@ def _decode_pil(data: bytes, name: str, max_pixels: int, max_side: int | None = 
     return XRay(pixels=pixels, path=name, meta=meta)
 
 
-_PIL_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBX")
+_PIL_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBX", "I", "F", "CMYK")
 
 
-def _reduce_in_pil(img: Image.Image, max_side: int, fmt: str, bits_hint: int | None) -> tuple[Image.Image, int | None]:
+def _check_finite(img: Image.Image, name: str) -> None:
+    """CXRError when a float image holds a NaN or infinite pixel (read in bands of rows: bounded memory).
+
+    Such a file is damaged or no image at all; replacing the values would invent pixels."""
+    w, h = img.size
+    step = max(1, 1_048_576 // max(1, w))
+    for r in range(0, h, step):
+        band = np.asarray(img.crop((0, r, w, min(h, r + step))))
+        bad = int(band.size - np.count_nonzero(np.isfinite(band)))
+        if bad:
+            raise CXRError(f"image holds NaN or infinite pixel values (first found in rows {r}-{min(h, r + step) - 1});"
+                           " refusing a damaged image rather than guessing those pixels", name)
+
+
+def _reduce_in_pil(img: Image.Image, max_side: int, fmt: str, bits_hint: int | None,
+                   value_range: tuple[float, float] | None = None) -> tuple[Image.Image, int | None]:
     """(the image box-reduced by an integer factor to a long side of at least ``max_side``, its grey levels
     counted before the reduction); other modes than 8-bit grey / colour come back unchanged, levels None.
 
@@ -279,7 +390,7 @@ def _reduce_in_pil(img: Image.Image, max_side: int, fmt: str, bits_hint: int | N
     w, h = img.size
     step = max(1, int(np.ceil(np.sqrt(w * h / 262_144))))
     sample = img.resize((max(1, w // step), max(1, h // step)), Image.Resampling.NEAREST)  # original values only
-    s_raw, s_grey, _, _ = _pil_samples(sample, fmt, bits_hint)
+    s_raw, s_grey, _, _ = _pil_samples(sample, fmt, bits_hint, value_range)
     levels = _grey_levels(s_grey(s_raw))
     factor = max(w, h) // max_side
     if factor < 2:
@@ -334,9 +445,18 @@ def _minmax_of(arr: np.ndarray) -> Converter:
     return _by_rows(lambda a: (np.asarray(a, dtype=np.float64) - lo) / (hi - lo))
 
 
-def _pil_samples(img: Image.Image, fmt: str, bits_hint: int | None) -> tuple[np.ndarray, Converter, str, int]:
+def _range_converter(lo: float, hi: float) -> Converter:
+    """Scale by a known range (lo -> 0, hi -> 1); an empty range gives zeros."""
+    if hi <= lo:
+        return _by_rows(lambda a: np.zeros(a.shape, dtype=np.float64))
+    return _by_rows(lambda a: (np.asarray(a, dtype=np.float64) - lo) / (hi - lo))
+
+
+def _pil_samples(img: Image.Image, fmt: str, bits_hint: int | None,
+                 value_range: tuple[float, float] | None = None) -> tuple[np.ndarray, Converter, str, int]:
     """(samples as decoded: (H, W) or (H, W, C), their conversion to grey float32 [0, 1], original numpy
-    dtype name, bits per sample)."""
+    dtype name, bits per sample). ``value_range``: (min, max) of the full image for modes I and F (when
+    ``img`` is a reduced copy); None: measured on ``img``."""
     mode = img.mode
     if mode == "1":
         return np.asarray(img.convert("L")), _lut(256, 255.0), "bool", 1
@@ -351,21 +471,24 @@ def _pil_samples(img: Image.Image, fmt: str, bits_hint: int | None) -> tuple[np.
         return arr.astype(np.uint16, copy=False), _lut(65536, 65535.0), str(arr.dtype), 16
     if mode == "I":
         arr = np.asarray(img)
+        lo, hi = value_range if value_range is not None else img.getextrema()
         bits = 16 if fmt == "png" else bits_hint
         if bits is None:
-            bits = 16 if arr.size == 0 or int(arr.max()) <= 65535 else 32
-        if arr.size and int(arr.min()) < 0:
-            return arr, _minmax_of(arr), str(arr.dtype), bits
-        if bits <= 16 and (arr.size == 0 or int(arr.max()) < 2**bits):
+            bits = 16 if hi <= 65535 else 32
+        if lo < 0 or bits > 16:
+            # signed, or 32-bit: a real X-ray fills a small part of 2**32 (dividing by 2**32 - 1 made it
+            # blank), so the data's own range
+            return arr, _range_converter(float(lo), float(hi)), str(arr.dtype), bits
+        if hi < 2**bits:
             return arr.astype(np.uint16), _lut(2**bits, float(2**bits - 1)), str(arr.dtype), bits
         scale = float(2**bits - 1)
         return arr, _by_rows(lambda a: np.asarray(a, dtype=np.float64) / scale), str(arr.dtype), bits
     if mode == "F":
         arr = np.asarray(img)
-        finite = arr[np.isfinite(arr)]
-        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+        lo, hi = value_range if value_range is not None else img.getextrema()
+        if lo >= 0.0 and hi <= 1.0:
             return arr, _by_rows(lambda a: np.asarray(a, dtype=np.float64)), str(arr.dtype), 32
-        return arr, _minmax_of(arr), str(arr.dtype), 32
+        return arr, _range_converter(float(lo), float(hi)), str(arr.dtype), 32
     if mode in ("RGB", "RGBA", "RGBX"):
         arr = np.asarray(img)
         return arr, _by_rows(lambda a: _luminance(a) / 255.0), str(arr.dtype), 8
@@ -410,7 +533,7 @@ def _shrink(arr: np.ndarray, max_side: int) -> np.ndarray:
     f = max_side / max(h, w)
     size = (max(1, round(w * f)), max(1, round(h * f)))
     if arr.dtype not in (np.uint8, np.uint16, np.int16, np.float32, np.float64):
-        arr = arr.astype(np.float64)
+        arr = arr.astype(np.float32)  # 32-bit integers: float32 is precise enough to be averaged
     if arr.ndim == 3 and arr.shape[2] > 4:
         arr = np.ascontiguousarray(arr[..., :3])
     return cv2.resize(np.ascontiguousarray(arr), size, interpolation=cv2.INTER_AREA)
@@ -419,7 +542,8 @@ def _shrink(arr: np.ndarray, max_side: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- DICOM
 
 
-def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool, max_side: int | None = None) -> XRay:
+def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool, max_side: int | None = None,
+                  max_decoded_bytes: int = MAX_DECODED_BYTES) -> XRay:
     """Decode a single-frame DICOM image with pydicom: modality LUT, VOI LUT/window, MONOCHROME1 flip.
 
     ``max_side``: the stored samples are shrunk (area interpolation) before the LUTs are applied.
@@ -446,6 +570,9 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool, max_s
             f"image is {cols}x{rows} = {rows * cols:,} pixels, over the limit of {max_pixels:,}", name
         )
     frames = int(ds.get("NumberOfFrames") or 1)
+    allocated = int(ds.get("BitsAllocated") or 16)
+    samples_pp = int(ds.get("SamplesPerPixel") or 1)
+    _check_decoded_bytes(cols, rows, max(1, samples_pp * allocated // 8), "DICOM", max_decoded_bytes, name)
     if frames > 1:
         raise CXRError(f"multi-frame DICOM ({frames} frames) is not supported; export a single frame", name)
 
@@ -466,6 +593,9 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool, max_s
             ) from exc
         raise CXRError(f"cannot decode DICOM pixel data ({type(exc).__name__}: {detail})", name) from exc
 
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+        raise CXRError("DICOM pixel data holds NaN or infinite values; refusing a damaged image rather than "
+                       "guessing those pixels", name)
     if raw.ndim == 3 and samples == 1:  # defensive: NumberOfFrames absent but data stacked
         raise CXRError(
             f"multi-frame DICOM ({raw.shape[0]} frames) is not supported; export a single frame", name
@@ -492,7 +622,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool, max_s
     else:
         pixels, voi = _dicom_grey(raw, ds, name)
         if photometric == "MONOCHROME1":
-            pixels = 1.0 - pixels
+            np.subtract(np.float32(1.0), pixels, out=pixels)
             inverted = True
 
     meta: dict[str, Any] = {
@@ -507,6 +637,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool, max_s
         "voi": voi,
         "view_position": _dicom_str(ds, "ViewPosition"),
         "modality": _dicom_str(ds, "Modality"),
+        "body_part": _dicom_str(ds, "BodyPartExamined"),
         "transfer_syntax": None if tsyntax is None else str(tsyntax),
     }
     if levels is not None:
@@ -520,45 +651,87 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool, max_s
 
 
 def _dicom_str(ds: Any, keyword: str) -> str | None:
+    """A text element, stripped; a multi-valued one joined with DICOM's own separator (``PA\\LL``)."""
+    from pydicom.multival import MultiValue
+
     value = ds.get(keyword)
-    text = "" if value is None else str(value).strip()
+    if isinstance(value, MultiValue | list | tuple):
+        text = "\\".join(str(v).strip() for v in value)
+    else:
+        text = "" if value is None else str(value).strip()
     return text or None
 
 
 def _dicom_grey(raw: np.ndarray, ds: Any, name: str) -> tuple[np.ndarray, str]:
-    """Modality LUT then VOI LUT / window, normalised to [0, 1] by the VOI's output range.
+    """Modality LUT then VOI LUT / window, normalised to [0, 1] by the VOI's output range, as float32.
 
+    Computed in bands of rows (float64 scratch of about 8 MB, whatever the image size): a 7071 x 7071
+    16-bit image cost 1.6 GB in whole-image float64 copies before.
     Returns (pixels, how): how is "lut", "window" or "minmax" (no VOI in the file, or an unusable one).
     """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    try:
-        values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
-    except Exception as exc:
-        raise CXRError(f"invalid DICOM rescale / modality LUT ({type(exc).__name__}: {exc})", name) from exc
+    step = max(1, 1_048_576 // max(1, raw.shape[1]))
+    bands = [slice(r, r + step) for r in range(0, raw.shape[0], step)]
+
+    def modality(band: slice) -> np.ndarray:
+        try:
+            return np.asarray(apply_modality_lut(raw[band], ds), dtype=np.float64)
+        except Exception as exc:
+            raise CXRError(f"invalid DICOM rescale / modality LUT ({type(exc).__name__}: {exc})", name) from exc
+
+    def scaled(transform: Callable[[slice], np.ndarray], lo: float | None = None,
+               hi: float | None = None) -> np.ndarray:
+        """transform(band) for every band into float32, scaled from [lo, hi] (None: its own range,
+        measured in a first pass)."""
+        if lo is None or hi is None:
+            lo, hi = np.inf, -np.inf
+            for band in bands:
+                v = transform(band)
+                v = v[np.isfinite(v)]
+                if v.size:
+                    lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+        out = np.zeros(raw.shape, dtype=np.float32)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+            return out
+        for band in bands:
+            out[band] = _finish((transform(band) - lo) / (hi - lo))
+        return out
+
+    def minmax() -> np.ndarray:
+        return scaled(modality)
 
     seq = ds.get("VOILUTSequence")
     has_lut = bool(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
     if not (has_lut or has_window):
-        return _minmax(values), "minmax"
+        return minmax(), "minmax"
+
+    def voi(band: slice) -> np.ndarray:
+        values = modality(band)
+        if has_lut:
+            values = np.rint(values).astype(np.int64)  # a VOI LUT is indexed by integers
+        with np.errstate(all="ignore"):  # SIGMOID windows overflow exp() at extremes
+            return np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), dtype=np.float64)
+
     try:
         # The display range of the VOI: every LUT entry, or the window's clamped outputs.
         if has_lut:
-            values = np.rint(values).astype(np.int64)  # a VOI LUT is indexed by integers
             n_entries, first = int(seq[0].LUTDescriptor[0]) or 65536, int(seq[0].LUTDescriptor[1])
             probe = np.arange(first, first + n_entries, dtype=np.int64)
         else:
             probe = np.array([-1e12, 1e12], dtype=np.float64)  # far outside any window: its clamped ends
-        with np.errstate(all="ignore"):  # SIGMOID windows overflow exp() at the probe's extremes
-            out = np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), dtype=np.float64)
+        with np.errstate(all="ignore"):
             edges = np.asarray(apply_voi_lut(probe, ds, index=0, prefer_lut=True), dtype=np.float64)
+        voi(bands[0])  # a malformed window / LUT fails here, before the full pass
+    except CXRError:
+        raise
     except Exception:  # a malformed window/LUT: fall back to the data's own range
-        return _minmax(values), "minmax"
+        return minmax(), "minmax"
     lo, hi = float(edges.min()), float(edges.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
-        return _minmax(out), "minmax"
-    return (out - lo) / (hi - lo), ("lut" if has_lut else "window")
+        return scaled(voi), "minmax"
+    return scaled(voi, lo, hi), ("lut" if has_lut else "window")
 
 
 def _check_decoder(tsyntax: Any, name: str) -> None:

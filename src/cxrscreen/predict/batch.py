@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -35,6 +36,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from cxrscreen.errors import CXRError
+from cxrscreen.io.csvcell import safe_cell
 from cxrscreen.predict.inputs import ImageInput, collect_inputs
 from cxrscreen.predict.predictor import Predictor, Prepared
 from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, Preprocessor
@@ -126,20 +128,27 @@ class ResultWriter:
         self.columns = ["path", "class", *[f"p_{c}" for c in self.classes], "flags", "error"]
         self.done: set[str] = set()
         self.done_errors = 0
-        if self.path.exists() and not resume:
+        existed = self.path.exists()
+        if existed and not resume:
             raise CXRError("output file exists; pass --resume to continue it, or choose another --out", self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = self._read_existing() if self.path.exists() else None
-        if kept is not None:
-            self._rewrite(kept)  # drops a torn last row, so that appending starts on a clean line
-        self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        if kept is None and self.format == "csv":
-            self._append([self.columns])
+        self._file = open(self.path, "a+", newline="", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        try:
+            _lock_exclusively(self._file, self.path)
+            kept = self._read_existing() if existed else None
+            if kept is not None:
+                self._rewrite(kept)  # drops a torn last row, so that appending starts on a clean line
+            if not kept and self.format == "csv":
+                self._append([self.columns])
+        except BaseException:
+            self._file.close()
+            raise
 
     def _read_existing(self) -> list[str]:
         """The complete rows of the existing file as text chunks (header first for CSV); fills `done`."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            self._file.seek(0)
+            text = self._file.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise CXRError(f"cannot read the output file to resume it ({exc})", self.path) from exc
         text = text[: text.rfind("\n") + 1]  # a row is complete only with its newline
@@ -178,12 +187,13 @@ class ResultWriter:
         return [_csv_line(r) for r in rows]
 
     def _rewrite(self, chunks: list[str]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            f.write("".join(chunks))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        """The file's content becomes `chunks`, in place (same file, under this writer's lock: a file is
+        never replaced under another process that has it open)."""
+        self._file.seek(0)
+        self._file.truncate(0)
+        self._file.write("".join(chunks))
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def _append(self, rows: list[Any]) -> None:
         if self.format == "csv":
@@ -195,10 +205,15 @@ class ResultWriter:
         os.fsync(self._file.fileno())
 
     def csv_row(self, res: dict[str, Any]) -> list[str]:
+        """A result as CSV cells: text through `safe_cell` (control characters escaped, no formula)."""
         probs = res.get("probabilities") or {}
-        return [res["path"], res.get("class") or "", *[repr(float(probs[c])) if c in probs else ""
-                                                       for c in self.classes],
-                ";".join(res.get("flags") or []), res.get("error") or ""]
+        return [safe_cell(res["path"]), safe_cell(res.get("class") or ""),
+                *[repr(float(probs[c])) if c in probs else "" for c in self.classes],
+                safe_cell(";".join(res.get("flags") or [])), safe_cell(res.get("error") or "")]
+
+    def has(self, path: str) -> bool:
+        """True if the resumed output already holds the row of input `path` (as its cell is written)."""
+        return (safe_cell(path) if self.format == "csv" else path) in self.done
 
     def write(self, results: Sequence[dict[str, Any]]) -> None:
         """Append one batch of results and make it durable."""
@@ -207,6 +222,20 @@ class ResultWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _lock_exclusively(file: Any, path: Path) -> None:
+    """Take an exclusive advisory lock (flock) on an open output file, held until it is closed; CXRError
+    when another run holds it (two writers on one file lost rows silently before)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise CXRError("another cxrscreen run is writing this output file (it is locked); wait for it to "
+                       "finish, or choose another --out", path) from None
 
 
 def _csv_line(row: Sequence[str]) -> str:
@@ -273,9 +302,30 @@ def keep_list(items: list[Decoded]) -> list[Decoded]:
     return items
 
 
-def _worker_init(_: int) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """In a worker: have the kernel kill it when its parent dies (Linux PR_SET_PDEATHSIG), and exit now if
+    the parent is already gone; elsewhere nothing. A killed batch run left ~750 MB workers under PID 1."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+
+
+def _worker_init(_: int, parent_pid: int | None = None) -> None:
     import cv2
     import torch
+
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
 
     torch.set_num_threads(1)  # each worker decodes one image at a time; the main process runs the model
     cv2.setNumThreads(1)
@@ -290,7 +340,8 @@ def decode_loader(files: Sequence[Path], preprocess: PreprocessConfig, gate: Any
     a second or two per run.
     """
     return DataLoader(DecodeDataset(files, preprocess, gate), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, collate_fn=keep_list, worker_init_fn=_worker_init if workers else None,
+                      num_workers=workers, collate_fn=keep_list,
+                      worker_init_fn=functools.partial(_worker_init, parent_pid=os.getpid()) if workers else None,
                       prefetch_factor=2 if workers else None, multiprocessing_context="spawn" if workers else None)
 
 
@@ -349,22 +400,28 @@ def screen(
     gate: Any = None,
     progress_factory: Callable[[int], Any] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    problems: Sequence[CXRError] = (),
 ) -> BatchSummary:
     """Screen `inputs` (this shard's, minus those already in the output when resuming) into `out_path`.
 
     predictor: its own gate must be None; the gate given here runs in the decode workers.
     progress_factory(total) -> object with update(n) and close(); on_row is called with every written row.
+    problems: inputs that could not be read or listed (CXRErrors naming their path): each gets an error row
+    (counted in `errors`), unless a resumed output already holds it.
     """
     if predictor.gate is not None:
         raise ValueError("pass the gate to screen(), not to the Predictor (it runs in the decode workers)")
     shard = shard or Shard()
     mine = shard.select(inputs)
     writer = ResultWriter(out_path, predictor.run.classes, resume=resume)
-    todo = [i for i in mine if str(i.path) not in writer.done]
+    todo = [i for i in mine if not writer.has(str(i.path))]
     bar = progress_factory(len(todo)) if progress_factory else None
     t0 = time.monotonic()
     errors = 0
     try:
+        bad = [_problem_row(p) for p in problems if not writer.has(str(p.path))]
+        writer.write(bad)
+        errors += len(bad)
         loader = decode_loader([i.path for i in todo], predictor.run.preprocess, gate,
                                batch_size=predictor.batch_size, workers=workers)
         for items in loader:
@@ -384,6 +441,12 @@ def screen(
                         screened=len(todo), errors=errors, earlier_errors=writer.done_errors,
                         seconds=round(time.monotonic() - t0, 3),
                         output=str(out_path), shard=str(shard))
+
+
+def _problem_row(problem: CXRError) -> dict[str, Any]:
+    """The error row of an input that could not be read or listed."""
+    return {"path": str(problem.path), "class": None, "probabilities": None, "error": problem.problem,
+            "flags": []}
 
 
 class RichProgress:
@@ -427,18 +490,36 @@ class RichProgress:
         self.progress.stop()
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a scheduler cancelling the job) ends the run like Ctrl-C: the output file is closed with
+    every finished batch in it and the decode workers are shut down (the default action killed the
+    process at once, leaving its workers). Only from the main thread; elsewhere nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, _: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def screen_command(run: Any, inputs: Sequence[ImageInput], out_path: Path, *, rule: Any, gate: Any,
                    batch_size: int, workers: int, resume: bool, shard: str | None, console: Any,
-                   failed: int = 0) -> int:
+                   failed: int = 0, problems: Sequence[CXRError] = ()) -> int:
     """`cxrscreen predict --out FILE`: screen, report on `console`, return the exit status (0 all done,
-    1 some input failed, 2 bad usage)."""
+    1 some input failed, 2 bad usage). `problems`: inputs that could not be read or listed (each gets an
+    error row)."""
     try:
         chosen = Shard.parse(shard)
         if workers < 0:
             raise CXRError(f"--workers must be 0 or more, not {workers}")
         predictor = Predictor(run, batch_size=batch_size, gate=None, rule=rule)
+        _exit_on_sigterm()
         summary = screen(predictor, inputs, out_path, workers=workers, resume=resume, shard=chosen, gate=gate,
-                         progress_factory=lambda total: RichProgress(console, total))
+                         progress_factory=lambda total: RichProgress(console, total), problems=problems)
     except CXRError as exc:
         console.print(f"error: {exc}", markup=False)
         return 2

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cxrscreen.errors import CXRError
 from cxrscreen.io.xray import is_supported_file
 
 
@@ -19,9 +22,74 @@ def iter_image_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
             yield p
 
 
+@dataclass
+class FolderScan:
+    """What a folder holds: `files` (supported images, sorted), `problems` (entries that could not be
+    read: a folder without permission, a symlink loop, a dangling link; each CXRError names its path) and
+    `skipped` (files that are no supported image: `.gif`, `.txt`, a suffix-less file that is no DICOM)."""
+
+    files: list[Path] = field(default_factory=list)
+    problems: list[CXRError] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+
+def scan_folder(folder: Path) -> FolderScan:
+    """Walk `folder` recursively (symlinked folders followed once: a loop is a problem, not a hang) and sort
+    what it holds into a :class:`FolderScan`. Nothing is dropped silently."""
+    scan = FolderScan()
+    try:
+        root = os.stat(folder)
+    except OSError as exc:
+        scan.problems.append(CXRError(f"cannot read folder ({exc.strerror or exc})", folder))
+        return scan
+    _walk(Path(folder), {(root.st_dev, root.st_ino)}, scan)
+    scan.files.sort()
+    scan.skipped.sort()
+    return scan
+
+
+def _walk(folder: Path, seen: set[tuple[int, int]], scan: FolderScan) -> None:
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        scan.problems.append(CXRError(f"cannot read folder ({exc.strerror or exc}); its images were not "
+                                      "screened", folder))
+        return
+    for entry in entries:
+        path = folder / entry.name
+        try:
+            st = os.stat(path)  # follows links
+        except OSError as exc:
+            if entry.is_symlink():
+                what = "symlink loop" if _is_loop(exc) else "dangling link (its target does not exist)"
+                scan.problems.append(CXRError(f"{what}; not screened", path))
+            else:
+                scan.problems.append(CXRError(f"cannot read ({exc.strerror or exc}); not screened", path))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                scan.problems.append(CXRError("symlink loop (a folder that contains itself); not followed", path))
+                continue
+            _walk(path, seen | {key}, scan)
+        elif not stat.S_ISREG(st.st_mode):
+            scan.problems.append(CXRError("not a regular file (FIFO, device or socket); not screened", path))
+        elif is_supported_file(path):  # a suffix-less file counts when it starts like DICOM
+            scan.files.append(path)
+        else:
+            scan.skipped.append(path)
+
+
+def _is_loop(exc: OSError) -> bool:
+    import errno
+
+    return exc.errno == errno.ELOOP
+
+
 def images_in_folder(folder: Path) -> list[Path]:
     """The image files under `folder`, recursively, sorted."""
-    return [f for f in sorted(folder.rglob("*")) if f.is_file() and is_supported_file(f)]
+    return scan_folder(folder).files
 
 
 @dataclass(frozen=True)
@@ -31,6 +99,47 @@ class ImageInput:
 
     path: Path
     label: Path
+
+
+@dataclass
+class Gathered:
+    """Everything the command-line inputs name: `inputs` to predict, folder arguments without any image
+    (`empty`), `problems` (inputs that could not be read or listed: each a CXRError naming its path; they
+    count as failed inputs and never stop the others) and `skipped` (files in folders that are no
+    supported image: reported as a count)."""
+
+    inputs: list[ImageInput] = field(default_factory=list)
+    empty: list[Path] = field(default_factory=list)
+    problems: list[CXRError] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+
+def gather(paths: Iterable[str | Path]) -> Gathered:
+    """Files, folders (searched recursively) and manifest ``.csv`` files (an ``image`` column): one bad
+    argument (an unreadable folder, a csv that is no manifest) becomes a problem, the others go on."""
+    out = Gathered()
+    for item in paths:
+        p = Path(item)
+        if p.suffix.lower() == ".csv" and p.is_file():
+            from cxrscreen.predict.batch import manifest_inputs
+
+            try:
+                out.inputs += manifest_inputs(p)
+            except CXRError as exc:
+                out.problems.append(exc if exc.path else CXRError(exc.problem, p))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                out.problems.append(CXRError(f"cannot read this manifest ({exc})", p))
+        elif p.is_dir():
+            scan = scan_folder(p)
+            if not scan.files and not scan.problems:
+                out.empty.append(p)
+            top = Path(p.resolve().name)
+            out.inputs += [ImageInput(f, top / f.relative_to(p)) for f in scan.files]
+            out.problems += scan.problems
+            out.skipped += scan.skipped
+        else:
+            out.inputs.append(ImageInput(p, Path(p.name or "input")))
+    return out
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[ImageInput], list[Path]]:

@@ -33,6 +33,8 @@ from cxrscreen.predict.onnx_engine import OnnxModel
 from cxrscreen.predict.predictor import Predictor, Prepared
 from cxrscreen.runs.run_dir import LoadedRun
 from cxrscreen.serving.page import INDEX_HTML
+from cxrscreen.serving.security import BODY_TIMEOUT_S, allowed_hosts_for, release_freed_memory, uvicorn_config
+from cxrscreen.serving.security import harden as _harden
 from cxrscreen.severity.model import severity_info
 from cxrscreen.severity.zones import draw_zones
 
@@ -216,8 +218,11 @@ class _Service:
     def decode(self, data: bytes, label: str) -> Prepared:
         """Decode (at most `max_decodes` at once, reduced to DECODE_MAX_SIDE) and preprocess one upload."""
         with self.decode_slots:
-            xray = read_xray_bytes(data, name=label, max_pixels=MAX_PIXELS, max_side=DECODE_MAX_SIDE)
-            return self.predictor.prepare(xray)
+            try:
+                xray = read_xray_bytes(data, name=label, max_pixels=MAX_PIXELS, max_side=DECODE_MAX_SIDE)
+                return self.predictor.prepare(xray)
+            finally:
+                release_freed_memory()
 
     def analyse(self, data: bytes, name: str, heatmap: bool, target: str | None,
                 severity: bool = False) -> dict[str, Any]:
@@ -260,11 +265,15 @@ class _Service:
 
 def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_decodes: int = MAX_CONCURRENT_DECODES, max_batch: int = MAX_BATCH,
-               batch_wait_s: float = BATCH_WAIT_S) -> FastAPI:
+               batch_wait_s: float = BATCH_WAIT_S, allowed_hosts: Sequence[str] | None = None,
+               body_timeout_s: float = BODY_TIMEOUT_S, api_docs: bool = False) -> FastAPI:
     """The web app for one loaded model; `gate` (optional) has `flags(xray, image) -> list[str]` and
     withholds the class and probabilities of an input it flags. Uploads over `max_upload_bytes` are refused
     with 413; at most `max_decodes` uploads are decoded at once; forward passes are batched (`max_batch`
-    images collected for `batch_wait_s`)."""
+    images collected for `batch_wait_s`). `allowed_hosts`: Host header values accepted (400 for others;
+    None: any); a request body chunk slower than `body_timeout_s` gets 408; `api_docs`: serve
+    /openapi.json (never the CDN-loaded /docs and /redoc pages). Every response carries the security
+    headers (`cxrscreen.serving.security`)."""
     service = _Service(run, gate, max_decodes=max_decodes, max_batch=max_batch, batch_wait_s=batch_wait_s)
     model_card = _read_model_card(run.run_dir)
     @asynccontextmanager
@@ -274,8 +283,10 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
 
     app = FastAPI(title="cxrscreen", version="0.1.0", lifespan=lifespan,
                   description="Chest X-ray screening (covid / normal / pneumonia). "
-                              "Research use only: not a medical device.")
+                              "Research use only: not a medical device.",
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json" if api_docs else None)
     app.add_middleware(_BodyLimit, max_upload_bytes=max_upload_bytes)
+    _harden(app, allowed_hosts=allowed_hosts, body_timeout_s=body_timeout_s, page_html=INDEX_HTML)
     app.state.service = service
 
     @app.exception_handler(_BodyTooLarge)
@@ -313,6 +324,7 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
 
     @app.post("/api/predict", response_model=None)
     async def predict(
+        request: Request,
         file: Annotated[UploadFile, File(description="a chest X-ray: PNG, JPEG, TIFF, BMP or DICOM")],
         heatmap: Annotated[bool, Query(description="add a Grad-CAM overlay PNG (base64)")] = False,
         target: Annotated[str | None, Query(description="class the heatmap explains (default: the "
@@ -324,6 +336,8 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
         """Class, probability of each class, and flags for one uploaded image (flagged: class and
         probabilities null)."""
         name = upload_label(file.filename)
+        if len((await request.form()).getlist("file")) != 1:
+            return _error(422, "send exactly one 'file' part (this request has several)", name)
         if severity and severity_info(run.run_dir) is None:
             return _error(422, "this model ships no severity regressor", name)
         if target is not None and target not in run.classes:
@@ -340,8 +354,10 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
 
 
 def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-          torch_threads: int | None = None, engine: str = "torch") -> None:
-    """Load a run directory (or the bundled model when None) and serve the app with uvicorn.
+          torch_threads: int | None = None, engine: str = "torch", allowed_hosts: Sequence[str] = ()) -> None:
+    """Load a run directory (or the bundled model when None) and serve the app with uvicorn (timeouts and
+    limits of `cxrscreen.serving.security.uvicorn_config`; Host checked against the bound address plus
+    `allowed_hosts`, none for a wildcard bind without `allowed_hosts`).
     `torch_threads`: intra-op threads of the forward passes (None: torch's default, one per core).
     `engine`: "torch", or "onnxruntime" with `model` an .onnx export (`cxrscreen.predict.onnx_engine`)."""
     import uvicorn
@@ -353,4 +369,5 @@ def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 
 
         torch.set_num_threads(max(1, torch_threads))
     run = load_for_engine(model, engine, threads=torch_threads)
-    uvicorn.run(create_app(run, gate=gate_for_run(run)), host=host, port=port)
+    app = create_app(run, gate=gate_for_run(run), allowed_hosts=allowed_hosts_for(host, allowed_hosts))
+    uvicorn.Server(uvicorn_config(app, host, port)).run()

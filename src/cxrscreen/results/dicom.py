@@ -27,6 +27,7 @@ UIDs, which is how `cxrscreen pacs run` recognises work it already stored.
 from __future__ import annotations
 
 import datetime
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,9 @@ PRIVATE_CODES: dict[str, str] = {
 }
 
 
+_UID_NAMESPACE = uuid.UUID("6f1c2f3e-7d1a-5b2c-9e47-c0c5c2e5a001")  # cxrscreen's, fixed once
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the SR says about the algorithm: name, version (package version + weights sha256), architecture."""
@@ -87,11 +91,13 @@ class ModelInfo:
 
 
 def derived_uid(source_sop_uid: str, weights_sha256: str, kind: str) -> str:
-    """A UID (2.25 form) determined by the source instance, the model and the object kind ('sr', 'sc',
-    'sr-series:STUDY', ...): reruns give the same UIDs."""
-    from pydicom.uid import generate_uid
+    """A UID determined by the source instance (or study), the model and the object kind ('sr', 'sc',
+    'sr-series', ...): reruns give the same UIDs. The 2.25 form of a name-based (SHA-1, version 5) UUID,
+    as DICOM PS3.5 B.2 allows."""
 
-    return str(generate_uid(prefix=None, entropy_srcs=[source_sop_uid, weights_sha256, kind]))
+
+    name = "\x00".join((source_sop_uid, weights_sha256, kind))
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
 def _code(value: str, scheme: str, meaning: str) -> Any:

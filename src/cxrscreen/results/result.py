@@ -55,7 +55,8 @@ class PredictionResult:
         return cls(path=str(res["path"]), label=res.get("class"),
                    probabilities=None if probs is None else {k: float(v) for k, v in probs.items()},
                    decision=res.get("decision"), flags=list(res.get("flags") or []), error=res.get("error"),
-                   severity=res.get("severity"), severity_scored="severity" in res, heatmap=res.get("heatmap"), heatmap_array=heatmap_array,
+                   severity=res.get("severity"), severity_scored="severity" in res, heatmap=res.get("heatmap"),
+                   heatmap_array=heatmap_array,
                    dicom=dicom, extra={k: v for k, v in res.items() if k not in _KNOWN})
 
     def to_dict(self) -> dict[str, Any]:

@@ -94,8 +94,6 @@ def derived_uid(source_sop_uid: str, weights_sha256: str, kind: str) -> str:
     """A UID determined by the source instance (or study), the model and the object kind ('sr', 'sc',
     'sr-series', ...): reruns give the same UIDs. The 2.25 form of a name-based (SHA-1, version 5) UUID,
     as DICOM PS3.5 B.2 allows."""
-
-
     name = "\x00".join((source_sop_uid, weights_sha256, kind))
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 

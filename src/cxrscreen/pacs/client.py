@@ -93,6 +93,9 @@ class PacsClient:
             raise CXRError(f"{what} failed: HTTP {code}", self.url) from exc
         except requests.RequestException as exc:
             raise CXRError(f"{what} failed: {type(exc).__name__}", self.url) from exc
+        except Exception as exc:  # an answer dicomweb-client / pydicom cannot parse (e.g. a corrupt instance)
+            detail = " ".join(str(exc).split())[:200]
+            raise CXRError(f"{what}: unreadable answer ({type(exc).__name__}: {detail})", self.url) from exc
 
     def studies(self, *, since: datetime.date | None = None) -> list[str]:
         """Study Instance UIDs of the studies with a StudyDate on or after `since` (all when None)."""

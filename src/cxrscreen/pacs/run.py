@@ -87,6 +87,8 @@ class StudyScreener:
                 self._screen_instance(ref, out, i)
             except CXRError as exc:
                 out.errors.append(f"instance {i}: {exc.problem}")
+            except Exception as exc:  # a bug or an unexpected object must cost one instance, not the run
+                out.errors.append(f"instance {i}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
         return out
 
     def _screen_instance(self, ref: InstanceRef, out: StudyOutcome, i: int) -> None:

@@ -131,6 +131,9 @@ class PacsClient:
         if not datasets:
             return
         study = str(datasets[0].StudyInstanceUID)
+        for ds in datasets:  # dicomweb-client writes each as is: a dataset without preamble goes without 'DICM'
+            if getattr(ds, "preamble", None) is None:
+                ds.preamble = b"\x00" * 128
         resp = self._call(f"STOW in {study_tag(study)}", self.client.store_instances, list(datasets), study)
         failed = getattr(resp, "FailedSOPSequence", None) if resp is not None else None
         if failed:

@@ -38,7 +38,6 @@ def _images(data: Path, n: int) -> list[Any]:
     import pandas as pd
 
     df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
-    df = df[df["view"].isin(["PA", "AP"])]
     per = {c: df[df["label"] == c].reset_index(drop=True) for c in ("covid", "normal", "pneumonia")}
     out = []
     for i in range(n):

@@ -31,9 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def real_images(data_dir: Path, n: int) -> list[np.ndarray]:
-    """n real frontal X-rays (one per class in turn) as float [0, 1]."""
+    """n real X-rays (all frontal, see the data README; one per class in turn) as float [0, 1]."""
     df = read_real_manifest(data_dir)
-    df = df[df["view"].isin(["PA", "AP"])]
     rows = [df[df["label"] == c].iloc[i // 3] for i, c in zip(range(n), ["covid", "normal", "pneumonia"] * n,
                                                                   strict=False)]
     return [cv2.imread(str(data_dir / r["image"]), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0 for r in rows]

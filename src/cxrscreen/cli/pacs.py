@@ -24,17 +24,23 @@ UrlOpt = Annotated[str, typer.Option("--url", help="DICOMweb service root, e.g. 
 ModelOpt = Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")]
 InsecureOpt = Annotated[bool, typer.Option("--insecure", help="do not verify the PACS's TLS certificate")]
 CaOpt = Annotated[Path | None, typer.Option("--ca-bundle", help="CA bundle to verify the PACS's certificate")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads (default: one per core; 1 is faster on a "
+                                                   "machine busy with other work: images go one at a time)")]
 UserOpt = Annotated[str | None, typer.Option("--user", help="user name (default: $CXRSCREEN_PACS_USER); the "
                                                             "password is read from $CXRSCREEN_PACS_PASSWORD")]
 
 
 def _screener(url: str, model: Path | None, insecure: bool, ca_bundle: Path | None, user: str | None,
-              argmax: bool, threshold: float | None) -> Any:
+              argmax: bool, threshold: float | None, threads: int | None) -> Any:
     from cxrscreen.cli.predict import _load_gate
     from cxrscreen.pacs.client import Credentials, PacsClient, credentials_from_env
     from cxrscreen.pacs.run import StudyScreener
     from cxrscreen.predict.onnx_engine import load_for_engine
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
     try:
         creds = credentials_from_env()
         if user is not None:
@@ -68,6 +74,7 @@ def pacs_run(
     user: UserOpt = None,
     insecure: InsecureOpt = False,
     ca_bundle: CaOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Query the studies, screen their frontal DX/CR images, store an SR and a heatmap Secondary Capture in
     each study (nothing for instances already done). One JSON line per study on stdout.
@@ -82,7 +89,7 @@ def pacs_run(
         except ValueError:
             console.print(f"error: --since takes a date YYYY-MM-DD, not {since!r}", markup=False)
             raise typer.Exit(2) from None
-    screener = _screener(url, model, insecure, ca_bundle, user, argmax, threshold)
+    screener = _screener(url, model, insecure, ca_bundle, user, argmax, threshold, threads)
     from cxrscreen.pacs.run import screen_studies
 
     try:
@@ -112,12 +119,13 @@ def pacs_watch(
     user: UserOpt = None,
     insecure: InsecureOpt = False,
     ca_bundle: CaOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Screen every study Orthanc marks stable from now on (the model stays loaded); the position in the change
     feed is kept in --state so that a restart neither repeats nor skips studies."""
     from cxrscreen.pacs.watch import OrthancChanges, WatchState, watch
 
-    screener = _screener(url, model, insecure, ca_bundle, user, argmax, threshold)
+    screener = _screener(url, model, insecure, ca_bundle, user, argmax, threshold, threads)
     rest = orthanc or url.rstrip("/").removesuffix("/dicom-web")
     changes = OrthancChanges(rest, screener.client.session)
     console.print(f"watching {rest} for stable studies (state: {state})", markup=False)

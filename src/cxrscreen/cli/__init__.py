@@ -14,6 +14,7 @@ from cxrscreen.cli import (  # noqa: F401  (register the commands)
     export,
     localize,
     models,
+    pacs,
     predict,
     severity,
     train,

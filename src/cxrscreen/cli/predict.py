@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +9,6 @@ import typer
 
 from cxrscreen.cli.app import _fail, _shown, app, console, out
 from cxrscreen.errors import CXRError
-from cxrscreen.io.csvcell import safe_cell
 
 
 @app.command()
@@ -42,6 +38,8 @@ def predict(
     shard: Annotated[str | None, typer.Option(help="--out: I/N, screen only shard I (from 0) of N")] = None,
     threads: Annotated[int | None, typer.Option(help="threads of the forward passes (default: one per core)")
                        ] = None,
+    dicom_out: Annotated[Path | None, typer.Option("--dicom-out", help="folder for a DICOM SR (TID 1500) and a "
+                                                   "heatmap Secondary Capture per DICOM input")] = None,
 ) -> None:
     """Class and probability of each class for every image; bad files are reported on stderr and skipped.
 
@@ -53,7 +51,6 @@ def predict(
     from cxrscreen.predict.inputs import OutputNames, gather
     from cxrscreen.predict.onnx_engine import load_for_engine
     from cxrscreen.predict.predictor import Predictor
-    from cxrscreen.predict.prepared import format_probabilities
 
     if as_json and as_csv:
         console.print("error: --json and --csv exclude each other; choose one", markup=False)
@@ -61,9 +58,9 @@ def predict(
     if out_file is None and (resume or shard is not None):
         console.print("error: --resume and --shard go with --out FILE", markup=False)
         raise typer.Exit(2)
-    if out_file is not None and (as_json or as_csv or heatmap is not None or severity):
+    if out_file is not None and (as_json or as_csv or heatmap is not None or severity or dicom_out is not None):
         console.print("error: --out writes its own format (from its suffix), without heatmaps or severity; drop "
-                      "--json, --csv, --heatmap and --severity", markup=False)
+                      "--json, --csv, --heatmap, --severity and --dicom-out", markup=False)
         raise typer.Exit(2)
     if engine != "torch" and heatmap is not None:
         console.print("error: heatmaps (Grad-CAM) need gradients: use --engine torch", markup=False)
@@ -101,7 +98,7 @@ def predict(
         raise typer.Exit(screen_command(run, inputs, out_file, rule=rule, gate=gate, batch_size=batch_size,
                                         workers=workers, resume=resume, shard=shard, console=console,
                                         failed=len(empty), problems=gathered.problems))
-    from cxrscreen.severity.output import make_scorer, severity_csv, severity_csv_header, severity_text, with_zones
+    from cxrscreen.severity.output import make_scorer, with_zones
 
     scorer = make_scorer(run, severity, localizer, _fail)
     predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule, severity=scorer)
@@ -115,13 +112,13 @@ def predict(
             draw = run.task.drawer(run)  # Grad-CAM overlays for classifiers, the boxes for detectors
         except CXRError as exc:
             _fail(exc)
-    writer = None
-    if as_csv:
-        writer = csv.writer(sys.stdout)
-        writer.writerow([safe_cell(c) for c in ["path", "class", *[f"p_{c}" for c in run.classes], "flags",
-                                                  "error", "heatmap", *severity_csv_header(scorer)]])
+    writer, dicom_writer, explainer = _result_writers(run, as_json, as_csv, scorer is not None, dicom_out)
+    pixels: dict[str, Any] = {}  # the X-ray behind each DICOM result in this batch, for its Secondary Capture
+    if dicom_writer is not None:
+        dicom_writer.pixels_of = lambda r: pixels.get(r.path)
     failed = len(empty) + len(gathered.problems)
     labels = {str(i.path): i.label for i in inputs}
+    writer.open()
     for res, prep in predictor.predict_files([i.path for i in inputs]):
         if res["error"]:
             failed += 1
@@ -136,21 +133,20 @@ def predict(
             res["heatmap"] = None  # no diagnosis: nothing to explain
         if res["error"]:
             console.print(f"{_shown(res['path'])}: error: {_shown(res['error'])}", markup=False)
-        if as_json:
-            print(json.dumps(res))
-        elif writer is not None:
-            probs = res["probabilities"] or {}
-            writer.writerow([safe_cell(v) for v in [
-                res["path"], res["class"] or "", *[f"{probs[c]:.4f}" if c in probs else "" for c in run.classes],
-                ";".join(res["flags"]), res["error"] or "", res.get("heatmap") or "", *severity_csv(scorer, res)]])
-        elif res["error"]:
-            continue
-        elif res["class"] is None:
-            out.print(f"{_shown(res['path'])}: no diagnosis ({_shown('; '.join(res['flags']))})", markup=False)
-        else:
-            out.print(f"{_shown(res['path'])}: {res['class']}  {format_probabilities(res['probabilities'])}"
-                      + severity_text(res)
-                      + (f"  heatmap: {_shown(res['heatmap'])}" if res.get("heatmap") else ""), markup=False)
+        result = _typed(res, prep, explainer, target)
+        if dicom_writer is not None and not result.error:
+            if result.dicom is None:
+                console.print(f"{_shown(result.path)}: no DICOM output (not a DICOM input with study and "
+                              "instance UIDs)", markup=False)
+            elif prep is not None:
+                pixels[result.path] = prep.xray.pixels
+        n_errors = len(dicom_writer.errors) if dicom_writer is not None else 0
+        writer.write([result])
+        pixels.clear()
+        if dicom_writer is not None and len(dicom_writer.errors) > n_errors:
+            failed += 1
+            console.print(f"{_shown(result.path)}: error: {_shown(dicom_writer.errors[-1][1])}", markup=False)
+    writer.close()
     if failed:
         console.print(f"{failed} input(s) failed", markup=False)
         raise typer.Exit(1)
@@ -166,7 +162,42 @@ def explain(
     """Write a Grad-CAM overlay per image (class and probabilities written on it); same as predict --heatmap."""
     predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8,
             argmax=False, threshold=None, severity=False, localizer=None, engine="torch", out_file=None, workers=0,
-            resume=False, shard=None, threads=None)
+            resume=False, shard=None, threads=None, dicom_out=None)
+
+
+def _result_writers(run: Any, as_json: bool, as_csv: bool, severity: bool, dicom_out: Path | None
+                    ) -> tuple[Any, Any, Any]:
+    """(the writer of predict's outputs, its DICOM writer or None, the Grad-CAM explainer for the DICOM
+    Secondary Captures or None): JSON Lines, CSV or text on stdout, plus SR + SC files with --dicom-out."""
+    from cxrscreen.results.writers import CsvWriter, JsonlWriter, MultiWriter, TextWriter
+
+    sinks: list[Any] = [JsonlWriter() if as_json else CsvWriter(run.classes, severity=severity) if as_csv
+                        else TextWriter(lambda line: out.print(line, markup=False))]
+    if dicom_out is None:
+        return MultiWriter(sinks), None, None
+    from cxrscreen.results.dicom import DicomWriter, folder_store
+
+    dicom_writer = DicomWriter(run, folder_store(dicom_out))
+    explainer = None
+    if run.task.has_logits and not getattr(run.model, "takes_numpy", False):
+        from cxrscreen.explain.cam import Explainer
+
+        explainer = Explainer(run)
+    else:
+        console.print("note: no heatmap Secondary Capture with this model or engine (Grad-CAM needs a PyTorch "
+                      "classifier); the SR is written", markup=False)
+    return MultiWriter([*sinks, dicom_writer]), dicom_writer, explainer
+
+
+def _typed(res: dict[str, Any], prep: Any, explainer: Any, target: str | None) -> Any:
+    """The typed result of one prediction, with its DICOM identity and, for --dicom-out, its Grad-CAM."""
+    from cxrscreen.results.result import PredictionResult
+
+    dicom = getattr(getattr(prep, "xray", None), "dicom", None)
+    heat = None
+    if explainer is not None and dicom is not None and res.get("probabilities") and not res.get("error"):
+        heat = explainer.heatmap(prep, target or res["class"])
+    return PredictionResult.from_dict(res, dicom=dicom, heatmap_array=heat)
 
 
 def _report_gathered(gathered: Any) -> None:

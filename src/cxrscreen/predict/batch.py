@@ -39,6 +39,8 @@ from cxrscreen.errors import CXRError
 from cxrscreen.io.csvcell import safe_cell
 from cxrscreen.predict.inputs import ImageInput, collect_inputs
 from cxrscreen.predict.predictor import Predictor, Prepared
+from cxrscreen.results.result import PredictionResult
+from cxrscreen.results.writers import as_result, csv_cells, csv_columns
 from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, Preprocessor
 
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -125,7 +127,7 @@ class ResultWriter:
                            self.path)
         self.format = fmt
         self.classes = list(classes)
-        self.columns = ["path", "class", *[f"p_{c}" for c in self.classes], "flags", "error"]
+        self.columns = csv_columns(self.classes)  # the one CSV schema (cxrscreen.results.writers)
         self.done: set[str] = set()
         self.done_errors = 0
         existed = self.path.exists()
@@ -181,7 +183,7 @@ class ResultWriter:
                     break
                 rows.append(row)
                 self.done.add(row[0])
-                self.done_errors += bool(row[-1])
+                self.done_errors += bool(row[self.columns.index("error")])
         except csv.Error:
             pass  # a quoted field cut off by the kill: that row is redone
         return [_csv_line(r) for r in rows]
@@ -204,21 +206,22 @@ class ResultWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def csv_row(self, res: dict[str, Any]) -> list[str]:
-        """A result as CSV cells: text through `safe_cell` (control characters escaped, no formula)."""
-        probs = res.get("probabilities") or {}
-        return [safe_cell(res["path"]), safe_cell(res.get("class") or ""),
-                *[repr(float(probs[c])) if c in probs else "" for c in self.classes],
-                safe_cell(";".join(res.get("flags") or [])), safe_cell(res.get("error") or "")]
+    def csv_row(self, res: PredictionResult | dict[str, Any]) -> list[str]:
+        """A result as CSV cells (the one schema, `results.writers.csv_cells`: text through `safe_cell`)."""
+        return csv_cells(res, self.classes)
 
     def has(self, path: str) -> bool:
         """True if the resumed output already holds the row of input `path` (as its cell is written)."""
         return (safe_cell(path) if self.format == "csv" else path) in self.done
 
-    def write(self, results: Sequence[dict[str, Any]]) -> None:
+    def open(self) -> None:
+        """Opened by the constructor (the `results.writers.ResultSink` protocol)."""
+
+    def write(self, results: Sequence[PredictionResult | dict[str, Any]]) -> None:
         """Append one batch of results and make it durable."""
         if results:
-            self._append([self.csv_row(r) for r in results] if self.format == "csv" else list(results))
+            self._append([self.csv_row(r) for r in results] if self.format == "csv"
+                         else [as_result(r).to_dict() for r in results])
 
     def close(self) -> None:
         self._file.close()
@@ -254,7 +257,8 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
         for row in csv.DictReader(f):
             probs = {k[2:]: float(v) for k, v in row.items() if k.startswith("p_") and v != ""}
             out.append({"path": row["path"], "class": row["class"] or None, "probabilities": probs or None,
-                        "flags": [x for x in row["flags"].split(";") if x], "error": row["error"] or None})
+                        "flags": [x for x in row["flags"].split(";") if x], "error": row["error"] or None,
+                        "heatmap": row.get("heatmap") or None})
     return out
 
 

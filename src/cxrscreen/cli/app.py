@@ -57,7 +57,7 @@ def _main(
 
 def _Bar(desc: str, total: int) -> Any:  # noqa: N802  (the progress_factory the library calls)
     """A transient progress bar on stderr with the update(n) / close() interface the library expects."""
-    from cxrscreen.predict.batch import RichProgress
+    from cxrscreen.cli.progress import RichProgress
 
     return RichProgress(console, total, desc=desc, log_every_s=None, transient=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,7 +77,8 @@ def predict(
 
         torch.set_num_threads(max(1, threads))
     try:
-        run = load_for_engine(model, engine, threads=threads)
+        with console.status("loading " + ("the bundled model" if model is None else _shown(model)) + " ..."):
+            run = load_for_engine(model, engine, threads=threads)  # a spinner on a terminal, nothing when piped
         check_target(target, run.classes)
         gathered = gather(paths)
     except CXRError as exc:
@@ -93,9 +96,7 @@ def predict(
     except CXRError as exc:
         _fail(exc)
     if out_file is not None:
-        from cxrscreen.predict.batch import screen_command
-
-        raise typer.Exit(screen_command(run, inputs, out_file, rule=rule, gate=gate, batch_size=batch_size,
+        raise typer.Exit(_screen_to_file(run, inputs, out_file, rule=rule, gate=gate, batch_size=batch_size,
                                         workers=workers, resume=resume, shard=shard, console=console,
                                         failed=len(empty), problems=gathered.problems))
     from cxrscreen.severity.output import make_scorer, with_zones
@@ -119,7 +120,10 @@ def predict(
     failed = len(empty) + len(gathered.problems)
     labels = {str(i.path): i.label for i in inputs}
     writer.open()
+    bar = _progress(len(inputs))
     for res, prep in predictor.predict_files([i.path for i in inputs]):
+        if bar is not None:
+            bar.update(1)
         if res["error"]:
             failed += 1
         elif names is not None and prep is not None and res["probabilities"] is not None:
@@ -147,6 +151,8 @@ def predict(
             failed += 1
             console.print(f"{_shown(result.path)}: error: {_shown(dicom_writer.errors[-1][1])}", markup=False)
     writer.close()
+    if bar is not None:
+        bar.close()
     if failed:
         console.print(f"{failed} input(s) failed", markup=False)
         raise typer.Exit(1)
@@ -187,6 +193,15 @@ def _result_writers(run: Any, as_json: bool, as_csv: bool, severity: bool, dicom
         console.print("note: no heatmap Secondary Capture with this model or engine (Grad-CAM needs a PyTorch "
                       "classifier); the SR is written", markup=False)
     return MultiWriter([*sinks, dicom_writer]), dicom_writer, explainer
+
+
+def _progress(total: int) -> Any:
+    """A transient bar (images, images/s, ETA) on stderr for a multi-image run on a terminal, else None."""
+    if total < 2 or not console.is_terminal:
+        return None
+    from cxrscreen.cli.progress import RichProgress
+
+    return RichProgress(console, total, desc="predicting", log_every_s=None, transient=True)
 
 
 def _typed(res: dict[str, Any], prep: Any, explainer: Any, target: str | None) -> Any:
@@ -241,3 +256,46 @@ def serve(
     except CXRError as exc:
         _fail(exc)
 
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a scheduler cancelling the job) ends the run like Ctrl-C: the output file is closed with
+    every finished batch in it and the decode workers are shut down (the default action killed the
+    process at once, leaving its workers). Only from the main thread; elsewhere nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, _: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _screen_to_file(run: Any, inputs: Sequence[Any], out_path: Path, *, rule: Any, gate: Any,
+                   batch_size: int, workers: int, resume: bool, shard: str | None, console: Any,
+                   failed: int = 0, problems: Sequence[CXRError] = ()) -> int:
+    """`cxrscreen predict --out FILE` (batch.screen): screen, report on `console`, return the exit status (0 all done,
+    1 some input failed, 2 bad usage). `problems`: inputs that could not be read or listed (each gets an
+    error row)."""
+    from cxrscreen.cli.progress import RichProgress
+    from cxrscreen.predict.batch import Shard, screen
+    from cxrscreen.predict.predictor import Predictor
+
+    try:
+        chosen = Shard.parse(shard)
+        if workers < 0:
+            raise CXRError(f"--workers must be 0 or more, not {workers}")
+        predictor = Predictor(run, batch_size=batch_size, gate=None, rule=rule)
+        _exit_on_sigterm()
+        summary = screen(predictor, inputs, out_path, workers=workers, resume=resume, shard=chosen, gate=gate,
+                         progress_factory=lambda total: RichProgress(console, total), problems=problems)
+    except CXRError as exc:
+        console.print(f"error: {exc}", markup=False)
+        return 2
+    console.print(json.dumps(summary.to_dict()), markup=False)
+    bad = summary.errors + summary.earlier_errors
+    if bad:
+        console.print(f"{bad} input(s) failed (their rows in {out_path} give the error)", markup=False)
+    return 1 if bad or failed else 0

@@ -27,7 +27,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cxrscreen.errors import CXRError
 from cxrscreen.io.csvcell import safe_cell
-from cxrscreen.predict.inputs import ImageInput, collect_inputs
+from cxrscreen.predict.inputs import ImageInput
 from cxrscreen.predict.predictor import Predictor, Prepared
 from cxrscreen.results.result import PredictionResult
 from cxrscreen.results.writers import as_result, csv_cells, csv_columns
@@ -46,34 +46,7 @@ from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, Preproce
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
-# -- inputs and shards
-
-def manifest_inputs(csv_path: Path) -> list[ImageInput]:
-    """The images of a manifest csv (an ``image`` column, paths relative to the csv's folder), labelled by
-    their ``image`` cell."""
-    from cxrscreen.data.manifest import check_columns, read_csv_strings
-
-    df = read_csv_strings(csv_path)
-    check_columns(df, ["image"], csv_path)
-    root = csv_path.parent
-    return [ImageInput(root / img, Path(img)) for img in df["image"] if img]
-
-
-def gather_inputs(paths: Iterable[str | Path]) -> tuple[list[ImageInput], list[Path]]:
-    """(inputs, folder arguments without images): files and folders as `predict.collect_inputs`, and every
-    existing ``.csv`` file read as a manifest."""
-    inputs: list[ImageInput] = []
-    empty: list[Path] = []
-    for item in paths:
-        p = Path(item)
-        if p.suffix.lower() == ".csv" and p.is_file():
-            inputs += manifest_inputs(p)
-        else:
-            found, none = collect_inputs([p])
-            inputs += found
-            empty += none
-    return inputs, empty
-
+# -- shards
 
 @dataclass(frozen=True)
 class Shard:
@@ -451,84 +424,3 @@ def _problem_row(problem: CXRError) -> dict[str, Any]:
     """The error row of an input that could not be read or listed."""
     return {"path": str(problem.path), "class": None, "probabilities": None, "error": problem.problem,
             "flags": []}
-
-
-class RichProgress:
-    """A progress bar on `console` (stderr) with images/s and the ETA; `update(n)` / `close()`.
-
-    When the console is no terminal (a batch job's log) it prints a line every `log_every_s` seconds instead
-    (None: no lines). `transient`: the bar disappears when closed (the CLI's loading and epoch bars).
-    """
-
-    def __init__(self, console: Any, total: int, *, desc: str = "screening", log_every_s: float | None = 30.0,
-                 transient: bool = False) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.console, self.total, self.log_every_s = console, total, log_every_s
-        self.done, self.t0, self.last_log = 0, time.monotonic(), time.monotonic()
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), console=console, transient=transient,
-                                 disable=not console.is_terminal)
-        self.progress.start()
-        self.task = self.progress.add_task(desc, total=total, rate="-")
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        rate = self.done / max(now - self.t0, 1e-9)
-        self.progress.update(self.task, advance=n, rate=f"{rate:.1f}")
-        if self.log_every_s is not None and not self.console.is_terminal and now - self.last_log >= self.log_every_s:
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            self.console.print(f"{self.done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f} s", markup=False)
-            self.last_log = now
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
-def _exit_on_sigterm() -> None:
-    """SIGTERM (a scheduler cancelling the job) ends the run like Ctrl-C: the output file is closed with
-    every finished batch in it and the decode workers are shut down (the default action killed the
-    process at once, leaving its workers). Only from the main thread; elsewhere nothing."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def stop(signum: int, _: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-
-
-def screen_command(run: Any, inputs: Sequence[ImageInput], out_path: Path, *, rule: Any, gate: Any,
-                   batch_size: int, workers: int, resume: bool, shard: str | None, console: Any,
-                   failed: int = 0, problems: Sequence[CXRError] = ()) -> int:
-    """`cxrscreen predict --out FILE`: screen, report on `console`, return the exit status (0 all done,
-    1 some input failed, 2 bad usage). `problems`: inputs that could not be read or listed (each gets an
-    error row)."""
-    try:
-        chosen = Shard.parse(shard)
-        if workers < 0:
-            raise CXRError(f"--workers must be 0 or more, not {workers}")
-        predictor = Predictor(run, batch_size=batch_size, gate=None, rule=rule)
-        _exit_on_sigterm()
-        summary = screen(predictor, inputs, out_path, workers=workers, resume=resume, shard=chosen, gate=gate,
-                         progress_factory=lambda total: RichProgress(console, total), problems=problems)
-    except CXRError as exc:
-        console.print(f"error: {exc}", markup=False)
-        return 2
-    console.print(json.dumps(summary.to_dict()), markup=False)
-    bad = summary.errors + summary.earlier_errors
-    if bad:
-        console.print(f"{bad} input(s) failed (their rows in {out_path} give the error)", markup=False)
-    return 1 if bad or failed else 0

@@ -74,7 +74,7 @@ def main() -> None:
             stop_orthanc(server)
     result.update({
         "studies": args.studies, "target_s_per_study": TARGET_S,
-        "target_met": result["end_to_end_s_per_study"]["mean"] < TARGET_S,
+        "target_met": result.pop("_mean_s") < TARGET_S,
         "torch_threads": args.threads, "cpu_count": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(), "machine": platform.machine(),
@@ -135,6 +135,7 @@ def _run(server: Any, images: list[Any], dx_dataset: Any, user: str, password: s
     n = len(images)
     per_sorted = sorted(per_study)
     return {
+        "_mean_s": statistics.mean(per_study),
         "end_to_end_s_per_study": {"mean": round(statistics.mean(per_study), 3),
                                    "median": round(statistics.median(per_study), 3),
                                    "p90": round(per_sorted[int(0.9 * (n - 1))], 3),

@@ -89,6 +89,9 @@ def missing_reason() -> str | None:
         return "unshare and ip (util-linux, iproute2) are needed to isolate Orthanc's network"
     if os.geteuid() != 0:
         return "creating and joining a network namespace for Orthanc needs root"
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return f"cannot create a network namespace for Orthanc here ({probe.stderr.strip() or probe.returncode})"
     return None
 
 

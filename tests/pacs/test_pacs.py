@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -100,6 +101,9 @@ def test_run_stores_sr_and_sc_in_the_study_and_a_second_run_stores_nothing(
         sc = pydicom.dcmread(objs["OT"])
         assert sc.StudyInstanceUID == uid and sc.SourceImageSequence[0].ReferencedSOPInstanceUID == \
             source.SOPInstanceUID
+    c = client(orthanc)  # --since: QIDO by StudyDate range (the test studies are of 2026-01-01)
+    assert {uid for uid, _ in studies} <= set(c.studies(since=datetime.date(2026, 1, 1)))
+    assert not {uid for uid, _ in studies} & set(c.studies(since=datetime.date(2026, 1, 2)))
     again = pacs_cli(orthanc, *sum((["--study", uid] for uid, _ in studies), []), monkeypatch=monkeypatch)
     assert again.exit_code == 0, again.output
     assert [(x["stored"], x["already_done"]) for x in map(json.loads, again.stdout.splitlines())] == [(0, 1)] * 2

@@ -76,3 +76,29 @@ def test_study_tag_hides_the_uid() -> None:
     uid = "1.2.840.113619.2.55.3.604688119.969.1234567890.123"
     tag = study_tag(uid)
     assert tag.startswith("study-") and len(tag) == 18 and uid not in tag and tag == study_tag(uid)
+
+
+def test_an_unreadable_feed_is_reported_and_polled_again(tmp_path: Path) -> None:
+    feed = FakeFeed([(1, None)])
+    state = WatchState(tmp_path / "state.json")
+    real = feed.stable_studies
+    calls = {"n": 0}
+
+    def flaky(since: int, limit: int = 2) -> tuple[list[tuple[int, str]], int, bool]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise CXRError("Orthanc REST /changes failed (ConnectionError)", feed.url)
+        return real(since, limit)
+
+    feed.stable_studies = flaky  # type: ignore[method-assign]
+    feed.changes.append((2, "a"))
+    state.save(1, feed.url)
+    seen: list[str] = []
+    errors: list[CXRError] = []
+    gen = watch(feed, state, seen.append, sleep=lambda s: None, on_error=errors.append)
+    next(gen)
+    next(gen)
+    assert len(errors) == 1 and seen == ["a"]
+    with pytest.raises(CXRError):  # without on_error the problem is raised
+        feed.stable_studies = lambda since, limit=2: (_ for _ in ()).throw(CXRError("down"))  # type: ignore[method-assign]
+        next(watch(feed, state, seen.append, sleep=lambda s: None))

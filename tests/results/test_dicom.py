@@ -133,3 +133,16 @@ def test_predict_dicom_out_writes_sr_and_sc(tmp_path: Path, lenient_model: Path)
     want = rows[str(dx)]["probabilities"]
     assert probs == pytest.approx({"COVID-19": want["covid"], "Normal": want["normal"],
                                    "Pneumonia": want["pneumonia"]}, abs=1e-12)
+
+
+def test_only_frontal_dx_cr_from_others_are_screened(tmp_path: Path) -> None:
+    def ident(**kw: object) -> object:
+        return read_xray(write_dx(tmp_path / f"{len(list(tmp_path.iterdir()))}.dcm", synthetic_cxr(64, 64),
+                                  **kw)).dicom
+
+    assert ident().screenable(MANUFACTURER) is None
+    assert "frontal" in ident(view="LL").screenable(MANUFACTURER)
+    assert "cxrscreen" in ident(manufacturer=MANUFACTURER).screenable(MANUFACTURER)
+    sr_ident = read_xray(write_dx(tmp_path / "dx.dcm", synthetic_cxr(64, 64))).dicom
+    sr_ident.sop_class_uid = "1.2.840.10008.5.1.4.1.1.88.34"
+    assert "not a DX/CR image" in sr_ident.screenable(MANUFACTURER)

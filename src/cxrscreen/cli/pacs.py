@@ -131,7 +131,8 @@ def pacs_watch(
     console.print(f"watching {rest} for stable studies (state: {state})", markup=False)
     try:
         for _ in watch(changes, WatchState(state), lambda uid: _report(screener.screen(uid)), interval_s=interval,
-                       max_seconds=max_seconds):
+                       max_seconds=max_seconds,
+                       on_error=lambda exc: console.print(f"warning: {exc}; polling again", markup=False)):
             pass
     except CXRError as exc:
         _fail(exc)

@@ -77,16 +77,27 @@ class WatchState:
 
 def watch(changes: OrthancChanges, state: WatchState, handle: Callable[[str], None], *,
           interval_s: float = 5.0, max_seconds: float | None = None,
-          sleep: Callable[[float], None] = time.sleep) -> Iterator[int]:
+          sleep: Callable[[float], None] = time.sleep,
+          on_error: Callable[[CXRError], None] | None = None) -> Iterator[int]:
     """Follow the feed, calling `handle(study_uid)` for each stable study and saving the position after each;
-    yields the position after every poll. Runs until `max_seconds` have passed (None: forever)."""
+    yields the position after every poll. Runs until `max_seconds` have passed (None: forever). A feed that
+    cannot be read (Orthanc restarting, the network down) is reported to `on_error` and polled again after
+    `interval_s`; without `on_error` the CXRError is raised."""
     seq = state.load()
     if seq is None:
         seq = changes.last()
         state.save(seq, changes.url)
     t0 = time.monotonic()
     while max_seconds is None or time.monotonic() - t0 < max_seconds:
-        studies, last, done = changes.stable_studies(seq)
+        try:
+            studies, last, done = changes.stable_studies(seq)
+        except CXRError as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+            yield seq
+            sleep(interval_s)
+            continue
         for change_seq, uid in studies:
             handle(uid)
             state.save(change_seq, changes.url)

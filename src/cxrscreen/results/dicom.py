@@ -26,7 +26,6 @@ UIDs, which is how `cxrscreen pacs run` recognises work it already stored.
 
 from __future__ import annotations
 
-import datetime
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -279,7 +278,6 @@ def build_sc(result: PredictionResult, model: ModelInfo, pixels: np.ndarray) -> 
         sc.BodyPartExamined = "CHEST"  # tells validators that Laterality (General Series, 2C) does not apply
     sc.BurnedInAnnotation = "YES"  # the caption band holds text
     sc.DerivationDescription = "Grad-CAM heatmap overlay of the source image (cxrscreen; research use only)"
-    sc.ContentDate = datetime.date.today().strftime("%Y%m%d")
     return sc
 
 

@@ -30,6 +30,7 @@ import platform
 import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,87 +201,162 @@ def compare_one(
     log: Callable[[str], None] = print,
     progress_factory: Callable[[str, int], Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume / skip), evaluate and time one pair. Never raises for the pair's own failures."""
-    name = cc.run_name(entry, clahe)
-    run_dir = runs_dir / name
-    row: dict[str, Any] = {"name": name, "arch": entry.arch, "image_size": entry.image_size, "clahe": clahe,
-                           "weights": cc.weights_of(entry), "seed": cc.seed_of(entry),
-                           "kind": None, "status": "failed", "stage": "config", "error": None,
-                           "run_dir": str(Path("runs") / name), "trained_now": False}
+    """Train (or resume / skip), evaluate and time one pair; returns its compare.json row.
+
+    The stages run in turn (config, train, evaluate, inference), each filling its part of the row; the row's
+    ``stage`` names the one running, so a failure is recorded with the stage it happened in. Never raises for
+    the pair's own failures.
+    """
+    arm = _Arm(cc, cc.run_name(entry, clahe), data_dir, split_csv, runs_dir, log)
+    row = _new_row(cc, entry, clahe, arm.name)
     t0 = time.monotonic()
     try:
-        row["image_size"] = entry.size()
-        row["kind"] = get_spec(entry.arch).kind
-        cfg = train_config_for(cc, entry, clahe, budget_minutes=budget_minutes, cache_dir=cache_dir, device=device)
-        row["training"] = cfg.to_dict()
+        cfg = _config_stage(row, cc, entry, clahe, budget_minutes=budget_minutes, cache_dir=cache_dir, device=device)
         row["stage"] = "train"
-        row["trained_now"] = _train_or_resume(cfg, data_dir, split_csv, run_dir, log=log,
-                                              progress_factory=progress_factory)
-        config = read_config(run_dir)
-        if not config.get("finished"):
-            raise CXRError("training did not finish", run_dir)
-        hist = read_history(run_dir / HISTORY_FILE)
-        row.update({
-            "parameters": config.get("parameters"),
-            "train_seconds": config.get("train_seconds"),
-            "epochs_run": int(len(hist)),
-            "epoch_seconds_sum": float(hist["seconds"].sum()) if "seconds" in hist else None,
-            "best_epoch": config.get("best_epoch"),
-            "stop_reason": config.get("stop_reason"),
-            "weights_sha256": config.get("weights_sha256"),
-        })
-
+        config = _train_stage(row, arm, cfg, progress_factory)
         row["stage"] = "evaluate"
-        eval_dir = run_dir / "eval"
-        ev_path, probs_path, inf_path = eval_dir / EVAL_FILE, eval_dir / PROBS_FILE, eval_dir / INFERENCE_FILE
-        ev = _eval_is_current(ev_path, probs_path, config, manifest_sha, split_sha, cc.n_boot, cc.seed)
-        run: LoadedRun | None = None
-        images: np.ndarray | None = None
-        eval_cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        dev = pick_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)  # as in training, whether or not training ran in this call
-        if ev is None:
-            log(f"{name}: evaluating on the test subset")
-            run = load_run(run_dir, device=dev)
-            ev, data, probs = evaluate_test(run, data_dir, split_csv, n_boot=cc.n_boot, seed=cc.seed,
-                                            cache_dir=eval_cache)
-            write_test_probs(probs_path, data.paths, data.labels, data.groups, data.sources, probs, run.classes)
-            images = data.images
-            ev_path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(ev_path, ev)
-        else:
-            log(f"{name}: test evaluation is current, reused")
-        row["metrics"] = _metrics(ev)
-        row["files"] = {"eval": str(ev_path.relative_to(runs_dir.parent)),
-                        "probs": str(probs_path.relative_to(runs_dir.parent)),
-                        "history": str((run_dir / HISTORY_FILE).relative_to(runs_dir.parent))}
-
+        model = _evaluate_stage(row, arm, cfg, config, manifest_sha=manifest_sha, split_sha=split_sha)
         row["stage"] = "inference"
-        batch, n_img = cc.inference.get("batch_size", 32), cc.inference.get("images", 96)
-        key = {"host": platform.node(), "torch_threads": torch.get_num_threads(), "device": str(dev),
-               "batch_size": batch, "images": n_img, "weights_sha256": config.get("weights_sha256")}
-        old_inf = json.loads(inf_path.read_text()) if inf_path.is_file() else {}
-        if all(old_inf.get(k) == v for k, v in key.items()):
-            row["inference"] = old_inf
-        else:
-            run = run or load_run(run_dir, device=dev)
-            if images is None:
-                images = load_subset(data_dir, split_csv, "test", PreprocessedCache(run.preprocess, eval_cache),
-                                     run.classes).images
-            log(f"{name}: timing inference ({n_img} images, batch {batch})")
-            timing = inference_timing(run, images, batch_size=batch, n_images=n_img)
-            row["inference"] = {**key, **{k: round(v, 3) for k, v in timing.items()}, "machine": machine_info(dev),
-                                "measured": utc_now()}
-            write_json(inf_path, row["inference"])
-        if row.get("parameters") is None and run is not None:
-            row["parameters"] = count_parameters(run.model)
+        _inference_stage(row, arm, config, model)
+        if row.get("parameters") is None and model.run is not None:
+            row["parameters"] = count_parameters(model.run.model)
         row.update(status="ok", stage=None)
     except Exception as exc:  # one failing model must not stop the comparison
         row["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"{name} failed during {row['stage']}: {row['error']}")
+        log(f"{arm.name} failed during {row['stage']}: {row['error']}")
     row["wall_seconds"] = round(time.monotonic() - t0, 1)
     return row
+
+
+@dataclass
+class _Arm:
+    """One arm of a comparison as its stages see it: the config, the run's name, the data and where runs live."""
+
+    cc: CompareConfig
+    name: str
+    data_dir: Path
+    split_csv: Path
+    runs_dir: Path
+    log: Callable[[str], None]
+
+    @property
+    def run_dir(self) -> Path:
+        """runs_dir/<name>: the arm's run folder."""
+        return self.runs_dir / self.name
+
+    @property
+    def eval_dir(self) -> Path:
+        """The run's eval folder (test.json, test_probs.csv, inference.json)."""
+        return self.run_dir / "eval"
+
+
+@dataclass
+class _Model:
+    """What the evaluate stage hands the inference stage: the device and preprocessing cache it used, and the
+    model and test images when it loaded them (None while the stored evaluation was reused)."""
+
+    dev: torch.device
+    eval_cache: Path
+    run: LoadedRun | None = None
+    images: np.ndarray | None = None
+
+
+def _new_row(cc: CompareConfig, entry: ModelEntry, clahe: bool, name: str) -> dict[str, Any]:
+    """The row of arm `name` before any stage has run: its settings, status failed at stage config."""
+    return {"name": name, "arch": entry.arch, "image_size": entry.image_size, "clahe": clahe,
+            "weights": cc.weights_of(entry), "seed": cc.seed_of(entry),
+            "kind": None, "status": "failed", "stage": "config", "error": None,
+            "run_dir": str(Path("runs") / name), "trained_now": False}
+
+
+def _config_stage(row: dict[str, Any], cc: CompareConfig, entry: ModelEntry, clahe: bool, *,
+                  budget_minutes: float | None, cache_dir: Path | None, device: str | None) -> TrainConfig:
+    """The arm's training config; fills row's image_size, kind and training. Raises for an unknown arch."""
+    row["image_size"] = entry.size()
+    row["kind"] = get_spec(entry.arch).kind
+    cfg = train_config_for(cc, entry, clahe, budget_minutes=budget_minutes, cache_dir=cache_dir, device=device)
+    row["training"] = cfg.to_dict()
+    return cfg
+
+
+def _train_stage(row: dict[str, Any], arm: _Arm, cfg: TrainConfig,
+                 progress_factory: Callable[[str, int], Any] | None) -> dict[str, Any]:
+    """Train, resume or skip the arm's run; fills row's trained_now and training record (parameters, seconds,
+    epochs, best epoch, stop reason, weights hash). Returns the run's config.json; raises when it is unfinished."""
+    row["trained_now"] = _train_or_resume(cfg, arm.data_dir, arm.split_csv, arm.run_dir, log=arm.log,
+                                          progress_factory=progress_factory)
+    config = read_config(arm.run_dir)
+    if not config.get("finished"):
+        raise CXRError("training did not finish", arm.run_dir)
+    hist = read_history(arm.run_dir / HISTORY_FILE)
+    row.update({
+        "parameters": config.get("parameters"),
+        "train_seconds": config.get("train_seconds"),
+        "epochs_run": int(len(hist)),
+        "epoch_seconds_sum": float(hist["seconds"].sum()) if "seconds" in hist else None,
+        "best_epoch": config.get("best_epoch"),
+        "stop_reason": config.get("stop_reason"),
+        "weights_sha256": config.get("weights_sha256"),
+    })
+    return config
+
+
+def _evaluate_stage(row: dict[str, Any], arm: _Arm, cfg: TrainConfig, config: dict[str, Any], *,
+                    manifest_sha: str, split_sha: str) -> _Model:
+    """The run's test evaluation, reused when current (`_eval_is_current`), else computed and written; fills
+    row's metrics and files. Sets torch's threads as in training. Returns the device, cache and loaded model."""
+    ev_path, probs_path = arm.eval_dir / EVAL_FILE, arm.eval_dir / PROBS_FILE
+    ev = _eval_is_current(ev_path, probs_path, config, manifest_sha, split_sha, arm.cc.n_boot, arm.cc.seed)
+    model = _Model(eval_cache=Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
+                   dev=pick_device(cfg.device))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # as in training, whether or not training ran in this call
+    if ev is None:
+        ev = _evaluate_now(arm, model, ev_path, probs_path)
+    else:
+        arm.log(f"{arm.name}: test evaluation is current, reused")
+    row["metrics"] = _metrics(ev)
+    base = arm.runs_dir.parent
+    row["files"] = {"eval": str(ev_path.relative_to(base)), "probs": str(probs_path.relative_to(base)),
+                    "history": str((arm.run_dir / HISTORY_FILE).relative_to(base))}
+    return model
+
+
+def _evaluate_now(arm: _Arm, model: _Model, ev_path: Path, probs_path: Path) -> dict[str, Any]:
+    """Load the run, evaluate it on the test subset, write ev_path and probs_path; returns the eval JSON and keeps
+    the loaded run and test images in `model` for the inference stage."""
+    arm.log(f"{arm.name}: evaluating on the test subset")
+    model.run = run = load_run(arm.run_dir, device=model.dev)
+    ev, data, probs = evaluate_test(run, arm.data_dir, arm.split_csv, n_boot=arm.cc.n_boot, seed=arm.cc.seed,
+                                    cache_dir=model.eval_cache)
+    write_test_probs(probs_path, data.paths, data.labels, data.groups, data.sources, probs, run.classes)
+    model.images = data.images
+    ev_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(ev_path, ev)
+    return ev
+
+
+def _inference_stage(row: dict[str, Any], arm: _Arm, config: dict[str, Any], model: _Model) -> None:
+    """Fill row's inference: the stored timing when taken on this host, threads, device, batch, image count and
+    weights, else a new one (loading the run and test images when the evaluate stage did not), written to
+    inference.json."""
+    inf_path = arm.eval_dir / INFERENCE_FILE
+    batch, n_img = arm.cc.inference.get("batch_size", 32), arm.cc.inference.get("images", 96)
+    key = {"host": platform.node(), "torch_threads": torch.get_num_threads(), "device": str(model.dev),
+           "batch_size": batch, "images": n_img, "weights_sha256": config.get("weights_sha256")}
+    old_inf = json.loads(inf_path.read_text()) if inf_path.is_file() else {}
+    if all(old_inf.get(k) == v for k, v in key.items()):
+        row["inference"] = old_inf
+        return
+    model.run = run = model.run or load_run(arm.run_dir, device=model.dev)
+    if model.images is None:
+        model.images = load_subset(arm.data_dir, arm.split_csv, "test",
+                                   PreprocessedCache(run.preprocess, model.eval_cache), run.classes).images
+    arm.log(f"{arm.name}: timing inference ({n_img} images, batch {batch})")
+    timing = inference_timing(run, model.images, batch_size=batch, n_images=n_img)
+    row["inference"] = {**key, **{k: round(v, 3) for k, v in timing.items()}, "machine": machine_info(model.dev),
+                        "measured": utc_now()}
+    write_json(inf_path, row["inference"])
 
 
 # ------------------------------------------------------------------------------------------- locks, merging

@@ -311,66 +311,82 @@ def _auc_of(r: dict[str, Any]) -> float | None:
 
 
 def claims(result: dict[str, Any], conv: list[dict[str, Any]]) -> list[str]:
-    """The study's claims answered from the finished arms ("not measured yet" where the arms are missing)."""
+    """The study's claims answered from compare.json's content `result` and the convergence table `conv`: one
+    paragraph per claim ("not measured yet" where the arms are missing), then the arms not run yet."""
     runs = [r for r in result["runs"] if r["status"] == "ok"]
     pending = result.get("pending") or []
     later = f" {len(pending)} arm(s) have not run yet, so this can change." if pending else ""
-    out = []
-    vgg = result.get("vgg16_vs_best") or {}
-    by_name = {r["name"]: r for r in runs}
+    out = [
+        _vgg_best_claim(result.get("vgg16_vs_best") or {}, runs, later),
+        _vgg_stability_claim(conv, later),
+        _clahe_claim([e for e in result.get("clahe_effect", []) if e.get("covid_auc_diff") is not None], conv, later),
+        _transfer_claim([e for e in result.get("transfer_effect", []) if e.get("covid_auc_diff") is not None]),
+        seed_claim(result),
+    ]
+    if pending:
+        out.append(f"Not run yet (no figures above come from them): {', '.join(pending)}.")
+    return out
+
+
+def _vgg_best_claim(vgg: dict[str, Any], runs: list[dict[str, Any]], later: str) -> str:
+    """Is VGG-16 the best? From the best_vs comparison `vgg` ({} without a VGG-16 arm) and the finished `runs`;
+    `later` is the caveat about arms not run yet."""
     if not vgg:
-        out.append("**Is VGG-16 the best?** Not measured yet: no VGG-16 arm has finished.")
-    elif vgg["best"] == vgg["arch_best"]:
+        return "**Is VGG-16 the best?** Not measured yet: no VGG-16 arm has finished."
+    by_name = {r["name"]: r for r in runs}
+    if vgg["best"] == vgg["arch_best"]:
         r = by_name[vgg["best"]]
-        out.append(f"**Is VGG-16 the best?** Yes among the {len(runs)} finished arms: {r['name']} has the highest "
-                   f"COVID AUC, {_ci_of(r, 'covid_auc')}.{later}")
-    else:
-        b, v = by_name[vgg["best"]], by_name[vgg["arch_best"]]
-        out.append(
-            f"**Is VGG-16 the best?** No: {b['name']} has the highest COVID AUC of the {len(runs)} finished arms, "
+        return (f"**Is VGG-16 the best?** Yes among the {len(runs)} finished arms: {r['name']} has the highest "
+                f"COVID AUC, {_ci_of(r, 'covid_auc')}.{later}")
+    b, v = by_name[vgg["best"]], by_name[vgg["arch_best"]]
+    return (f"**Is VGG-16 the best?** No: {b['name']} has the highest COVID AUC of the {len(runs)} finished arms, "
             f"{_ci_of(b, 'covid_auc')}; VGG-16's best arm, {v['name']}, has {_ci_of(v, 'covid_auc')}. Paired, on "
             f"the same test images, {b['name']} - {v['name']}: AUC "
             f"{_signed_ci(vgg.get('covid_auc_diff'), vgg.get('covid_auc_ci95'))}, macro-F1 "
             f"{_signed_ci(vgg.get('macro_f1_diff'), vgg.get('macro_f1_ci95'))}.{later}")
+
+
+def _vgg_stability_claim(conv: list[dict[str, Any]], later: str) -> str:
+    """Is VGG-16's validation loss the most stable? VGG-16's rank by val-loss jitter among the arms of the
+    convergence table `conv` that learned; an arm that did not learn is named, not ranked."""
     jit = [c for c in conv if c["val_loss_jitter"] is not None and learned(c)]
     vj = [c for c in jit if c["arch"] == "vgg16"]
     stuck = [c["run"] for c in conv if c["arch"] == "vgg16" and not learned(c)]
     if stuck and not vj:
         best = min(jit, key=lambda c: c["val_loss_jitter"]) if jit else None
-        out.append(f"**Is VGG-16's validation loss the most stable?** Not answerable: {', '.join(stuck)} did not "
-                   "learn (one class for every test image), so its flat validation loss is not stability"
-                   + (f"; of the arms that learned, the most stable is {best['run']} ({best['val_loss_jitter']:.3f})"
-                      if best else "") + f".{later}")
-    elif not vj:
-        out.append("**Is VGG-16's validation loss the most stable?** Not measured yet: no VGG-16 arm has finished.")
-    else:
-        ranked = sorted(jit, key=lambda c: c["val_loss_jitter"])
-        ranks = [f"{c['run']} ranks {ranked.index(c) + 1} of {len(ranked)} (jitter {c['val_loss_jitter']:.3f})"
-                 for c in vj]
-        out.append(f"**Is VGG-16's validation loss the most stable?** {'Yes' if ranked[0]['arch'] == 'vgg16' else 'No'}"
-                   f": {'; '.join(ranks)}; the most stable is {ranked[0]['run']} ({ranked[0]['val_loss_jitter']:.3f})"
-                   + (f"; {', '.join(stuck)} did not learn and is not ranked" if stuck else "") + f".{later}")
-    ce = [e for e in result.get("clahe_effect", []) if e.get("covid_auc_diff") is not None]
+        return (f"**Is VGG-16's validation loss the most stable?** Not answerable: {', '.join(stuck)} did not "
+                "learn (one class for every test image), so its flat validation loss is not stability"
+                + (f"; of the arms that learned, the most stable is {best['run']} ({best['val_loss_jitter']:.3f})"
+                   if best else "") + f".{later}")
+    if not vj:
+        return "**Is VGG-16's validation loss the most stable?** Not measured yet: no VGG-16 arm has finished."
+    ranked = sorted(jit, key=lambda c: c["val_loss_jitter"])
+    ranks = [f"{c['run']} ranks {ranked.index(c) + 1} of {len(ranked)} (jitter {c['val_loss_jitter']:.3f})"
+             for c in vj]
+    return (f"**Is VGG-16's validation loss the most stable?** {'Yes' if ranked[0]['arch'] == 'vgg16' else 'No'}"
+            f": {'; '.join(ranks)}; the most stable is {ranked[0]['run']} ({ranked[0]['val_loss_jitter']:.3f})"
+            + (f"; {', '.join(stuck)} did not learn and is not ranked" if stuck else "") + f".{later}")
+
+
+def _clahe_claim(ce: list[dict[str, Any]], conv: list[dict[str, Any]], later: str) -> str:
+    """Does CLAHE help? The summary and the paired on - off differences of the measured CLAHE pairs `ce`."""
     if not ce:
-        out.append("**Does CLAHE help?** Not measured yet: no architecture has both CLAHE arms finished.")
-    else:
-        per = "; ".join(f"{arm_label(e)}: AUC {_signed_ci(e['covid_auc_diff'], e.get('covid_auc_ci95'))}, macro-F1 "
-                        f"{_signed_ci(e['macro_f1_diff'], e.get('macro_f1_ci95'))}" for e in ce)
-        out.append(f"**Does CLAHE help?** {clahe_summary(ce, not_learned(conv))} On - off, paired: {per}.{later}")
-    te = [e for e in result.get("transfer_effect", []) if e.get("covid_auc_diff") is not None]
+        return "**Does CLAHE help?** Not measured yet: no architecture has both CLAHE arms finished."
+    per = "; ".join(f"{arm_label(e)}: AUC {_signed_ci(e['covid_auc_diff'], e.get('covid_auc_ci95'))}, macro-F1 "
+                    f"{_signed_ci(e['macro_f1_diff'], e.get('macro_f1_ci95'))}" for e in ce)
+    return f"**Does CLAHE help?** {clahe_summary(ce, not_learned(conv))} On - off, paired: {per}.{later}"
+
+
+def _transfer_claim(te: list[dict[str, Any]]) -> str:
+    """How far does ImageNet transfer move each figure? The paired differences of the measured pairs `te`."""
     if not te:
-        out.append("**How far does ImageNet transfer move each figure?** Not measured yet: no architecture has "
-                   "both an ImageNet and a from-scratch arm finished.")
-    else:
-        per = "; ".join(
-            f"{e['arch']} CLAHE {'on' if e['clahe'] else 'off'}: " + ", ".join(
-                f"{FIGURE_NAMES[f]} {_signed_ci(e.get(f'{f}_diff'), e.get(f'{f}_ci95'))}" for f in FIGURE_NAMES)
-            for e in te)
-        out.append(f"**How far does ImageNet transfer move each figure?** ImageNet - from scratch, paired: {per}.")
-    out.append(seed_claim(result))
-    if pending:
-        out.append(f"Not run yet (no figures above come from them): {', '.join(pending)}.")
-    return out
+        return ("**How far does ImageNet transfer move each figure?** Not measured yet: no architecture has "
+                "both an ImageNet and a from-scratch arm finished.")
+    per = "; ".join(
+        f"{e['arch']} CLAHE {'on' if e['clahe'] else 'off'}: " + ", ".join(
+            f"{FIGURE_NAMES[f]} {_signed_ci(e.get(f'{f}_diff'), e.get(f'{f}_ci95'))}" for f in FIGURE_NAMES)
+        for e in te)
+    return f"**How far does ImageNet transfer move each figure?** ImageNet - from scratch, paired: {per}."
 
 
 def _ci_of(r: dict[str, Any], key: str) -> str:

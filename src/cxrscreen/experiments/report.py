@@ -531,7 +531,8 @@ img{max-width:100%;border:1px solid #eee}figure{margin:1em 0}.warn{color:#8a5300
 
 
 def render_html(result: dict[str, Any], table: list[dict[str, Any]], files: dict[str, Any], out_dir: Path) -> str:
-    """report.html: self-contained (inline CSS, images as base64 data URIs, no links)."""
+    """report.html from compare.json's content, the table rows and the files written (images read from out_dir):
+    self-contained (inline CSS, images as base64 data URIs, no links)."""
     meta = result["meta"]
     e = html.escape
     failed = [r for r in result["runs"] if r["status"] != "ok"]
@@ -560,21 +561,31 @@ def render_html(result: dict[str, Any], table: list[dict[str, Any]], files: dict
         body += ["<h2>Failed runs</h2>", "<ul>" + "".join(
             f"<li>{e(r['name'])} ({e(str(r['stage']))}): <code>{e(str(r['error']))}</code></li>" for r in failed
         ) + "</ul>"]
-    body.append("<h2>Figures</h2>")
-    for title, p in _figure_list(files):
-        body.append(f'<figure><figcaption>{e(title)}</figcaption><img alt="{e(title)}" '
-                    f'src="{_data_uri(out_dir / p)}"></figure>')
-    body += ["<h2>Reproducibility</h2>", "<ul>" + "".join(
-        f"<li><b>{e(k)}</b>: <code>{e(v)}</code></li>" for k, v in _repro_items(meta)) + "</ul>",
-        f"<p>Config ({e(str(meta.get('config_path')))}), verbatim:</p><pre>{e(meta['config_text'])}</pre>"]
+    body += [*_html_figures(files, out_dir), *_html_repro(meta)]
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{e(meta['title'])}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
+def _html_figures(files: dict[str, Any], out_dir: Path) -> list[str]:
+    """The Figures section of report.html: each figure of `files` embedded from out_dir as a data URI."""
+    e = html.escape
+    return ["<h2>Figures</h2>", *(f'<figure><figcaption>{e(title)}</figcaption><img alt="{e(title)}" '
+                                  f'src="{_data_uri(out_dir / p)}"></figure>' for title, p in _figure_list(files))]
+
+
+def _html_repro(meta: dict[str, Any]) -> list[str]:
+    """The Reproducibility section of report.html from compare.json's meta: the items, then the config verbatim."""
+    e = html.escape
+    return ["<h2>Reproducibility</h2>", "<ul>" + "".join(
+        f"<li><b>{e(k)}</b>: <code>{e(v)}</code></li>" for k, v in _repro_items(meta)) + "</ul>",
+        f"<p>Config ({e(str(meta.get('config_path')))}), verbatim:</p><pre>{e(meta['config_text'])}</pre>"]
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def write_report(result: dict[str, Any], out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Write every plot, table.csv, report.md and report.html; returns (table rows, files relative to out_dir)."""
+    """Write every plot, table.csv, report.md and report.html of compare.json's content `result` into out_dir;
+    returns (table rows, files relative to out_dir)."""
 
     out_dir = Path(out_dir)
     (out_dir / "curves").mkdir(parents=True, exist_ok=True)
@@ -583,21 +594,11 @@ def write_report(result: dict[str, Any], out_dir: Path) -> tuple[list[dict[str, 
     styles = run_styles(runs)
     histories = {r["name"]: read_history(out_dir / r["run_dir"] / "history.csv") for r in runs}
     histories = {k: h for k, h in histories.items() if len(h)}
-    files: dict[str, Any] = {"curves": {}, "confusion": {}}
-    for name, h in histories.items():
-        files["curves"][name] = str(plot_run_curves(name, h, out_dir / "curves" / f"{name}.png")
-                                    .relative_to(out_dir))
+    # "confusion" is filled below; its key is placed here to keep compare.json's key order
+    files: dict[str, Any] = {"curves": _plot_curves(histories, out_dir), "confusion": {}}
     files["curves_all"] = str(plot_curves_all(histories, styles, out_dir / "curves_all.png").relative_to(out_dir))
     files["convergence"] = convergence(runs, histories)
-    probs, aucs = {}, {}
-    for r in runs:
-        if r["status"] == "ok":
-            probs[r["name"]] = read_test_probs(out_dir / r["files"]["probs"])
-            aucs[r["name"]] = r["metrics"]["covid_auc"]["value"]
-            m = r["metrics"]
-            files["confusion"][r["name"]] = str(plot_confusion(
-                r["name"], m["confusion_matrix"], m["class_names"], out_dir / "confusion" / f"{r['name']}.png"
-            ).relative_to(out_dir))
+    files["confusion"], probs, aucs = _plot_confusions(runs, out_dir)
     files["roc_covid"] = str(plot_roc(probs, aucs, styles, result["reference"], out_dir / "roc_covid.png")
                              .relative_to(out_dir))
     table = table_rows(result)
@@ -606,6 +607,28 @@ def write_report(result: dict[str, Any], out_dir: Path) -> tuple[list[dict[str, 
     (out_dir / "report.html").write_text(render_html(result, table, files, out_dir))
     files.update({"report_md": "report.md", "report_html": "report.html", "compare_json": "compare.json"})
     return table, files
+
+
+def _plot_curves(histories: dict[str, pd.DataFrame], out_dir: Path) -> dict[str, str]:
+    """curves/<run>.png for each run's history; returns {run: path relative to out_dir}."""
+    return {name: str(plot_run_curves(name, h, out_dir / "curves" / f"{name}.png").relative_to(out_dir))
+            for name, h in histories.items()}
+
+
+def _plot_confusions(runs: list[dict[str, Any]], out_dir: Path
+                     ) -> tuple[dict[str, str], dict[str, pd.DataFrame], dict[str, float]]:
+    """confusion/<run>.png for each finished run; returns ({run: path relative to out_dir}, {run: its test
+    probabilities}, {run: its COVID AUC}) for the ROC plot."""
+    paths, probs, aucs = {}, {}, {}
+    for r in runs:
+        if r["status"] == "ok":
+            probs[r["name"]] = read_test_probs(out_dir / r["files"]["probs"])
+            aucs[r["name"]] = r["metrics"]["covid_auc"]["value"]
+            m = r["metrics"]
+            paths[r["name"]] = str(plot_confusion(
+                r["name"], m["confusion_matrix"], m["class_names"], out_dir / "confusion" / f"{r['name']}.png"
+            ).relative_to(out_dir))
+    return paths, probs, aucs
 
 
 def report_run(run_dir: Path, data_dir: Path, split_csv: Path, out_dir: Path, *, subset: str = "test",

@@ -194,3 +194,29 @@ def test_short_body_gets_408_and_keep_alive_ends(server: int) -> None:
         kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         closed, got = _closed_within(kept, 6)
         assert got.startswith(b"HTTP/1.1 200") and closed, got[:200]
+
+
+def test_big_decodes_never_hold_the_slots_of_ordinary_uploads(run: LoadedRun) -> None:  # noqa: F811
+    """While eight clients sent compressed TIFF bombs, a 36 KB X-ray waited 7.5 s for a decode slot."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = TestClient(create_app(run, max_decodes=2))
+    service = client.app.state.service
+    buf = io.BytesIO()
+    Image.new("I", (3000, 3000)).save(buf, format="TIFF", compression="tiff_adobe_deflate")  # 36 MB decoded
+    assert service.big_decode_slot.acquire(timeout=5)  # a big decode in progress
+    held = True
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            big = pool.submit(client.post, "/api/predict", files={"file": ("big.tif", buf.getvalue(), "image/tiff")})
+            t0 = time.monotonic()
+            r = client.post("/api/predict", files={"file": ("x.png", png_bytes(), "image/png")})
+            assert r.status_code == 200 and time.monotonic() - t0 < 10
+            time.sleep(0.5)
+            assert not big.done()  # waits for the big slot, not for the ordinary ones
+            service.big_decode_slot.release()
+            held = False
+            assert big.result(60).status_code == 200
+    finally:
+        if held:
+            service.big_decode_slot.release()

@@ -121,6 +121,13 @@ def predict(
         writer.writerow([safe_cell(c) for c in ["path", "class", *[f"p_{c}" for c in run.classes], "flags",
                                                   "error", "heatmap", *severity_csv_header(scorer)]])
     failed = len(empty) + len(gathered.problems)
+    for problem in gathered.problems:  # an input that could not be read or listed: its error row
+        row = {"path": str(problem.path), "class": None, "probabilities": None, "flags": [], "error": problem.problem}
+        if as_json:
+            print(json.dumps(row))
+        elif writer is not None:
+            writer.writerow([safe_cell(v) for v in [row["path"], "", *[""] * len(run.classes), "", row["error"], "",
+                                                    *severity_csv(scorer, row)]])
     labels = {str(i.path): i.label for i in inputs}
     for res, prep in predictor.predict_files([i.path for i in inputs]):
         if res["error"]:

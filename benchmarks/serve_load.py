@@ -260,7 +260,8 @@ def _slow_socket(port: int, kind: str, stop: threading.Event, log: list[dict[str
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             head = b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             if kind == "body":
-                s.sendall(head + b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n")
+                s.sendall(head + b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
+                          b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.png\"\r\n\r\n")
             else:
                 s.sendall(head[:20])
             s.settimeout(1.0)

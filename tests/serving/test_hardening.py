@@ -183,6 +183,30 @@ def test_slow_header_and_idle_connections_are_closed(server: int) -> None:
         assert closed, "a connection that sent nothing stayed open"
 
 
+def test_early_error_closes_a_connection_still_sending_its_body(server: int) -> None:
+    """A 400 sent before the body was read left the server reading a trickled body for as long as it came."""
+    with socket.create_connection(("127.0.0.1", server)) as s:
+        s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                  b"boundary=x\r\nContent-Length: 100000\r\n\r\nnot multipart")
+        s.settimeout(1.0)
+        got, t0 = b"", time.monotonic()
+        closed = False
+        while time.monotonic() - t0 < 8:
+            try:
+                s.sendall(b"x")
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 400") and closed, got[:200]
+
+
 def test_short_body_gets_408_and_keep_alive_ends(server: int) -> None:
     """A Content-Length larger than the body hung until the client left."""
     with socket.create_connection(("127.0.0.1", server)) as short:

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from cxrscreen.evaluation.decision import DecisionRule
 from cxrscreen.evaluation.formatting import format_ci
 from cxrscreen.models.registry import get_spec
+from cxrscreen.runs.decision import DecisionRule
 from cxrscreen.runs.run_dir import load_run, save_weights, write_config
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "cxrscreen" / "weights"
@@ -109,7 +109,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
     ]
     lines += ["## Decision rule", "", f"The class every output shows and every figure counts: {rule.describe()} "
-              "(`cxrscreen.evaluation.decision`; `predict --argmax` or `--threshold X` change it)."
+              "(`cxrscreen.runs.decision`; `predict --argmax` or `--threshold X` change it)."
               + (f" Chosen by `cxrscreen calibrate`: {choice['chosen_by']} ("
                  + ", ".join(f"{c['rule']['rule']} {c['worst']:.3f}" for c in choice["candidates"]) + ")."
                  if choice else ""), ""]

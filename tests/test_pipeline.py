@@ -177,9 +177,9 @@ def test_predict_cli_goes_past_a_bad_file(trained_run: Path, data_dir: Path, tmp
 
 def test_predict_and_evaluate_agree_on_every_image(trained_run: Path, small_data, tmp_path):
     """Under the stored operating point, the class predict prints is the class evaluate counts."""
-    from cxrscreen.evaluation.decision import decide_names
     from cxrscreen.evaluation.evaluate import evaluate_subset
     from cxrscreen.predict.predictor import Predictor
+    from cxrscreen.runs.decision import decide_names
 
     data, split = small_data
     run_dir = tmp_path / "op"

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from cxrscreen.cli import app
 from cxrscreen.errors import CXRError
-from cxrscreen.predict.batch import ResultWriter, Shard, gather_inputs, read_results
-from cxrscreen.predict.inputs import ImageInput
+from cxrscreen.predict.batch import ResultWriter, Shard, read_results
+from cxrscreen.predict.inputs import ImageInput, gather
 from tests.batch_fixtures import CLASSES, make_tiny_run, write_images
 from tests.processes import kill_tree
 
@@ -143,7 +143,7 @@ def test_torn_jsonl_line_is_dropped(tmp_path: Path) -> None:
 
 
 def test_shards_are_disjoint_cover_everything_and_ignore_order_and_mount_point(scans: Path) -> None:
-    inputs, _ = gather_inputs([scans])
+    inputs = gather([scans]).inputs
     parts = [Shard(i, 3).select(inputs) for i in range(3)]
     labels = [sorted(str(x.label) for x in p) for p in parts]
     assert sorted(sum(labels, [])) == sorted(str(x.label) for x in inputs)

@@ -29,7 +29,7 @@ def _post(client: TestClient, **params: Any) -> Any:
 
 
 def test_api_severity(sev_run: LoadedRun) -> None:
-    from cxrscreen.evaluation.decision import DecisionRule
+    from cxrscreen.runs.decision import DecisionRule
 
     client = TestClient(create_app(sev_run))
     client.app.state.service.predictor.rule = DecisionRule(threshold=0.0)  # every image called covid

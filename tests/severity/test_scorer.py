@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from cxrscreen.cli import app
 from cxrscreen.errors import CXRError
-from cxrscreen.evaluation.decision import DecisionRule
 from cxrscreen.io.xray import read_xray
 from cxrscreen.predict.predictor import Predictor
+from cxrscreen.runs.decision import DecisionRule
 from cxrscreen.runs.run_dir import LoadedRun
 from cxrscreen.severity.scorer import SeverityScorer
 

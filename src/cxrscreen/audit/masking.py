@@ -12,10 +12,10 @@ import numpy as np
 
 from cxrscreen.data.lung_boxes import Box, LungBoxes, PixelBox
 from cxrscreen.data.subsets import SubsetData, load_subset
-from cxrscreen.evaluation.decision import DecisionRule, decide
 from cxrscreen.evaluation.evaluate import run_probabilities
 from cxrscreen.evaluation.metrics import classification_report
 from cxrscreen.io.xray import read_xray
+from cxrscreen.runs.decision import DecisionRule, decide
 from cxrscreen.runs.run_dir import LoadedRun
 from cxrscreen.transforms.boxes import boxes_to_model
 from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir

@@ -19,6 +19,7 @@ It writes `audit.json`, `audit.md` (plain-language findings) and PNG plots into 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,129 +102,167 @@ def run_audit(
         "plots": [],
     }
 
-    def save() -> None:
-        write_json(out_dir / "audit.json", result)
-
-    internal: dict[str, Any] | None = None
-    if "per_source" in parts or "loso" in parts:
-        log("evaluating the audited model on the test subset")
-        ev = evaluate_run(
-            run, data_dir, split_csv=split_csv, subset="test", n_boot=n_boot, seed=seed, cache_dir=eval_cache
-        )
-        write_json(out_dir / "per_source_eval.json", ev)
-        internal = {s: _summary(r) for s, r in ev["per_source"].items()}
-        if "per_source" in parts:
-            single = [s for s, v in internal.items() if len(v["support"]) == 1]
-            result["per_source"] = {
-                "overall": _summary(ev),
-                "sources": internal,
-                "note": (
-                    "A source with a single class (" + ", ".join(single) + ") can be scored perfectly by "
-                    "recognising the source; its accuracy says nothing about the disease."
-                )
-                if single
-                else "Every source in the test subset holds more than one class.",
-            }
-            accs = {s: v["accuracy"] for s, v in internal.items() if v["accuracy"] is not None}
-            if accs:
-                lo, hi = min(accs, key=accs.get), max(accs, key=accs.get)  # type: ignore[arg-type]
-                result["findings"].append(
-                    f"Per source, test accuracy runs from {accs[lo]:.2f} ({lo}) to {accs[hi]:.2f} ({hi})."
-                )
-            save()
-
-    if "masking" in parts:
-        path = Path(lung_boxes) if lung_boxes is not None else default_annotations_path(data_dir)
-        if not path.is_file():
-            result["masking"] = {"skipped": f"no lung-box annotations at {path}"}
-            result["findings"].append(f"Masking test skipped: no lung-box annotations at {path}.")
-        else:
-            log("masking test: lungs masked / lungs only")
-            boxes = LungBoxes.from_coco(path)
-            ms = masking_set(run, data_dir, split_csv, boxes, cache_dir=eval_cache)
-            mk = masking_report(run, ms, n_boot=n_boot, seed=seed)
-            mk.update({"lung_boxes": boxes.path, "lung_boxes_sha256": boxes.sha256, "atlas": boxes.atlas})
-            result["masking"] = mk
-            result["findings"].append(mk["finding"])
-            if ms.data.labels.size:
-                result["plots"].append(str(plot_masking(mk, out_dir / "masking.png")))
-                result["plots"].append(str(plot_masking_examples(ms, out_dir / "masking_examples.png")))
-        save()
-
-    pool = _pool(data_dir, split_csv) if ("probe" in parts or "loso" in parts) else None
-    if "probe" in parts:
-        assert pool is not None
-        log("source probe: training the recipe to name the source")
-        pr = source_probe(cfg, data_dir, pool, out_dir / "probe", seed=seed, log=log)
-        result["probe"] = pr
-        result["findings"].append(pr["finding"])
-        result["plots"].append(str(plot_probe(pr, out_dir / "probe.png")))
-        save()
-
-    if "loso" in parts:
-        assert pool is not None and internal is not None
-        counts = pool["source"].value_counts()
-        if loso_sources is not None:
-            missing = [s for s in loso_sources if s not in counts]
-            if missing:
-                raise CXRError(f"unknown source(s) {', '.join(missing)}; known: {', '.join(sorted(counts.index))}")
-            chosen = list(loso_sources)
-        else:
-            chosen = sorted(s for s, n in counts.items() if n >= min_source_images)
-        lo: dict[str, Any] = {
-            "sources": {},
-            "skipped": {
-                s: f"{n} images, " + ("not chosen" if loso_sources is not None else f"fewer than {min_source_images}")
-                for s, n in counts.items()
-                if s not in chosen
-            },
-            "min_source_images": min_source_images,
-            "note": (
-                "Holding out a source that is the only source of a class (e.g. covid-cxnet is all covid, "
-                "rsna all normal) means that class's test images come from a hospital the model never "
-                "saw: the real question of external validity. A large gap says the internal figures "
-                "lean on recognising the source. The held-out figures count only the source's own "
-                "images; images of other sources linked to it by split_group also sit in the test set "
-                "and are left out of them."
-            ),
-        }
-        result["loso"] = lo
-        for s in chosen:
-            log(f"leave one source out: {s}")
-            lo["sources"][s] = loso_one(
-                cfg,
-                data_dir,
-                pool,
-                s,
-                out_dir / "loso" / _safe(s),
-                internal,
-                seed=seed,
-                n_boot=n_boot,
-                device=eval_device,
-                cache_dir=eval_cache,
-                log=log,
-                progress_factory=progress_factory,
-            )
-            save()
-        gaps = {s: e["gap"] for s, e in lo["sources"].items() if e.get("gap") is not None}
-        big = {s: g for s, g in gaps.items() if g > 0.1}
-        if big:
-            result["findings"].append(
-                "Held out, "
-                + ", ".join(f"{s} loses {g:.2f} accuracy" for s, g in big.items())
-                + " against the internal test: the internal figures do not carry over to "
-                "an unseen hospital."
-            )
-        elif gaps:
-            result["findings"].append("Held-out sources score within 0.1 of the internal test figures.")
-        if lo["sources"]:
-            result["plots"].append(str(plot_loso(lo, out_dir / "loso.png")))
-        save()
+    ctx = AuditContext(run=run, cfg=cfg, data_dir=data_dir, split_csv=split_csv, out_dir=out_dir, n_boot=n_boot,
+                       seed=seed, eval_cache=eval_cache, eval_device=eval_device, lung_boxes=lung_boxes,
+                       loso_sources=loso_sources, min_source_images=min_source_images, log=log,
+                       progress_factory=progress_factory, save=lambda: write_json(out_dir / "audit.json", result))
+    for name in PARTS:
+        if name not in parts:
+            continue
+        part = AUDIT_PARTS[name](ctx)
+        result[name] = part.report
+        result["findings"].extend(part.findings)
+        result["plots"].extend(str(p) for p in part.plots)
+        ctx.save()
 
     write_markdown(result, out_dir / "audit.md")
-    save()
+    ctx.save()
     log(f"wrote {out_dir / 'audit.json'} and {out_dir / 'audit.md'}")
     return result
 
 
+# ------------------------------------------------------------------------------------------------- parts
+@dataclass
+class AuditContext:
+    """What every audit part reads: the audited run, the recipe its models are trained with, the data, the output
+    folder and the options. `internal` (the model's per-source test figures) and `pool` (the split's images with
+    their sources) are computed once, by the first part that needs them; `save` rewrites audit.json."""
 
+    run: Any
+    cfg: Any
+    data_dir: Path
+    split_csv: Path
+    out_dir: Path
+    n_boot: int
+    seed: int
+    eval_cache: Path | None
+    eval_device: Any
+    lung_boxes: Path | None
+    loso_sources: Sequence[str] | None
+    min_source_images: int
+    log: Callable[[str], None]
+    progress_factory: Callable[[str, int], Any] | None
+    save: Callable[[], None]
+    _internal: dict[str, Any] | None = None
+    _overall: dict[str, Any] | None = None
+    _pool: Any = None
+
+    def internal(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(per-source summaries, overall summary) of the audited model on the split's test subset."""
+        if self._internal is None:
+            self.log("evaluating the audited model on the test subset")
+            ev = evaluate_run(self.run, self.data_dir, split_csv=self.split_csv, subset="test", n_boot=self.n_boot,
+                              seed=self.seed, cache_dir=self.eval_cache)
+            write_json(self.out_dir / "per_source_eval.json", ev)
+            self._internal = {s: _summary(r) for s, r in ev["per_source"].items()}
+            self._overall = _summary(ev)
+        assert self._overall is not None
+        return self._internal, self._overall
+
+    def pool(self) -> Any:
+        """The split's train+val+test images with their sources (what the probe and LOSO train on)."""
+        if self._pool is None:
+            self._pool = _pool(self.data_dir, self.split_csv)
+        return self._pool
+
+
+@dataclass
+class PartResult:
+    """One audit part's outcome: its section of audit.json, its plain-language findings, the plots it wrote."""
+
+    report: dict[str, Any]
+    findings: list[str] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+
+def per_source_part(ctx: AuditContext) -> PartResult:
+    """The model's test figures per source; a single-class source is named (it can be scored by its source)."""
+    internal, overall = ctx.internal()
+    single = [s for s, v in internal.items() if len(v["support"]) == 1]
+    note = ("A source with a single class (" + ", ".join(single) + ") can be scored perfectly by recognising the "
+            "source; its accuracy says nothing about the disease.") if single else \
+        "Every source in the test subset holds more than one class."
+    findings = []
+    accs = {s: v["accuracy"] for s, v in internal.items() if v["accuracy"] is not None}
+    if accs:
+        lo, hi = min(accs, key=accs.get), max(accs, key=accs.get)  # type: ignore[arg-type]
+        findings.append(f"Per source, test accuracy runs from {accs[lo]:.2f} ({lo}) to {accs[hi]:.2f} ({hi}).")
+    return PartResult({"overall": overall, "sources": internal, "note": note}, findings)
+
+
+def masking_part(ctx: AuditContext) -> PartResult:
+    """The test images with the lung boxes blacked out and with only the lung boxes left."""
+    path = Path(ctx.lung_boxes) if ctx.lung_boxes is not None else default_annotations_path(ctx.data_dir)
+    if not path.is_file():
+        return PartResult({"skipped": f"no lung-box annotations at {path}"},
+                          [f"Masking test skipped: no lung-box annotations at {path}."])
+    ctx.log("masking test: lungs masked / lungs only")
+    boxes = LungBoxes.from_coco(path)
+    ms = masking_set(ctx.run, ctx.data_dir, ctx.split_csv, boxes, cache_dir=ctx.eval_cache)
+    mk = masking_report(ctx.run, ms, n_boot=ctx.n_boot, seed=ctx.seed)
+    mk.update({"lung_boxes": boxes.path, "lung_boxes_sha256": boxes.sha256, "atlas": boxes.atlas})
+    plots = []
+    if ms.data.labels.size:
+        plots = [plot_masking(mk, ctx.out_dir / "masking.png"),
+                 plot_masking_examples(ms, ctx.out_dir / "masking_examples.png")]
+    return PartResult(mk, [mk["finding"]], plots)
+
+
+def probe_part(ctx: AuditContext) -> PartResult:
+    """The audited recipe trained to name each image's source instead of its label."""
+    ctx.log("source probe: training the recipe to name the source")
+    pr = source_probe(ctx.cfg, ctx.data_dir, ctx.pool(), ctx.out_dir / "probe", seed=ctx.seed, log=ctx.log)
+    return PartResult(pr, [pr["finding"]], [plot_probe(pr, ctx.out_dir / "probe.png")])
+
+
+def loso_part(ctx: AuditContext) -> PartResult:
+    """Leave one source out: the recipe trained without each chosen source and tested on it."""
+    internal, _ = ctx.internal()
+    pool = ctx.pool()
+    counts = pool["source"].value_counts()
+    if ctx.loso_sources is not None:
+        missing = [s for s in ctx.loso_sources if s not in counts]
+        if missing:
+            raise CXRError(f"unknown source(s) {', '.join(missing)}; known: {', '.join(sorted(counts.index))}")
+        chosen = list(ctx.loso_sources)
+    else:
+        chosen = sorted(s for s, n in counts.items() if n >= ctx.min_source_images)
+    why = "not chosen" if ctx.loso_sources is not None else f"fewer than {ctx.min_source_images}"
+    lo: dict[str, Any] = {
+        "sources": {},
+        "skipped": {s: f"{n} images, {why}" for s, n in counts.items() if s not in chosen},
+        "min_source_images": ctx.min_source_images,
+        "note": LOSO_NOTE,
+    }
+    for s in chosen:
+        ctx.log(f"leave one source out: {s}")
+        lo["sources"][s] = loso_one(ctx.cfg, ctx.data_dir, pool, s, ctx.out_dir / "loso" / _safe(s), internal,
+                                    seed=ctx.seed, n_boot=ctx.n_boot, device=ctx.eval_device,
+                                    cache_dir=ctx.eval_cache, log=ctx.log, progress_factory=ctx.progress_factory)
+    findings = []
+    gaps = {s: e["gap"] for s, e in lo["sources"].items() if e.get("gap") is not None}
+    big = {s: g for s, g in gaps.items() if g > 0.1}
+    if big:
+        findings.append("Held out, " + ", ".join(f"{s} loses {g:.2f} accuracy" for s, g in big.items())
+                        + " against the internal test: the internal figures do not carry over to an unseen hospital.")
+    elif gaps:
+        findings.append("Held-out sources score within 0.1 of the internal test figures.")
+    plots = [plot_loso(lo, ctx.out_dir / "loso.png")] if lo["sources"] else []
+    return PartResult(lo, findings, plots)
+
+
+LOSO_NOTE = (
+    "Holding out a source that is the only source of a class (e.g. covid-cxnet is all covid, rsna all normal) means "
+    "that class's test images come from a hospital the model never saw: the real question of external validity. A "
+    "large gap says the internal figures lean on recognising the source. The held-out figures count only the "
+    "source's own images; images of other sources linked to it by split_group also sit in the test set and are left "
+    "out of them."
+)
+
+# The parts in the order they run (and appear in audit.json); each returns its section, findings and plots.
+AUDIT_PARTS: dict[str, Callable[[AuditContext], PartResult]] = {
+    "per_source": per_source_part,
+    "masking": masking_part,
+    "probe": probe_part,
+    "loso": loso_part,
+}

@@ -5,7 +5,20 @@ Importing this package registers every command on ``app`` (``cxrscreen.cli.app``
 
 from __future__ import annotations
 
-from cxrscreen.cli import data, evaluate, export, localize, models, predict, severity, train  # noqa: F401  (register the commands)
+from cxrscreen.cli import (  # noqa: F401  (register the commands)
+    audit,
+    calibrate,
+    compare,
+    data,
+    evaluate,
+    export,
+    localize,
+    models,
+    pacs,
+    predict,
+    severity,
+    train,
+)
 from cxrscreen.cli.app import app
 
 

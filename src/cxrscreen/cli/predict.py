@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +11,6 @@ import typer
 
 from cxrscreen.cli.app import _fail, _shown, app, console, out
 from cxrscreen.errors import CXRError
-from cxrscreen.io.csvcell import safe_cell
 
 
 @app.command()
@@ -42,6 +40,8 @@ def predict(
     shard: Annotated[str | None, typer.Option(help="--out: I/N, screen only shard I (from 0) of N")] = None,
     threads: Annotated[int | None, typer.Option(help="threads of the forward passes (default: one per core)")
                        ] = None,
+    dicom_out: Annotated[Path | None, typer.Option("--dicom-out", help="folder for a DICOM SR (TID 1500) and a "
+                                                   "heatmap Secondary Capture per DICOM input")] = None,
 ) -> None:
     """Class and probability of each class for every image; bad files are reported on stderr and skipped.
 
@@ -53,7 +53,6 @@ def predict(
     from cxrscreen.predict.inputs import OutputNames, gather
     from cxrscreen.predict.onnx_engine import load_for_engine
     from cxrscreen.predict.predictor import Predictor
-    from cxrscreen.predict.prepared import format_probabilities
 
     if as_json and as_csv:
         console.print("error: --json and --csv exclude each other; choose one", markup=False)
@@ -61,9 +60,9 @@ def predict(
     if out_file is None and (resume or shard is not None):
         console.print("error: --resume and --shard go with --out FILE", markup=False)
         raise typer.Exit(2)
-    if out_file is not None and (as_json or as_csv or heatmap is not None or severity):
+    if out_file is not None and (as_json or as_csv or heatmap is not None or severity or dicom_out is not None):
         console.print("error: --out writes its own format (from its suffix), without heatmaps or severity; drop "
-                      "--json, --csv, --heatmap and --severity", markup=False)
+                      "--json, --csv, --heatmap, --severity and --dicom-out", markup=False)
         raise typer.Exit(2)
     if engine != "torch" and heatmap is not None:
         console.print("error: heatmaps (Grad-CAM) need gradients: use --engine torch", markup=False)
@@ -78,7 +77,8 @@ def predict(
 
         torch.set_num_threads(max(1, threads))
     try:
-        run = load_for_engine(model, engine, threads=threads)
+        with console.status("loading " + ("the bundled model" if model is None else _shown(model)) + " ..."):
+            run = load_for_engine(model, engine, threads=threads)  # a spinner on a terminal, nothing when piped
         check_target(target, run.classes)
         gathered = gather(paths)
     except CXRError as exc:
@@ -96,12 +96,10 @@ def predict(
     except CXRError as exc:
         _fail(exc)
     if out_file is not None:
-        from cxrscreen.predict.batch import screen_command
-
-        raise typer.Exit(screen_command(run, inputs, out_file, rule=rule, gate=gate, batch_size=batch_size,
+        raise typer.Exit(_screen_to_file(run, inputs, out_file, rule=rule, gate=gate, batch_size=batch_size,
                                         workers=workers, resume=resume, shard=shard, console=console,
                                         failed=len(empty), problems=gathered.problems))
-    from cxrscreen.severity.output import make_scorer, severity_csv, severity_csv_header, severity_text, with_zones
+    from cxrscreen.severity.output import make_scorer, with_zones
 
     scorer = make_scorer(run, severity, localizer, _fail)
     predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule, severity=scorer)
@@ -115,11 +113,10 @@ def predict(
             draw = run.task.drawer(run)  # Grad-CAM overlays for classifiers, the boxes for detectors
         except CXRError as exc:
             _fail(exc)
-    writer = None
-    if as_csv:
-        writer = csv.writer(sys.stdout)
-        writer.writerow([safe_cell(c) for c in ["path", "class", *[f"p_{c}" for c in run.classes], "flags",
-                                                  "error", "heatmap", *severity_csv_header(scorer)]])
+    writer, dicom_writer, explainer = _result_writers(run, as_json, as_csv, scorer is not None, dicom_out)
+    pixels: dict[str, Any] = {}  # the X-ray behind each DICOM result in this batch, for its Secondary Capture
+    if dicom_writer is not None:
+        dicom_writer.pixels_of = lambda r: pixels.get(r.path)
     failed = len(empty) + len(gathered.problems)
     for problem in gathered.problems:  # an input that could not be read or listed: its error row
         row = {"path": str(problem.path), "class": None, "probabilities": None, "flags": [], "error": problem.problem}
@@ -129,7 +126,11 @@ def predict(
             writer.writerow([safe_cell(v) for v in [row["path"], "", *[""] * len(run.classes), "", row["error"], "",
                                                     *severity_csv(scorer, row)]])
     labels = {str(i.path): i.label for i in inputs}
+    writer.open()
+    bar = _progress(len(inputs))
     for res, prep in predictor.predict_files([i.path for i in inputs]):
+        if bar is not None:
+            bar.update(1)
         if res["error"]:
             failed += 1
         elif names is not None and prep is not None and res["probabilities"] is not None:
@@ -143,21 +144,22 @@ def predict(
             res["heatmap"] = None  # no diagnosis: nothing to explain
         if res["error"]:
             console.print(f"{_shown(res['path'])}: error: {_shown(res['error'])}", markup=False)
-        if as_json:
-            print(json.dumps(res))
-        elif writer is not None:
-            probs = res["probabilities"] or {}
-            writer.writerow([safe_cell(v) for v in [
-                res["path"], res["class"] or "", *[f"{probs[c]:.4f}" if c in probs else "" for c in run.classes],
-                ";".join(res["flags"]), res["error"] or "", res.get("heatmap") or "", *severity_csv(scorer, res)]])
-        elif res["error"]:
-            continue
-        elif res["class"] is None:
-            out.print(f"{_shown(res['path'])}: no diagnosis ({_shown('; '.join(res['flags']))})", markup=False)
-        else:
-            out.print(f"{_shown(res['path'])}: {res['class']}  {format_probabilities(res['probabilities'])}"
-                      + severity_text(res)
-                      + (f"  heatmap: {_shown(res['heatmap'])}" if res.get("heatmap") else ""), markup=False)
+        result = _typed(res, prep, explainer, target)
+        if dicom_writer is not None and not result.error:
+            if result.dicom is None:
+                console.print(f"{_shown(result.path)}: no DICOM output (not a DICOM input with study and "
+                              "instance UIDs)", markup=False)
+            elif prep is not None:
+                pixels[result.path] = prep.xray.pixels
+        n_errors = len(dicom_writer.errors) if dicom_writer is not None else 0
+        writer.write([result])
+        pixels.clear()
+        if dicom_writer is not None and len(dicom_writer.errors) > n_errors:
+            failed += 1
+            console.print(f"{_shown(result.path)}: error: {_shown(dicom_writer.errors[-1][1])}", markup=False)
+    writer.close()
+    if bar is not None:
+        bar.close()
     if failed:
         console.print(f"{failed} input(s) failed", markup=False)
         raise typer.Exit(1)
@@ -173,7 +175,51 @@ def explain(
     """Write a Grad-CAM overlay per image (class and probabilities written on it); same as predict --heatmap."""
     predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8,
             argmax=False, threshold=None, severity=False, localizer=None, engine="torch", out_file=None, workers=0,
-            resume=False, shard=None, threads=None)
+            resume=False, shard=None, threads=None, dicom_out=None)
+
+
+def _result_writers(run: Any, as_json: bool, as_csv: bool, severity: bool, dicom_out: Path | None
+                    ) -> tuple[Any, Any, Any]:
+    """(the writer of predict's outputs, its DICOM writer or None, the Grad-CAM explainer for the DICOM
+    Secondary Captures or None): JSON Lines, CSV or text on stdout, plus SR + SC files with --dicom-out."""
+    from cxrscreen.results.writers import CsvWriter, JsonlWriter, MultiWriter, TextWriter
+
+    sinks: list[Any] = [JsonlWriter() if as_json else CsvWriter(run.classes, severity=severity) if as_csv
+                        else TextWriter(lambda line: out.print(line, markup=False))]
+    if dicom_out is None:
+        return MultiWriter(sinks), None, None
+    from cxrscreen.results.dicom import DicomWriter, folder_store
+
+    dicom_writer = DicomWriter(run, folder_store(dicom_out))
+    explainer = None
+    if run.task.has_logits and not getattr(run.model, "takes_numpy", False):
+        from cxrscreen.explain.cam import Explainer
+
+        explainer = Explainer(run)
+    else:
+        console.print("note: no heatmap Secondary Capture with this model or engine (Grad-CAM needs a PyTorch "
+                      "classifier); the SR is written", markup=False)
+    return MultiWriter([*sinks, dicom_writer]), dicom_writer, explainer
+
+
+def _progress(total: int) -> Any:
+    """A transient bar (images, images/s, ETA) on stderr for a multi-image run on a terminal, else None."""
+    if total < 2 or not console.is_terminal:
+        return None
+    from cxrscreen.cli.progress import RichProgress
+
+    return RichProgress(console, total, desc="predicting", log_every_s=None, transient=True)
+
+
+def _typed(res: dict[str, Any], prep: Any, explainer: Any, target: str | None) -> Any:
+    """The typed result of one prediction, with its DICOM identity and, for --dicom-out, its Grad-CAM."""
+    from cxrscreen.results.result import PredictionResult
+
+    dicom = getattr(getattr(prep, "xray", None), "dicom", None)
+    heat = None
+    if explainer is not None and dicom is not None and res.get("probabilities") and not res.get("error"):
+        heat = explainer.heatmap(prep, target or res["class"])
+    return PredictionResult.from_dict(res, dicom=dicom, heatmap_array=heat)
 
 
 def _report_gathered(gathered: Any) -> None:
@@ -217,3 +263,46 @@ def serve(
     except CXRError as exc:
         _fail(exc)
 
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a scheduler cancelling the job) ends the run like Ctrl-C: the output file is closed with
+    every finished batch in it and the decode workers are shut down (the default action killed the
+    process at once, leaving its workers). Only from the main thread; elsewhere nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, _: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _screen_to_file(run: Any, inputs: Sequence[Any], out_path: Path, *, rule: Any, gate: Any,
+                   batch_size: int, workers: int, resume: bool, shard: str | None, console: Any,
+                   failed: int = 0, problems: Sequence[CXRError] = ()) -> int:
+    """`cxrscreen predict --out FILE` (batch.screen): screen, report on `console`, return the exit status (0 all done,
+    1 some input failed, 2 bad usage). `problems`: inputs that could not be read or listed (each gets an
+    error row)."""
+    from cxrscreen.cli.progress import RichProgress
+    from cxrscreen.predict.batch import Shard, screen
+    from cxrscreen.predict.predictor import Predictor
+
+    try:
+        chosen = Shard.parse(shard)
+        if workers < 0:
+            raise CXRError(f"--workers must be 0 or more, not {workers}")
+        predictor = Predictor(run, batch_size=batch_size, gate=None, rule=rule)
+        _exit_on_sigterm()
+        summary = screen(predictor, inputs, out_path, workers=workers, resume=resume, shard=chosen, gate=gate,
+                         progress_factory=lambda total: RichProgress(console, total), problems=problems)
+    except CXRError as exc:
+        console.print(f"error: {exc}", markup=False)
+        return 2
+    console.print(json.dumps(summary.to_dict()), markup=False)
+    bad = summary.errors + summary.earlier_errors
+    if bad:
+        console.print(f"{bad} input(s) failed (their rows in {out_path} give the error)", markup=False)
+    return 1 if bad or failed else 0

@@ -21,7 +21,6 @@ import numpy as np
 from cxrscreen.data.manifest import manifest_hash
 from cxrscreen.data.subsets import SubsetData, load_subset
 from cxrscreen.errors import CXRError
-from cxrscreen.evaluation.decision import DecisionRule, decide
 from cxrscreen.evaluation.metrics import (
     binary_rates,
     covid_vs_rest,
@@ -30,6 +29,7 @@ from cxrscreen.evaluation.metrics import (
     reliability_bins,
 )
 from cxrscreen.io.files import file_sha256, write_json
+from cxrscreen.runs.decision import DecisionRule, decide
 from cxrscreen.runs.provenance import provenance
 from cxrscreen.runs.run_dir import LoadedRun, load_run, read_config, write_config
 from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir

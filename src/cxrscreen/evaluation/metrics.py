@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 from torchvision.ops import box_iou
 
-from cxrscreen.evaluation.decision import DecisionRule, decide
+from cxrscreen.runs.decision import DecisionRule, decide
 
 if TYPE_CHECKING:
     from cxrscreen.models.detectors import Detections

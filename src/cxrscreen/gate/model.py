@@ -18,7 +18,7 @@ Two layers, applied in order by :meth:`Gate.flags`:
 
    Each threshold is set so that 99.7 % of the fitting X-rays (out of fold) pass it.
 
-Colour. :func:`cxrscreen.io.read_xray` converts colour to grey, and a colour *mode* says little: many
+Colour. :func:`cxrscreen.io.xray.read_xray` converts colour to grey, and a colour *mode* says little: many
 chest X-rays on the web are grey pictures saved as RGB JPEGs. The reader therefore measures saturation in
 the decoded colour samples (``meta["colour"]``, see :func:`colour_stats`), for files and uploaded bytes
 alike; the gate never opens a file, and ``xray.path`` (for an upload, the name the client sent) is a label

@@ -5,7 +5,7 @@
   re-mapping (as another scanner, DICOM window or export gives), so that grey-level mapping alone does not flag;
 - other: images generated here (noise, blank, gradients, shapes, text documents, a CT-like axial slice)
   and scikit-image's bundled pictures (crops, rotations, rescales, grey or colour), written as PNG/JPEG
-  files to a folder and decoded with ``cxrscreen.io.read_xray`` exactly like real input.
+  files to a folder and decoded with ``cxrscreen.io.xray.read_xray`` exactly like real input.
 
 Nothing is downloaded. Some kinds are never used for fitting (``UNSEEN_*``): the benchmark reports them
 separately. ``cxrscreen.gate.fit.fit_gate_from_recipe`` fits on this recipe (scripts/fit_gate.py).

@@ -73,6 +73,7 @@ class XRay:
     pixels: np.ndarray
     path: str
     meta: dict[str, Any] = field(default_factory=dict)
+    dicom: Any = None  # a DICOM input's io.dicom_identity.DicomIdentity (UIDs + header), else None
 
 
 def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS, max_side: int | None = None,
@@ -670,7 +671,9 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, *, force: bool, max_s
     age = _dicom_str(ds, "PatientAge")
     if age:
         meta["patient_age"] = age
-    return XRay(pixels=_finish(pixels), path=name, meta=meta)
+    from cxrscreen.io.dicom_identity import identity_of
+
+    return XRay(pixels=_finish(pixels), path=name, meta=meta, dicom=identity_of(ds))
 
 
 def _dicom_str(ds: Any, keyword: str) -> str | None:

@@ -27,7 +27,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,41 +37,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from cxrscreen.errors import CXRError
 from cxrscreen.io.csvcell import safe_cell
-from cxrscreen.predict.inputs import ImageInput, collect_inputs
+from cxrscreen.predict.inputs import ImageInput
 from cxrscreen.predict.predictor import Predictor, Prepared
+from cxrscreen.results.result import PredictionResult
+from cxrscreen.results.writers import as_result, csv_cells, csv_columns
 from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, Preprocessor
 
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
-# -- inputs and shards
-
-def manifest_inputs(csv_path: Path) -> list[ImageInput]:
-    """The images of a manifest csv (an ``image`` column, paths relative to the csv's folder), labelled by
-    their ``image`` cell."""
-    from cxrscreen.data.manifest import check_columns, read_csv_strings
-
-    df = read_csv_strings(csv_path)
-    check_columns(df, ["image"], csv_path)
-    root = csv_path.parent
-    return [ImageInput(root / img, Path(img)) for img in df["image"] if img]
-
-
-def gather_inputs(paths: Iterable[str | Path]) -> tuple[list[ImageInput], list[Path]]:
-    """(inputs, folder arguments without images): files and folders as `predict.collect_inputs`, and every
-    existing ``.csv`` file read as a manifest."""
-    inputs: list[ImageInput] = []
-    empty: list[Path] = []
-    for item in paths:
-        p = Path(item)
-        if p.suffix.lower() == ".csv" and p.is_file():
-            inputs += manifest_inputs(p)
-        else:
-            found, none = collect_inputs([p])
-            inputs += found
-            empty += none
-    return inputs, empty
-
+# -- shards
 
 @dataclass(frozen=True)
 class Shard:
@@ -125,7 +100,7 @@ class ResultWriter:
                            self.path)
         self.format = fmt
         self.classes = list(classes)
-        self.columns = ["path", "class", *[f"p_{c}" for c in self.classes], "flags", "error"]
+        self.columns = csv_columns(self.classes)  # the one CSV schema (cxrscreen.results.writers)
         self.done: set[str] = set()
         self.done_errors = 0
         existed = self.path.exists()
@@ -181,7 +156,7 @@ class ResultWriter:
                     break
                 rows.append(row)
                 self.done.add(row[0])
-                self.done_errors += bool(row[-1])
+                self.done_errors += bool(row[self.columns.index("error")])
         except csv.Error:
             pass  # a quoted field cut off by the kill: that row is redone
         return [_csv_line(r) for r in rows]
@@ -204,21 +179,22 @@ class ResultWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def csv_row(self, res: dict[str, Any]) -> list[str]:
-        """A result as CSV cells: text through `safe_cell` (control characters escaped, no formula)."""
-        probs = res.get("probabilities") or {}
-        return [safe_cell(res["path"]), safe_cell(res.get("class") or ""),
-                *[repr(float(probs[c])) if c in probs else "" for c in self.classes],
-                safe_cell(";".join(res.get("flags") or [])), safe_cell(res.get("error") or "")]
+    def csv_row(self, res: PredictionResult | dict[str, Any]) -> list[str]:
+        """A result as CSV cells (the one schema, `results.writers.csv_cells`: text through `safe_cell`)."""
+        return csv_cells(res, self.classes)
 
     def has(self, path: str) -> bool:
         """True if the resumed output already holds the row of input `path` (as its cell is written)."""
         return (safe_cell(path) if self.format == "csv" else path) in self.done
 
-    def write(self, results: Sequence[dict[str, Any]]) -> None:
+    def open(self) -> None:
+        """Opened by the constructor (the `results.writers.ResultSink` protocol)."""
+
+    def write(self, results: Sequence[PredictionResult | dict[str, Any]]) -> None:
         """Append one batch of results and make it durable."""
         if results:
-            self._append([self.csv_row(r) for r in results] if self.format == "csv" else list(results))
+            self._append([self.csv_row(r) for r in results] if self.format == "csv"
+                         else [as_result(r).to_dict() for r in results])
 
     def close(self) -> None:
         self._file.close()
@@ -254,7 +230,8 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
         for row in csv.DictReader(f):
             probs = {k[2:]: float(v) for k, v in row.items() if k.startswith("p_") and v != ""}
             out.append({"path": row["path"], "class": row["class"] or None, "probabilities": probs or None,
-                        "flags": [x for x in row["flags"].split(";") if x], "error": row["error"] or None})
+                        "flags": [x for x in row["flags"].split(";") if x], "error": row["error"] or None,
+                        "heatmap": row.get("heatmap") or None})
     return out
 
 
@@ -447,84 +424,3 @@ def _problem_row(problem: CXRError) -> dict[str, Any]:
     """The error row of an input that could not be read or listed."""
     return {"path": str(problem.path), "class": None, "probabilities": None, "error": problem.problem,
             "flags": []}
-
-
-class RichProgress:
-    """A progress bar on `console` (stderr) with images/s and the ETA; `update(n)` / `close()`.
-
-    When the console is no terminal (a batch job's log) it prints a line every `log_every_s` seconds instead
-    (None: no lines). `transient`: the bar disappears when closed (the CLI's loading and epoch bars).
-    """
-
-    def __init__(self, console: Any, total: int, *, desc: str = "screening", log_every_s: float | None = 30.0,
-                 transient: bool = False) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.console, self.total, self.log_every_s = console, total, log_every_s
-        self.done, self.t0, self.last_log = 0, time.monotonic(), time.monotonic()
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), console=console, transient=transient,
-                                 disable=not console.is_terminal)
-        self.progress.start()
-        self.task = self.progress.add_task(desc, total=total, rate="-")
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        rate = self.done / max(now - self.t0, 1e-9)
-        self.progress.update(self.task, advance=n, rate=f"{rate:.1f}")
-        if self.log_every_s is not None and not self.console.is_terminal and now - self.last_log >= self.log_every_s:
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            self.console.print(f"{self.done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f} s", markup=False)
-            self.last_log = now
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
-def _exit_on_sigterm() -> None:
-    """SIGTERM (a scheduler cancelling the job) ends the run like Ctrl-C: the output file is closed with
-    every finished batch in it and the decode workers are shut down (the default action killed the
-    process at once, leaving its workers). Only from the main thread; elsewhere nothing."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def stop(signum: int, _: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-
-
-def screen_command(run: Any, inputs: Sequence[ImageInput], out_path: Path, *, rule: Any, gate: Any,
-                   batch_size: int, workers: int, resume: bool, shard: str | None, console: Any,
-                   failed: int = 0, problems: Sequence[CXRError] = ()) -> int:
-    """`cxrscreen predict --out FILE`: screen, report on `console`, return the exit status (0 all done,
-    1 some input failed, 2 bad usage). `problems`: inputs that could not be read or listed (each gets an
-    error row)."""
-    try:
-        chosen = Shard.parse(shard)
-        if workers < 0:
-            raise CXRError(f"--workers must be 0 or more, not {workers}")
-        predictor = Predictor(run, batch_size=batch_size, gate=None, rule=rule)
-        _exit_on_sigterm()
-        summary = screen(predictor, inputs, out_path, workers=workers, resume=resume, shard=chosen, gate=gate,
-                         progress_factory=lambda total: RichProgress(console, total), problems=problems)
-    except CXRError as exc:
-        console.print(f"error: {exc}", markup=False)
-        return 2
-    console.print(json.dumps(summary.to_dict()), markup=False)
-    bad = summary.errors + summary.earlier_errors
-    if bad:
-        console.print(f"{bad} input(s) failed (their rows in {out_path} give the error)", markup=False)
-    return 1 if bad or failed else 0

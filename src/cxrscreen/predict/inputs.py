@@ -101,6 +101,17 @@ class ImageInput:
     label: Path
 
 
+def manifest_inputs(csv_path: Path) -> list[ImageInput]:
+    """The images of a manifest csv (an ``image`` column, paths relative to the csv's folder), labelled by
+    their ``image`` cell."""
+    from cxrscreen.data.manifest import check_columns, read_csv_strings
+
+    df = read_csv_strings(csv_path)
+    check_columns(df, ["image"], csv_path)
+    root = csv_path.parent
+    return [ImageInput(root / img, Path(img)) for img in df["image"] if img]
+
+
 @dataclass
 class Gathered:
     """Everything the command-line inputs name: `inputs` to predict, folder arguments without any image

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from cxrscreen.errors import CXRError
-from cxrscreen.evaluation.decision import DecisionRule, decide_names
 from cxrscreen.io.xray import XRay, read_xray
 from cxrscreen.predict.prepared import Prepared
+from cxrscreen.runs.decision import DecisionRule, decide_names
 from cxrscreen.runs.run_dir import LoadedRun, load_run
 from cxrscreen.transforms.preprocess import Preprocessor
 

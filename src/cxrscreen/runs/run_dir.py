@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxrscreen.errors import CXRError
-from cxrscreen.evaluation.decision import DecisionRule
 from cxrscreen.io.files import file_sha256, write_json
+from cxrscreen.runs.decision import DecisionRule
 from cxrscreen.transforms.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:  # torch, safetensors and the registry load with a PyTorch model, not with the ONNX engine

@@ -31,6 +31,7 @@ from cxrscreen.gate.model import gate_for_run
 from cxrscreen.io.xray import MAX_PIXELS, decoded_bytes_estimate, read_xray_bytes
 from cxrscreen.predict.onnx_engine import OnnxModel
 from cxrscreen.predict.predictor import Predictor, Prepared
+from cxrscreen.results.result import PredictionResult
 from cxrscreen.runs.run_dir import LoadedRun
 from cxrscreen.serving.page import INDEX_HTML
 from cxrscreen.serving.security import BODY_TIMEOUT_S, allowed_hosts_for, release_freed_memory, uvicorn_config
@@ -355,9 +356,10 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
         if len(data) > max_upload_bytes:
             return _error(413, f"{name}: file is over the upload limit of {max_upload_bytes:,} bytes", name)
         try:
-            return await run_in_threadpool(service.analyse, data, name, heatmap, target, severity)
+            result = await run_in_threadpool(service.analyse, data, name, heatmap, target, severity)
         except CXRError as exc:
             return _error(422, str(exc), name)
+        return PredictionResult.from_dict(result).to_dict()  # the JSON shape every writer uses
 
     return app
 

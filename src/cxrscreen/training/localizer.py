@@ -4,7 +4,7 @@ The annotations (``<data>/annotations/lung_boxes.coco.json``: right lung = categ
 [x, y, w, h] in stored-image pixels) cover 151 Cohen images. For the rest:
 
 * ``fit_localizer`` trains a two-class (right / left lung) SSD on them from scratch (grey input, see
-  ``cxrscreen.models.detection``) and saves it as a run-like directory (``kind: "localizer"``,
+  ``cxrscreen.models.detectors``) and saves it as a run-like directory (``kind: "localizer"``,
   loadable with ``runs.load_run``); ``crossval_localizer`` measures it (k folds grouped by
   ``split_group``: mAP@0.5 and the mean IoU of the best box per lung, with the atlas as a baseline).
 * ``label_boxes`` writes a boxes CSV for a manifest: ``image, lung, x0, y0, x1, y1, score, source``

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from cxrscreen.errors import CXRError
-from cxrscreen.evaluation.decision import DecisionRule, decide, decide_names
 from cxrscreen.evaluation.metrics import classification_report
+from cxrscreen.runs.decision import DecisionRule, decide, decide_names
 
 CLASSES = ["covid", "normal", "pneumonia"]
 P = np.array([[0.30, 0.50, 0.20],   # covid at threshold 0.25, normal by arg-max

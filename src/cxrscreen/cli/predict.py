@@ -118,15 +118,11 @@ def predict(
     if dicom_writer is not None:
         dicom_writer.pixels_of = lambda r: pixels.get(r.path)
     failed = len(empty) + len(gathered.problems)
-    for problem in gathered.problems:  # an input that could not be read or listed: its error row
-        row = {"path": str(problem.path), "class": None, "probabilities": None, "flags": [], "error": problem.problem}
-        if as_json:
-            print(json.dumps(row))
-        elif writer is not None:
-            writer.writerow([safe_cell(v) for v in [row["path"], "", *[""] * len(run.classes), "", row["error"], "",
-                                                    *severity_csv(scorer, row)]])
     labels = {str(i.path): i.label for i in inputs}
     writer.open()
+    for problem in gathered.problems:  # an input that could not be read or listed: its error row
+        writer.write([_typed({"path": str(problem.path), "class": None, "probabilities": None, "flags": [],
+                              "error": problem.problem}, None, None, target)])
     bar = _progress(len(inputs))
     for res, prep in predictor.predict_files([i.path for i in inputs]):
         if bar is not None:

@@ -133,7 +133,7 @@ def gather(paths: Iterable[str | Path]) -> Gathered:
         p = Path(item)
         if p.suffix.lower() == ".csv" and p.is_file():
             try:
-                out.inputs += _manifest_inputs(p)
+                out.inputs += manifest_inputs(p)
             except CXRError as exc:
                 out.problems.append(exc if exc.path else CXRError(exc.problem, p))
             except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -149,16 +149,6 @@ def gather(paths: Iterable[str | Path]) -> Gathered:
         else:
             out.inputs.append(ImageInput(p, Path(p.name or "input")))
     return out
-
-
-def _manifest_inputs(csv_path: Path) -> list[ImageInput]:
-    """The images of a manifest csv (an ``image`` column, paths relative to the csv's folder), labelled by
-    their ``image`` cell (as `predict.batch.manifest_inputs`, which this module cannot import: a cycle)."""
-    from cxrscreen.data.manifest import check_columns, read_csv_strings
-
-    df = read_csv_strings(csv_path)
-    check_columns(df, ["image"], csv_path)
-    return [ImageInput(csv_path.parent / img, Path(img)) for img in df["image"] if img]
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[ImageInput], list[Path]]:

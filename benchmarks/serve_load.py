@@ -260,7 +260,8 @@ def _slow_socket(port: int, kind: str, stop: threading.Event, log: list[dict[str
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             head = b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             if kind == "body":
-                s.sendall(head + b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n")
+                s.sendall(head + b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
+                          b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.png\"\r\n\r\n")
             else:
                 s.sendall(head[:20])
             s.settimeout(1.0)
@@ -282,7 +283,7 @@ def _slow_socket(port: int, kind: str, stop: threading.Event, log: list[dict[str
 
 def run_hostile(images: list[tuple[str, bytes]], *, clients: int, per_client: int, bomb_clients: int,
                 slow_sockets: int, torch_threads: int | None) -> dict[str, Any]:
-    """Normal traffic (`clients` x `per_client` real X-rays) while `bomb_clients` threads upload the
+    """Normal traffic (`clients` x `per_client` real X-rays) alone, then again while `bomb_clients` threads upload the
     hostile payloads in a loop and `slow_sockets` slow-header plus as many slow-body connections are held
     open; the server's RSS sampled every 0.2 s, and again 10 s after the burst."""
     import httpx
@@ -305,6 +306,7 @@ def run_hostile(images: list[tuple[str, bytes]], *, clients: int, per_client: in
                 _, status, body = _post(client, base, name, data, heatmap=False)
                 refs.append(body if status == 200 and body is not None else {})
         rss_before = _rss_mb(proc.pid)
+        baseline = _phase(base, images, refs, clients * per_client, clients, heatmap=False)  # no hostile traffic
 
         def sample() -> None:
             while not stop.is_set():
@@ -361,6 +363,7 @@ def run_hostile(images: list[tuple[str, bytes]], *, clients: int, per_client: in
         "server_torch_threads": torch_threads or "torch default (one per core)",
         "load_average_1_5_15_before": [round(v, 2) for v in load_before],
         "load_average_1_5_15_after": [round(v, 2) for v in os.getloadavg()],
+        "normal_traffic_alone": baseline,
         "normal_traffic": normal,
         "bomb_clients": bomb_clients,
         "bomb_payload_bytes": {n: len(d) for n, d in bombs},

@@ -148,6 +148,11 @@ def test_non_manifest_csv_given_directly_does_not_stop_the_others(tmp_path: Path
     assert res.exit_code == 1, res.output
     assert res.stdout.startswith(f"{good}: ")
     assert f"{notes}: error: missing column 'image'" in res.stderr, res.stderr
+    js = _invoke("predict", str(notes), str(good), "--json")
+    rows = [json.loads(line) for line in js.stdout.splitlines()]
+    assert [r["path"] for r in rows] == [str(notes), str(good)] and "missing column" in rows[0]["error"]
+    cs = _invoke("predict", str(notes), str(good), "--csv")
+    assert [r[0] for r in csv.reader(io.StringIO(cs.stdout))][1:] == [str(notes), str(good)]
     out = tmp_path / "r.jsonl"
     batch = _invoke("predict", str(notes), str(good), "--out", str(out), "--workers", "0")
     assert batch.exit_code == 1, batch.output

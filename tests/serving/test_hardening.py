@@ -183,6 +183,30 @@ def test_slow_header_and_idle_connections_are_closed(server: int) -> None:
         assert closed, "a connection that sent nothing stayed open"
 
 
+def test_early_error_closes_a_connection_still_sending_its_body(server: int) -> None:
+    """A 400 sent before the body was read left the server reading a trickled body for as long as it came."""
+    with socket.create_connection(("127.0.0.1", server)) as s:
+        s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                  b"boundary=x\r\nContent-Length: 100000\r\n\r\nnot multipart")
+        s.settimeout(1.0)
+        got, t0 = b"", time.monotonic()
+        closed = False
+        while time.monotonic() - t0 < 8:
+            try:
+                s.sendall(b"x")
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 400") and closed, got[:200]
+
+
 def test_short_body_gets_408_and_keep_alive_ends(server: int) -> None:
     """A Content-Length larger than the body hung until the client left."""
     with socket.create_connection(("127.0.0.1", server)) as short:
@@ -194,3 +218,29 @@ def test_short_body_gets_408_and_keep_alive_ends(server: int) -> None:
         kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         closed, got = _closed_within(kept, 6)
         assert got.startswith(b"HTTP/1.1 200") and closed, got[:200]
+
+
+def test_big_decodes_never_hold_the_slots_of_ordinary_uploads(run: LoadedRun) -> None:  # noqa: F811
+    """While eight clients sent compressed TIFF bombs, a 36 KB X-ray waited 7.5 s for a decode slot."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = TestClient(create_app(run, max_decodes=2))
+    service = client.app.state.service
+    buf = io.BytesIO()
+    Image.new("I", (3000, 3000)).save(buf, format="TIFF", compression="tiff_adobe_deflate")  # 36 MB decoded
+    assert service.big_decode_slot.acquire(timeout=5)  # a big decode in progress
+    held = True
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            big = pool.submit(client.post, "/api/predict", files={"file": ("big.tif", buf.getvalue(), "image/tiff")})
+            t0 = time.monotonic()
+            r = client.post("/api/predict", files={"file": ("x.png", png_bytes(), "image/png")})
+            assert r.status_code == 200 and time.monotonic() - t0 < 10
+            time.sleep(0.5)
+            assert not big.done()  # waits for the big slot, not for the ordinary ones
+            service.big_decode_slot.release()
+            held = False
+            assert big.result(60).status_code == 200
+    finally:
+        if held:
+            service.big_decode_slot.release()

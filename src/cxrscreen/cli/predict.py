@@ -120,6 +120,9 @@ def predict(
     failed = len(empty) + len(gathered.problems)
     labels = {str(i.path): i.label for i in inputs}
     writer.open()
+    for problem in gathered.problems:  # an input that could not be read or listed: its error row
+        writer.write([_typed({"path": str(problem.path), "class": None, "probabilities": None, "flags": [],
+                              "error": problem.problem}, None, None, target)])
     bar = _progress(len(inputs))
     for res, prep in predictor.predict_files([i.path for i in inputs]):
         if bar is not None:

@@ -153,6 +153,29 @@ def read_xray_bytes(data: bytes, *, name: str = "<upload>", max_pixels: int = MA
     return _decode(bytes(data), name, max_pixels, max_side, max_decoded_bytes)
 
 
+def decoded_bytes_estimate(data: bytes) -> int | None:
+    """Bytes the image in ``data`` takes once decoded at full size, read from its header alone (nothing is
+    decoded; a deflated DICOM, whose header sits inside the compressed stream, is not inflated); None when
+    the header does not say (not an image, a deflated DICOM)."""
+    try:
+        if _is_dicom_header(data):
+            import pydicom
+
+            fp = io.BytesIO(data)
+            meta = pydicom.filereader.read_file_meta_info(fp)
+            if str(meta.get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99":  # Deflated Explicit VR LE
+                return None
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            per_pixel = max(1, int(ds.get("SamplesPerPixel") or 1) * int(ds.get("BitsAllocated") or 16) // 8)
+            return int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * per_pixel
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=list(_PIL_FORMATS)) as img:
+                return img.size[0] * img.size[1] * _pil_pixel_bytes(img.mode)
+    except Exception:  # noqa: BLE001 (no readable header: the decoder will say why)
+        return None
+
+
 def is_supported_file(path: str | Path) -> bool:
     """True if ``path`` has a supported suffix, or has no suffix and starts like a DICOM file."""
     p = Path(path)
@@ -771,6 +794,7 @@ __all__ = [
     "MAX_PIXELS",
     "SUPPORTED_SUFFIXES",
     "XRay",
+    "decoded_bytes_estimate",
     "is_supported_file",
     "read_xray",
     "read_xray_bytes",

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cxrscreen.errors import CXRError
 from cxrscreen.explain.overlay import heatmap_png_base64
 from cxrscreen.gate.model import gate_for_run
-from cxrscreen.io.xray import MAX_PIXELS, read_xray_bytes
+from cxrscreen.io.xray import MAX_PIXELS, decoded_bytes_estimate, read_xray_bytes
 from cxrscreen.predict.onnx_engine import OnnxModel
 from cxrscreen.predict.predictor import Predictor, Prepared
 from cxrscreen.results.result import PredictionResult
@@ -54,6 +54,9 @@ MAX_CONCURRENT_DECODES = 2
 """Decodes running at once; the others wait. With the pixel limit (`cxrscreen.io.MAX_PIXELS`, 50 million,
 checked from the header) this bounds the decoding memory: measured peaks for a 7000 x 7000 PNG are about
 70 MB (8-bit grey), 100 MB (palette), 215 MB (RGB) and 285 MB (16-bit grey) per decode."""
+BIG_DECODE_BYTES = 32_000_000
+"""Uploads announcing more decoded bytes than this (a 4,000 x 4,000 16-bit image) are decoded one at a time,
+apart from the others."""
 MAX_BATCH = 16
 """Most images in one batched forward pass."""
 BATCH_WAIT_S = 0.004
@@ -211,14 +214,20 @@ class _Service:
         self.predictor = Predictor(run, gate=gate)
         self.lock = threading.Lock()  # forward passes and Grad-CAM
         self.decode_slots = threading.BoundedSemaphore(max_decodes)
+        self.big_decode_slot = threading.BoundedSemaphore(1)  # see decode()
         self.batcher = MicroBatcher(self.predictor.outputs, max_batch=max_batch, wait_s=batch_wait_s,
                                     lock=self.lock)
         self._explainer: Explainer | None = None
         self._severity: Any = None  # severity.SeverityScorer, created on the first request that asks for it
 
     def decode(self, data: bytes, label: str) -> Prepared:
-        """Decode (at most `max_decodes` at once, reduced to DECODE_MAX_SIDE) and preprocess one upload."""
-        with self.decode_slots:
+        """Decode (at most `max_decodes` at once, reduced to DECODE_MAX_SIDE) and preprocess one upload.
+
+        An upload whose header announces more than BIG_DECODE_BYTES decoded (or says nothing: a deflated
+        DICOM) waits for the one slot of big decodes instead, so that a burst of them never holds the slots of
+        ordinary X-rays (a normal upload waited 7.5 s behind compressed TIFF bombs)."""
+        size = decoded_bytes_estimate(data)
+        with self.decode_slots if size is not None and size <= BIG_DECODE_BYTES else self.big_decode_slot:
             try:
                 xray = read_xray_bytes(data, name=label, max_pixels=MAX_PIXELS, max_side=DECODE_MAX_SIDE)
                 return self.predictor.prepare(xray)

@@ -122,17 +122,27 @@ class BodyTimeout:
         started = False
         deadline = asyncio.get_running_loop().time() + self.total_seconds
 
+        body_done = False
+
         async def timed_receive() -> Message:
+            nonlocal body_done
             left = deadline - asyncio.get_running_loop().time()
             wait = min(self.seconds, left)
             try:
-                return await asyncio.wait_for(receive(), max(0.0, wait))
+                message = await asyncio.wait_for(receive(), max(0.0, wait))
             except TimeoutError:
                 raise BodyReadTimeout(self.seconds if wait == self.seconds else self.total_seconds) from None
+            body_done = body_done or message["type"] == "http.disconnect" or not message.get("more_body", False)
+            return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if not body_done and not _has_body_done(scope):
+                    # answered before the body was read (an error): close the connection after the response,
+                    # or the server would go on reading a trickled body for as long as the client sends it
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
@@ -144,6 +154,13 @@ class BodyTimeout:
 
             await JSONResponse({"error": exc.detail, "path": None}, status_code=408,
                                headers={"connection": "close"})(scope, receive, send)
+
+
+def _has_body_done(scope: Scope) -> bool:
+    """True for a request without a body (no Content-Length or 0, no chunked transfer)."""
+    headers = dict(scope.get("headers") or [])
+    length = headers.get(b"content-length", b"0").strip()
+    return (length in (b"", b"0") and b"chunked" not in headers.get(b"transfer-encoding", b"").lower())
 
 
 def guarded_h11_protocol(head_timeout_s: float = HEAD_TIMEOUT_S) -> type:

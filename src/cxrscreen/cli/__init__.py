@@ -5,7 +5,7 @@ Importing this package registers every command on ``app`` (``cxrscreen.cli.app``
 
 from __future__ import annotations
 
-from cxrscreen.cli import data, evaluate, export, localize, models, predict, severity, train  # noqa: F401  (register the commands)
+from cxrscreen.cli import data, evaluate, export, head, localize, models, predict, severity, train  # noqa: F401  (register the commands)
 from cxrscreen.cli.app import app
 
 

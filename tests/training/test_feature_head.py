@@ -204,3 +204,54 @@ def test_predict_heatmap_and_onnx_of_a_feature_head_run(fitted: dict, synthetic:
 
     info = export_onnx(run, tmp_path / "m.onnx")
     assert info["max_abs_diff_probabilities"] < 1e-3
+
+
+@pytest.fixture(scope="module")
+def site_without_covid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 'children's hospital': 24 generated films, normal and pneumonia only, brighter exposure."""
+    root = tmp_path_factory.mktemp("fh_site")
+    (root / "images").mkdir()
+    rows = []
+    for label in ("normal", "pneumonia"):
+        for k in range(12):
+            img = np.clip(synthetic_cxr(SIZE, SIZE, lesion=LESION[label], seed=900 + k) + 0.08, 0, 1)
+            name = f"images/{label}_{k}.png"
+            assert cv2.imwrite(str(root / name), np.rint(img * 255).astype(np.uint8))
+            rows.append({"image": name, "label": label, "source": "kids", "patient_id": f"k{label}{k}",
+                         "split_group": f"k{label}{k}"})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root
+
+
+def test_adapt_keeps_the_class_the_site_lacks(fitted: dict, site_without_covid: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxrscreen.runs.run_dir import load_run
+    from cxrscreen.training.adapt import adapt_head, read_replay
+
+    monkeypatch.setenv("CXRSCREEN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "adapted"
+    res = _invoke("adapt", "--model", fitted["run"], "--data", site_without_covid, "--out", out, "--n-boot", 20)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    a = cfg["adaptation"]
+    assert a["site_data"] == str(site_without_covid) and a["site_sources"] == ["kids"]
+    assert a["replay_per_class"][0] > 0, "COVID rows were replayed"
+    assert "kids" in (out / "ADAPTATION.md").read_text()
+    run = load_run(out)
+    assert run.model.head.bias[0].item() > -10, "the COVID output was kept"
+    report = json.loads((out / "eval" / "adaptation.json").read_text())
+    assert report["site_test_before"]["n"] == report["site_test_after"]["n"] > 0
+    # without the replay, the same site data gives a head that can never say COVID
+    rx, ry, _ = read_replay(fitted["run"])
+    site = np.random.default_rng(0).normal(size=(10, rx.shape[1]))
+    no_replay = adapt_head(site, np.array([1, 2] * 5), [str(i) for i in range(10)], rx[:0], ry[:0], n_classes=3,
+                           cs=[1.0])
+    assert no_replay.bias[0] == -30.0
+    with_replay = adapt_head(site, np.array([1, 2] * 5), [str(i) for i in range(10)], rx, ry, n_classes=3, cs=[1.0])
+    assert with_replay.bias[0] > -10
+
+
+def test_adapt_refuses_a_model_that_is_not_a_feature_head(tmp_path: Path, site_without_covid: Path) -> None:
+    (tmp_path / "run").mkdir()
+    res = _invoke("adapt", "--model", tmp_path / "run", "--data", site_without_covid, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "error:" in res.output

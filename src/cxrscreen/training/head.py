@@ -271,9 +271,14 @@ def fit_head_run(recipe: HeadRecipe, data_dir: Path, split_csv: Path, out_dir: P
         "feature_cache": cache_summary(cache), "load_seconds": round(t1 - t0, 1),
         "feature_seconds": round(t2 - t1, 1), "fit_seconds": round(t3 - t2, 1),
         "train_seconds": round(time.monotonic() - t0, 1)})
+    from cxrscreen.runs.run_dir import read_config, write_config
+    from cxrscreen.training.adapt import write_replay
+
+    # what `cxrscreen adapt` replays so that a class a site lacks is not forgotten
+    config["replay"] = write_replay(out_dir, x, y, np.asarray(tr.sources)[keep], seed=recipe.seed)
+    write_config(out_dir, config)
     if calibrate and len(va.labels):
         from cxrscreen.evaluation.calibration import calibrate_run
-        from cxrscreen.runs.run_dir import read_config
 
         calibrate_run(out_dir, data_dir, split_csv)
         config = read_config(out_dir)

@@ -41,7 +41,7 @@ cxrscreen evaluate --data "$EXT" --out "$RES/eval_external.json"
 python scripts/bundle_model.py --run "$RUN" --onnx --command "$TRAIN_CMD" --eval "$RES/eval_cxr_test.json" \
   --eval-op "$RES/eval_cxr_test_op.json" --eval-siim "$RES/eval_siim_test.json" \
   --eval-siim-op "$RES/eval_siim_test_op.json" --eval-external "$RES/eval_external.json" \
-  --select docs/results/select/select.json --candidate "$(cat configs/default_model_head.candidate)" \
+  --select docs/results/select/select.json --candidate "$(python -c "import yaml; print(yaml.safe_load(open('configs/default_model_head.yaml'))['candidate'])")" \
   --gate docs/results/gate_ood.json
 # site adaptation: siim as the new hospital
 python scripts/adapt_curve.py --out docs/results/adapt

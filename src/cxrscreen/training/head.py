@@ -121,8 +121,18 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, groups: Sequence[str], *, n_class
     """Standardise, choose C by grouped K-fold CV (held-out log-loss; whole split groups per fold), refit on all.
 
     Class weights are balanced. A class absent from `y` gets zero weights and a bias of ABSENT_CLASS_BIAS.
-    CXRError when fewer than two classes are present.
+    CXRError when fewer than two classes are present. BLAS runs on one thread: these small matrices gain nothing
+    from more, and on a loaded CPU OpenBLAS's waiting threads made a 1-second fit take over ten minutes.
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fit_logistic(x, y, groups, n_classes=n_classes, cs=cs, folds=folds, seed=seed,
+                             sample_weight=sample_weight)
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, groups: Sequence[str], *, n_classes: int, cs: Sequence[float],
+                  folds: int, seed: int, sample_weight: np.ndarray | None) -> FittedHead:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
     from sklearn.model_selection import GroupKFold

@@ -1,12 +1,10 @@
 """Copy a trained, calibrated run into the package as the bundled default model, with its model card.
 
-    python scripts/bundle_model.py --run runs/default --eval docs/results/default_model/eval_cxr_test.json \
-        --eval-op docs/results/default_model/eval_cxr_test_op.json \
+    python scripts/bundle_model.py --run runs/default --onnx --eval docs/results/default_model/eval_cxr_test.json \
         --eval-siim docs/results/default_model/eval_siim_test.json \
-        --eval-siim-op docs/results/default_model/eval_siim_test_op.json \
-        --probe docs/results/data_choice/frozen_probe.json \
-        --audit docs/results/audit/audit.json --gate docs/results/gate_ood.json \
-        --command "$(cat docs/results/default_model/command.txt)"
+        --eval-external docs/results/default_model/eval_external.json \
+        --select docs/results/select/select.json --candidate lite0_224_blocks2-6_merged \
+        --gate docs/results/gate_ood.json --command "$(cat docs/results/default_model/command.txt)"
 
 Writes src/cxrscreen/weights/{model.safetensors (float16), config.json, model_card.json, MODEL_CARD.md}, and with
 --onnx the ONNX export of the bundled (float16-rounded) weights, model.onnx, whose sha256 goes into config.json as

@@ -29,18 +29,14 @@ $TRAIN_CMD
 cp "$RUN/config.json" "$RUN/eval/calibration.json" "$RUN/eval/reliability.png" "$RES/"
 # bundle the float16 weights (and their ONNX export), then measure the weights exactly as they ship
 python scripts/bundle_model.py --run "$RUN" --onnx --command "$TRAIN_CMD"
-THR=$(python -c "import json; print(json.load(open('$W/config.json'))['operating_point']['threshold'])")
-for PART in cxr siim; do
-  D=$CXR; [ "$PART" = siim ] && D=$SIIM
-  cxrscreen evaluate --data "$D" --split "configs/splits/${PART}_grouped_seed0.csv" --subset test \
-    --out "$RES/eval_${PART}_test.json"
-  cxrscreen evaluate --data "$D" --split "configs/splits/${PART}_grouped_seed0.csv" --subset test \
-    --threshold "$THR" --out "$RES/eval_${PART}_test_op.json"
-done
+# (the bundled model: no --model) the shipped rule on the cxr and siim grouped tests and the external set
+cxrscreen evaluate --data "$CXR" --split configs/splits/cxr_grouped_seed0.csv --subset test \
+  --out "$RES/eval_cxr_test.json"
 cxrscreen evaluate --data "$EXT" --out "$RES/eval_external.json"
+cxrscreen evaluate --data "$SIIM" --split configs/splits/siim_grouped_seed0.csv --subset test \
+  --out "$RES/eval_siim_test.json"
 python scripts/bundle_model.py --run "$RUN" --onnx --command "$TRAIN_CMD" --eval "$RES/eval_cxr_test.json" \
-  --eval-op "$RES/eval_cxr_test_op.json" --eval-siim "$RES/eval_siim_test.json" \
-  --eval-siim-op "$RES/eval_siim_test_op.json" --eval-external "$RES/eval_external.json" \
+  --eval-siim "$RES/eval_siim_test.json" --eval-external "$RES/eval_external.json" \
   --select docs/results/select/select.json --candidate "$(python -c "import yaml; print(yaml.safe_load(open('configs/default_model_head.yaml'))['candidate'])")" \
   --gate docs/results/gate_ood.json
 # site adaptation: siim as the new hospital

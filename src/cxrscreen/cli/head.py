@@ -65,14 +65,16 @@ def select(
     from cxrscreen.io.files import write_json
     from cxrscreen.training.select import SelectConfig, run_select, select_markdown
 
+    def write(result: dict[str, Any]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "select.json", result)
+        (out_dir / "select.md").write_text(select_markdown(result))
+
     try:
         cfg = SelectConfig.from_yaml(config)
-        result = run_select(cfg, only=only, log=_log)
+        result = run_select(cfg, only=only, log=_log, on_result=write)
     except CXRError as exc:
         _fail(exc)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "select.json", result)
-    (out_dir / "select.md").write_text(select_markdown(result))
     out.print(json.dumps({"best": result["best"], "scores": {c["name"]: round(c["score"], 4)
                                                              for c in result["candidates"]},
                           "out": str(out_dir)}), markup=False)

@@ -213,16 +213,23 @@ def evaluate_candidate(cand: Candidate, cfg: SelectConfig, *, log: Callable[[str
     return out
 
 
-def run_select(cfg: SelectConfig, *, only: Sequence[str] | None = None, log: Callable[[str], None] = print
-               ) -> dict[str, Any]:
-    """Evaluate every candidate (or those named in `only`) and name the best by `score`."""
-    results = []
+def run_select(cfg: SelectConfig, *, only: Sequence[str] | None = None, log: Callable[[str], None] = print,
+               on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Evaluate every candidate (or those named in `only`) and name the best by `score`. `on_result` receives
+    the result so far after each candidate (the CLI writes it, so a long run keeps what it finished)."""
+    results: list[dict[str, Any]] = []
     for cand in cfg.candidates:
         if only and cand.name not in only:
             continue
         results.append(evaluate_candidate(cand, cfg, log=log))
+        if on_result is not None:
+            on_result(_summary(cfg, results))
     if not results:
         raise CXRError(f"no candidate is named {', '.join(only or [])}")
+    return _summary(cfg, results)
+
+
+def _summary(cfg: SelectConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
     best = max(results, key=lambda c: c["score"])
     return {"best": best["name"],
             "chosen_by": "mean of the external set's COVID-vs-rest AUC and the worst held-out source's figure "

@@ -172,6 +172,7 @@ def plot(r: dict, path: Path) -> None:
     for ax in axes:
         ax.set_xticks([c["films"] for c in r["curve"] if c["arm"] == "replay"])
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -22,34 +22,7 @@ from typing import Any
 import numpy as np
 
 from cxrscreen.errors import CXRError
-from cxrscreen.training.head import FittedHead, fit_logistic
-
-REPLAY_FILE = "replay.npz"
-
-
-def write_replay(out_dir: Path, x: np.ndarray, y: np.ndarray, sources: Sequence[str], *, per_class: int = 300,
-                 seed: int = 0) -> dict[str, Any]:
-    """Store up to `per_class` training feature rows of each class (float16) as <out_dir>/replay.npz."""
-    rng = np.random.default_rng(seed)
-    pick = np.concatenate([rng.permutation(np.flatnonzero(y == k))[:per_class] for k in np.unique(y)])
-    pick.sort()
-    np.savez_compressed(Path(out_dir) / REPLAY_FILE, features=np.asarray(x[pick], np.float16),
-                        labels=np.asarray(y[pick], np.int64), sources=np.asarray(sources)[pick].astype(str))
-    return {"file": REPLAY_FILE, "rows": int(len(pick)), "per_class": np.bincount(y[pick]).tolist(),
-            "seed": seed}
-
-
-def read_replay(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features float64 (N, D), labels (N,), sources (N,)) of a run's replay.npz; CXRError when missing or bad."""
-    path = Path(run_dir) / REPLAY_FILE
-    if not path.is_file():
-        raise CXRError(f"the model has no {REPLAY_FILE} (the training features it replays while adapting); "
-                       "refit it with `cxrscreen fit-head`", run_dir)
-    try:
-        with np.load(path) as z:
-            return z["features"].astype(np.float64), z["labels"].astype(np.int64), z["sources"].astype(str)
-    except (OSError, KeyError, ValueError) as exc:
-        raise CXRError(f"cannot read the replay set ({exc})", path) from exc
+from cxrscreen.training.head import REPLAY_FILE, FittedHead, fit_logistic, read_replay
 
 
 def adapt_head(site_x: np.ndarray, site_y: np.ndarray, site_groups: Sequence[str], replay_x: np.ndarray,

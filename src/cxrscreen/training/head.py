@@ -27,6 +27,34 @@ from cxrscreen.io.files import file_sha256
 from cxrscreen.transforms.cache import PreprocessedCache, default_cache_dir
 from cxrscreen.transforms.preprocess import PreprocessConfig
 
+REPLAY_FILE = "replay.npz"
+
+
+def write_replay(out_dir: Path, x: np.ndarray, y: np.ndarray, sources: Sequence[str], *, per_class: int = 300,
+                 seed: int = 0) -> dict[str, Any]:
+    """Store up to `per_class` training feature rows of each class (float16) as <out_dir>/replay.npz."""
+    rng = np.random.default_rng(seed)
+    pick = np.concatenate([rng.permutation(np.flatnonzero(y == k))[:per_class] for k in np.unique(y)])
+    pick.sort()
+    np.savez_compressed(Path(out_dir) / REPLAY_FILE, features=np.asarray(x[pick], np.float16),
+                        labels=np.asarray(y[pick], np.int64), sources=np.asarray(sources)[pick].astype(str))
+    return {"file": REPLAY_FILE, "rows": int(len(pick)), "per_class": np.bincount(y[pick]).tolist(),
+            "seed": seed}
+
+
+def read_replay(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features float64 (N, D), labels (N,), sources (N,)) of a run's replay.npz; CXRError when missing or bad."""
+    path = Path(run_dir) / REPLAY_FILE
+    if not path.is_file():
+        raise CXRError(f"the model has no {REPLAY_FILE} (the training features it replays while adapting); "
+                       "refit it with `cxrscreen fit-head`", run_dir)
+    try:
+        with np.load(path) as z:
+            return z["features"].astype(np.float64), z["labels"].astype(np.int64), z["sources"].astype(str)
+    except (OSError, KeyError, ValueError) as exc:
+        raise CXRError(f"cannot read the replay set ({exc})", path) from exc
+
+
 ABSENT_CLASS_BIAS = -30.0  # the logit bias of a class the head never saw: its probability stays ~0
 
 
@@ -282,7 +310,6 @@ def fit_head_run(recipe: HeadRecipe, data_dir: Path, split_csv: Path, out_dir: P
         "feature_seconds": round(t2 - t1, 1), "fit_seconds": round(t3 - t2, 1),
         "train_seconds": round(time.monotonic() - t0, 1)})
     from cxrscreen.runs.run_dir import read_config, write_config
-    from cxrscreen.training.adapt import write_replay
 
     # what `cxrscreen adapt` replays so that a class a site lacks is not forgotten
     config["replay"] = write_replay(out_dir, x, y, np.asarray(tr.sources)[keep], seed=recipe.seed)

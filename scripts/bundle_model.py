@@ -1,14 +1,14 @@
 """Copy a trained, calibrated run into the package as the bundled default model, with its model card.
 
-    python scripts/bundle_model.py --run runs/default --eval docs/results/default_model/eval_cxr_test.json \
-        --eval-op docs/results/default_model/eval_cxr_test_op.json \
+    python scripts/bundle_model.py --run runs/default --onnx --eval docs/results/default_model/eval_cxr_test.json \
         --eval-siim docs/results/default_model/eval_siim_test.json \
-        --eval-siim-op docs/results/default_model/eval_siim_test_op.json \
-        --probe docs/results/data_choice/frozen_probe.json \
-        --audit docs/results/audit/audit.json --gate docs/results/gate_ood.json \
-        --command "$(cat docs/results/default_model/command.txt)"
+        --eval-external docs/results/default_model/eval_external.json \
+        --select docs/results/select/select.json --candidate lite0_224_blocks2-6_merged \
+        --gate docs/results/gate_ood.json --command "$(cat docs/results/default_model/command.txt)"
 
-Writes src/cxrscreen/weights/{model.safetensors (float16), config.json, model_card.json, MODEL_CARD.md}.
+Writes src/cxrscreen/weights/{model.safetensors (float16), config.json, model_card.json, MODEL_CARD.md}, and with
+--onnx the ONNX export of the bundled (float16-rounded) weights, model.onnx, whose sha256 goes into config.json as
+`onnx_sha256`. A feature-head run's replay.npz (what `cxrscreen adapt` replays) is copied along.
 Every figure in the card is read from the JSON files named on the command line.
 """
 
@@ -45,6 +45,13 @@ def _eval_rows(ev: dict[str, Any]) -> list[str]:
 
 def _weights_text(cfg: dict[str, Any]) -> str:
     tr = cfg["training"]
+    if cfg.get("model_options"):
+        opts = cfg["model_options"]
+        return (f"frozen ImageNet weights (offline, see `cxrscreen.models.efficientnet_lite`, never fine-tuned); the "
+                f"global averages of `{', '.join(opts['stages'])}`" + (" (averaged with the mirrored image's)"
+                                                                        if opts.get("flip") else "")
+                + f" concatenated and standardised, then one linear layer: {tr.get('solver')}, C = {tr['chosen_C']} "
+                f"chosen by {tr.get('cv_folds')}-fold patient-grouped cross-validation over {tr.get('cs')}")
     if tr.get("weights") == "imagenet":
         text = "ImageNet weights (offline, see `cxrscreen.models.efficientnet_lite`)"
         if tr.get("linear_probe_epochs"):
@@ -96,8 +103,12 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"({cfg['preprocess']['center_fraction']:.0%} of the short side) resized to "
         f"{cfg['preprocess']['image_size']} px; no padding bars.",
         f"- Training: `{card['training_command']}`; seed {cfg['seed']}; recipe `{json.dumps(cfg['training'])}`; "
-        f"stopped: {cfg.get('stop_reason')}; best epoch {cfg.get('best_epoch')}; "
-        f"{cfg.get('train_seconds')} s on the CPU.",
+        + (f"{cfg.get('train_seconds')} s on the CPU (feature extraction {cfg.get('feature_seconds')} s, of which "
+           f"{(cfg.get('feature_cache') or {}).get('misses')} images computed and "
+           f"{(cfg.get('feature_cache') or {}).get('hits')} read from the feature cache; head fit "
+           f"{cfg.get('fit_seconds')} s)." if cfg.get("model_options") else
+           f"stopped: {cfg.get('stop_reason')}; best epoch {cfg.get('best_epoch')}; "
+           f"{cfg.get('train_seconds')} s on the CPU."),
         f"- Package versions: `{json.dumps(cfg['versions'])}`.",
         "",
         "## Data",
@@ -114,6 +125,8 @@ def card_markdown(card: dict[str, Any]) -> str:
                  + ", ".join(f"{c['rule']['rule']} {c['worst']:.3f}" for c in choice["candidates"]) + ")."
                  if choice else ""), ""]
     for key, title in (("eval", "Internal test of ../shared/data/cxr (the shipped decision rule)"),
+                       ("eval_external", "External selection set ../shared/data/external (two hospitals in no "
+                                         "training source; never fitted on; the shipped decision rule)"),
                        ("eval_op", "Internal test of ../shared/data/cxr (the stored operating point, not shipped)"),
                        ("eval_siim", "Grouped test of ../shared/data/siim (same hospitals for both classes; "
                                      "the shipped decision rule)"),
@@ -141,6 +154,19 @@ def card_markdown(card: dict[str, Any]) -> str:
             lines += ["COVID specificity at this threshold per source (merged test, non-COVID images):", "",
                       *[f"- {s}: {v['specificity']:.3f} of {v['n_non_covid']}" for s, v in per.items()
                         if v["specificity"] is not None], ""]
+    sel = card.get("selection")
+    if sel:
+        lines += ["## Selection (`cxrscreen select --config configs/select.yaml`)", "",
+                  f"Shipped candidate `{sel['shipped']}`; best by the selection score: `{sel['best']}` "
+                  f"({sel['chosen_by']}). Scores: " + ", ".join(f"{n} {v:.3f}" for n, v in sel["scores"].items())
+                  + ".", "", "Leave-one-source-out of the shipped recipe (the head refitted without the source, "
+                  "tested on all its images; grouped 95 % CIs):", "",
+                  "| held-out source | n | figure | recall |", "|---|---|---|---|"]
+        for src, e in sel["loso"].items():
+            auc = f"{e['auc_kind']} AUC {format_ci(e['auc'])}" if e.get("auc") else "one class only"
+            rec = ", ".join(f"{c} {format_ci(v)}" for c, v in e["recall"].items())
+            lines.append(f"| {src} | {e['n']} | {auc} | {rec} |")
+        lines.append("")
     if card.get("audit_findings"):
         lines += ["## Shortcut audit (`cxrscreen audit`)", "", *[f"- {f}" for f in card["audit_findings"]], ""]
         loso = _loso_rows(card.get("audit"))
@@ -162,7 +188,7 @@ def card_markdown(card: dict[str, Any]) -> str:
 
 
 DATA_TEXT = (
-    "the merge (`cxrscreen data build`) of `../shared/data/cxr` (3,078 frontal adult chest X-rays; sources cohen, "
+    "the merge (`cxrscreen data build`) of `../shared/data/cxr` (2,989 frontal adult chest X-rays; sources cohen, "
     "covid-cxnet, nih, rsna: COVID web-collected, normal and pneumonia from one US hospital) and "
     "`../shared/data/siim` (4,666 films of COVID and pneumonia-free patients from the same Spanish and US hospital "
     "cohorts). Every cxr image keeps its subset of `configs/splits/cxr_grouped_seed0.csv`."
@@ -183,8 +209,9 @@ LIMITS = [
     "shows, and a COVID patient with a clear film is called normal.",
     "Frontal views only; lateral views, CT and non-X-ray images are meant to be stopped by the gate, which has "
     "its own limits (see above).",
-    "A small network (EfficientNet-Lite0, 192 px) fine-tuned for under an hour on a 2-core CPU: not state of the "
-    "art, and the leave-one-source-out figures show how far its figures fall on a source it never saw.",
+    "A small frozen ImageNet network (EfficientNet-Lite0, 224 px) with a linear head fitted in minutes on a 2-core "
+    "CPU: not state of the art, and the leave-one-source-out figures show how far its figures fall on a source it "
+    "never saw. A hospital can refit the head on its own films with `cxrscreen adapt`.",
 ]
 GATE_LIMITS = [
     "real lateral films without DICOM tags (only a synthetic lateral-like drawing was tested);",
@@ -194,6 +221,10 @@ GATE_LIMITS = [
     "colour is only judged on files, not on web uploads or colour DICOMs.",
 ]
 GENERALISATION = [
+    "Frozen ImageNet features, never fine-tuned (fine-tuning gave back much of what they carry to unseen hospitals), "
+    "pooled from several stages rather than the last only, and a linear head whose penalty is chosen by "
+    "patient-grouped cross-validation; the recipe was chosen by `cxrscreen select` on the external set (two "
+    "hospitals in no training source, never fitted on) and the worst leave-one-source-out figure.",
     "Centre crop to 90 % of the short side instead of padding: no bars that reveal the source's aspect ratio, and "
     "less of the corners where burned-in text and markers sit.",
     "CLAHE on every image, and augmentation of framing (rotation, shift, scale), exposure and contrast, blur and "
@@ -220,6 +251,10 @@ def main() -> None:
     ap.add_argument("--probe", type=Path, help="frozen_probe.py JSON (the data choice)")
     ap.add_argument("--audit", type=Path)
     ap.add_argument("--gate", type=Path)
+    ap.add_argument("--eval-external", type=Path, help="eval JSON of the external selection set (shipped rule)")
+    ap.add_argument("--select", type=Path, help="select.json of `cxrscreen select` (the recipe choice)")
+    ap.add_argument("--candidate", help="the shipped candidate's name in --select")
+    ap.add_argument("--onnx", action="store_true", help="also write model.onnx and its sha256 (onnx_sha256)")
     ap.add_argument("--command", required=True, help="the exact training command")
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     args = ap.parse_args()
@@ -229,8 +264,34 @@ def main() -> None:
     sha = save_weights(run.model, args.out, dtype=torch.float16)
     config = {**run.config, "weights_sha256": sha, "weights_dtype": "float16",
               "bundled_from": {"run": str(args.run), "weights_sha256_float32": run.config.get("weights_sha256")}}
+    replay = args.run / "replay.npz"
+    if replay.is_file():
+        import shutil
+
+        shutil.copyfile(replay, args.out / "replay.npz")
+    for stale in ("onnx_sha256",):
+        config.pop(stale, None)
     write_config(args.out, config)
+    if args.onnx:
+        from cxrscreen.io.files import file_sha256
+        from cxrscreen.predict.onnx_export import export_onnx
+
+        info = export_onnx(load_run(args.out), args.out / "model.onnx")
+        config["onnx_sha256"] = file_sha256(args.out / "model.onnx")
+        config["onnx_export"] = {"opset": info["opset"],
+                                 "max_abs_diff_probabilities": info["max_abs_diff_probabilities"]}
+        write_config(args.out, config)
+    elif (args.out / "model.onnx").is_file():
+        (args.out / "model.onnx").unlink()  # an export of other weights must not stay beside these
     audit = _load(args.audit)
+    selection = None
+    sel = _load(args.select)
+    if sel:
+        shipped = next((c for c in sel["candidates"] if c["name"] == args.candidate), None)
+        if shipped is None:
+            raise SystemExit(f"--candidate {args.candidate!r} is not in {args.select}")
+        selection = {"shipped": shipped["name"], "best": sel["best"], "chosen_by": sel["chosen_by"],
+                     "scores": {c["name"]: c["score"] for c in sel["candidates"]}, "loso": shipped["loso"]}
     card = {
         "name": "cxrscreen default model",
         "config": config,
@@ -240,6 +301,8 @@ def main() -> None:
         "decision_choice": (_load(args.run / "eval" / "calibration.json") or {}).get("decision"),
         "eval_siim": _load(args.eval_siim),
         "eval_siim_op": _load(args.eval_siim_op),
+        "eval_external": _load(args.eval_external),
+        "selection": selection,
         "data_choice": _load(args.probe),
         "data_text": DATA_TEXT,
         "audit_findings": (audit or {}).get("findings"),

@@ -12,6 +12,7 @@ from cxrscreen.cli import (  # noqa: F401  (register the commands)
     data,
     evaluate,
     export,
+    head,
     localize,
     models,
     pacs,

@@ -25,13 +25,14 @@ if TYPE_CHECKING:
 
 
 class Explainer:
-    """Grad-CAM for a loaded classifier; the target layer comes from the model registry."""
+    """Grad-CAM for a loaded classifier; the target layer is the run's config.json `cam_layer` when it names one,
+    else the model registry's default for the architecture."""
 
     def __init__(self, run: LoadedRun) -> None:
         if not run.task.has_logits:
             raise CXRError(f"heatmaps are for classifiers; {run.arch} is a {run.kind}")
         self.run = run
-        self.layer = cam_target_layer(run.arch, run.model)
+        self.layer = cam_target_layer(run.arch, run.model, run.config.get("cam_layer"))
 
     def cam(self, image_u8: np.ndarray, target: str) -> np.ndarray:
         """Grad-CAM of class `target` on one preprocessed uint8 image: float32 (S, S) in [0, 1]."""

@@ -25,8 +25,9 @@ class ModelSpec:
 
     first_conv / head / cam_layer are attribute paths ("features.0.0") inside the built model.
     kind: "classifier" (logits of shape (N, classes)) or "detector" (torchvision detection API).
-    library: who builds it: "torchvision" (tv_name is a torchvision model) or "timm" (tv_name is a timm model
-        whose ImageNet weights come offline from `efficientnet_lite`).
+    library: who builds it: "torchvision" (tv_name is a torchvision model), "timm" (tv_name is a timm model
+        whose ImageNet weights come offline from `efficientnet_lite`) or "feature_head" (a frozen timm backbone
+        with pooled stages and a linear head, `cxrscreen.models.feature_head`; takes `options`).
     """
 
     name: str
@@ -78,6 +79,14 @@ for _spec in (
               library="timm"),
     ModelSpec("tf_efficientnet_lite2", "tf_efficientnet_lite2", 260, "conv_stem", "classifier", "blocks.4",
               library="timm"),
+    # frozen ImageNet EfficientNet-Lite + pooled stages + linear head (cxrscreen.models.feature_head); Grad-CAM's
+    # default target is the last of the default stages (blocks 2-6); a run's config.json `cam_layer` overrides it
+    ModelSpec("lite0_features", "tf_efficientnet_lite0", 224, "backbone.conv_stem", "head", "backbone.blocks.6",
+              library="feature_head"),
+    ModelSpec("lite1_features", "tf_efficientnet_lite1", 240, "backbone.conv_stem", "head", "backbone.blocks.6",
+              library="feature_head"),
+    ModelSpec("lite2_features", "tf_efficientnet_lite2", 260, "backbone.conv_stem", "head", "backbone.blocks.6",
+              library="feature_head"),
     # detectors (cxrscreen.models.detection builds them; create_model dispatches on kind)
     ModelSpec("ssd300_vgg16", "ssd300_vgg16", 300, "backbone.features.0", "head", "backbone.features.21",
               kind="detector", min_size=300),
@@ -137,8 +146,10 @@ def load_imagenet(tv_name: str, **kwargs: object) -> nn.Module:
 
 
 def _build_torchvision(
-    spec: ModelSpec, *, num_classes: int, pretrained: bool, loader: Callable[..., nn.Module]
+    spec: ModelSpec, *, num_classes: int, pretrained: bool, loader: Callable[..., nn.Module],
+    options: dict[str, object] | None = None,
 ) -> nn.Module:
+    _no_options(spec, options)
     kwargs = dict(spec.build_kwargs)
     if not pretrained:
         return tvm.get_model(spec.tv_name, weights=None, num_classes=num_classes, **kwargs)
@@ -148,9 +159,11 @@ def _build_torchvision(
     return model
 
 
-def _build_timm(spec: ModelSpec, *, num_classes: int, pretrained: bool, loader: Callable[..., nn.Module]) -> nn.Module:
+def _build_timm(spec: ModelSpec, *, num_classes: int, pretrained: bool, loader: Callable[..., nn.Module],
+                options: dict[str, object] | None = None) -> nn.Module:
     import timm
 
+    _no_options(spec, options)
     from cxrscreen.models.efficientnet_lite import load_lite_imagenet
 
     if not pretrained:
@@ -160,7 +173,19 @@ def _build_timm(spec: ModelSpec, *, num_classes: int, pretrained: bool, loader: 
     return model
 
 
-_BUILDERS = {"torchvision": _build_torchvision, "timm": _build_timm}
+def _build_feature_head(spec: ModelSpec, *, num_classes: int, pretrained: bool, loader: Callable[..., nn.Module],
+                        options: dict[str, object] | None = None) -> nn.Module:
+    from cxrscreen.models.feature_head import build_feature_head
+
+    return build_feature_head(spec.tv_name, num_classes=num_classes, pretrained=pretrained, options=options)
+
+
+def _no_options(spec: ModelSpec, options: dict[str, object] | None) -> None:
+    if options:
+        raise CXRError(f"{spec.name} takes no model options (got {', '.join(sorted(options))})")
+
+
+_BUILDERS = {"torchvision": _build_torchvision, "timm": _build_timm, "feature_head": _build_feature_head}
 
 
 def create_model(
@@ -170,6 +195,7 @@ def create_model(
     in_chans: int = 1,
     weights: str | None = None,
     loader: Callable[..., nn.Module] = load_imagenet,
+    options: dict[str, object] | None = None,
 ) -> nn.Module:
     """Build a registered classifier.
 
@@ -179,6 +205,8 @@ def create_model(
         in_chans: input channels (1 for grey X-rays).
         weights: None / "none" (random init) or "imagenet" (ImageNet weights; CXRError if unavailable).
         loader: how torchvision's ImageNet models are fetched (replaceable in tests).
+        options: architecture options a run records as `model_options` (feature-head models: stages, flip);
+            CXRError for an architecture that takes none.
     Returns:
         nn.Module mapping (N, in_chans, S, S) float -> (N, num_classes) logits.
     """
@@ -189,7 +217,8 @@ def create_model(
         return create_detector(name, num_classes=num_classes, weights_backbone=weights)
     if weights not in (None, "none", "imagenet"):
         raise CXRError(f"unknown weights {weights!r}; use 'none' or 'imagenet'")
-    model = _BUILDERS[spec.library](spec, num_classes=num_classes, pretrained=weights == "imagenet", loader=loader)
+    model = _BUILDERS[spec.library](spec, num_classes=num_classes, pretrained=weights == "imagenet", loader=loader,
+                                    options=options)
     conv = get_submodule(model, spec.first_conv)
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"{name}: {spec.first_conv} is {type(conv).__name__}, not Conv2d")
@@ -202,9 +231,14 @@ def create_model(
     return model
 
 
-def cam_target_layer(name: str, model: nn.Module) -> nn.Module:
-    """The layer whose activations Grad-CAM weights for this architecture."""
-    return get_submodule(model, get_spec(name).cam_layer)
+def cam_target_layer(name: str, model: nn.Module, layer: str | None = None) -> nn.Module:
+    """The layer whose activations Grad-CAM weights: `layer` (a run's config.json `cam_layer`) when given, else
+    the architecture's registry default. CXRError when the model has no such module."""
+    path = layer or get_spec(name).cam_layer
+    try:
+        return get_submodule(model, path)
+    except AttributeError:
+        raise CXRError(f"{name} has no layer {path!r} for Grad-CAM") from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -2,7 +2,7 @@
 
 Fields: `path`, `label` (the class the decision rule chose; None for an error or an input the gate
 flagged), `probabilities` ({class: p}, None when withheld), `decision` (the rule: see
-`evaluation.decision.DecisionRule.to_dict`), `flags` (the gate's reasons), `error`, `severity`,
+`runs.decision.DecisionRule.to_dict`), `flags` (the gate's reasons), `error`, `severity`,
 `heatmap` (the PNG written, if any), `heatmap_array` (Grad-CAM on the original image grid, float32 (H, W)
 in [0, 1], never serialised), `dicom` (the source's `io.dicom_identity.DicomIdentity` for DICOM inputs) and
 `extra` (other task fields, e.g. a detector's "boxes"). `to_dict` gives the JSON shape the CLI always printed.

@@ -159,7 +159,8 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Load
                 "the file is corrupt or was replaced, and will not be loaded",
                 wpath,
             )
-    model = create_model(config["arch"], num_classes=len(config["classes"]), in_chans=1, weights=None)
+    model = create_model(config["arch"], num_classes=len(config["classes"]), in_chans=1, weights=None,
+                         options=config.get("model_options"))
     try:
         state = load_file(str(wpath))
         model.load_state_dict(state)

@@ -5,7 +5,17 @@ Importing this package registers every command on ``app`` (``cxrscreen.cli.app``
 
 from __future__ import annotations
 
-from cxrscreen.cli import data, evaluate, export, localize, models, predict, severity, train  # noqa: F401  (register the commands)
+from cxrscreen.cli import (  # noqa: F401  (register the commands)
+    data,
+    evaluate,
+    export,
+    localize,
+    models,
+    predict,
+    segment,
+    severity,
+    train,
+)
 from cxrscreen.cli.app import app
 
 

@@ -4,7 +4,9 @@ the fit on all masks, written to src/cxrscreen/weights/lungs.{json,safetensors} 
     nohup nice python scripts/train_lungs.py --data ../shared/data/cxr --lesions ../shared/data/lesions \
         --epochs 12 > lungs_train.log 2>&1 &
 
---out sets another model folder (e.g. to try options without touching the bundled model).
+--out sets another model folder (e.g. to try options without touching the bundled model). The two halves can run
+apart: --skip-cv fits and writes the model only; --cv-only computes the figures and records them in the existing
+lungs.json of --out (its weights untouched; the options must be those the model was fitted with).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from cxrscreen.io.files import write_json
 from cxrscreen.lungs.training import (
     TrainOptions,
+    attach_record,
     cross_source,
     cross_validate,
     fit_and_save,
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-cv", action="store_true", help="only the final fit (no figures recorded)")
+    ap.add_argument("--cv-only", action="store_true", help="only the figures, recorded in --out's lungs.json")
     args = ap.parse_args()
     opts = TrainOptions(epochs=args.epochs, seed=args.seed, threads=args.threads)
     t0 = time.monotonic()
@@ -55,6 +59,10 @@ def main() -> None:
             "options": asdict(opts), **record, **provenance()}
         write_json(args.results, results)
         print(f"figures written to {args.results}", flush=True)
+    if args.cv_only:
+        path = attach_record(args.out, record, opts)
+        print(f"figures recorded in {path}", flush=True)
+        return
     path = fit_and_save(table, examples, opts, args.out, record=record, log=lambda m: print(m, flush=True))
     print(f"model written: {path} ({time.monotonic() - t0:.0f} s in all)", flush=True)
 

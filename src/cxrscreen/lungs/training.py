@@ -302,3 +302,19 @@ def fit_and_save(table: pd.DataFrame, examples: Sequence[Example], opts: TrainOp
            **record, **provenance(), "weights_dtype": "float16", "weights_sha256": file_sha256(out / WEIGHTS_FILE)}
     write_json(out / CONFIG_FILE, cfg)
     return out / CONFIG_FILE
+
+
+def attach_record(out_dir: str | Path, record: dict[str, Any], opts: TrainOptions) -> Path:
+    """Record CV figures in an existing lungs.json (weights untouched). ValueError when the model there was
+    fitted with other options than `opts` (the figures would describe another recipe)."""
+    import json
+
+    from cxrscreen.io.files import write_json
+
+    path = Path(out_dir) / CONFIG_FILE
+    cfg = json.loads(path.read_text())
+    if cfg.get("training") != asdict(opts):
+        raise ValueError(f"{path} was fitted with {cfg.get('training')}, not {asdict(opts)}")
+    cfg.update(record)
+    write_json(path, cfg)
+    return path

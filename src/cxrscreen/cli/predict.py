@@ -110,7 +110,7 @@ def predict(
     if as_csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(["path", "class", *[f"p_{c}" for c in run.classes], "flags", "error", "heatmap",
-                         *severity_csv_header(scorer)])
+                         *(["heatmap_in_lungs"] if heatmap is not None else []), *severity_csv_header(scorer)])
     failed = len(empty)
     labels = {str(i.path): i.label for i in inputs}
     for res, prep in predictor.predict_files([i.path for i in inputs]):
@@ -119,7 +119,9 @@ def predict(
         elif names is not None and prep is not None and res["probabilities"] is not None:
             label = labels.get(res["path"], Path(Path(res["path"]).name))
             try:
-                res["heatmap"] = str(with_zones(draw(prep, res, names.path(label, run.task.drawing), target), res))
+                drawn = draw(prep, res, names.path(label, run.task.drawing), target)
+                # the Grad-CAM drawer puts the zones' scores in its own band; a boxes picture gets one here
+                res["heatmap"] = str(drawn if run.task.drawing == "heatmap" else with_zones(drawn, res))
             except CXRError as exc:
                 res["error"] = f"heatmap failed: {exc.problem}"
                 failed += 1
@@ -134,6 +136,7 @@ def predict(
             writer.writerow([res["path"], res["class"] or "",
                              *[f"{probs[c]:.4f}" if c in probs else "" for c in run.classes],
                              ";".join(res["flags"]), res["error"] or "", res.get("heatmap") or "",
+                             *([_cell(res.get("heatmap_in_lungs"))] if heatmap is not None else []),
                              *severity_csv(scorer, res)])
         elif res["error"]:
             continue
@@ -142,7 +145,9 @@ def predict(
         else:
             out.print(f"{_shown(res['path'])}: {res['class']}  {format_probabilities(res['probabilities'])}"
                       + severity_text(res)
-                      + (f"  heatmap: {_shown(res['heatmap'])}" if res.get("heatmap") else ""), markup=False)
+                      + (f"  heatmap: {_shown(res['heatmap'])}" if res.get("heatmap") else "")
+                      + (f" ({100 * res['heatmap_in_lungs']:.0f} % of its heat in the lungs)"
+                         if res.get("heatmap_in_lungs") is not None else ""), markup=False)
     if failed:
         console.print(f"{failed} input(s) failed", markup=False)
         raise typer.Exit(1)
@@ -159,6 +164,11 @@ def explain(
     predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8,
             argmax=False, threshold=None, severity=False, localizer=None, engine="torch", out_file=None, workers=0,
             resume=False, shard=None, threads=None)
+
+
+def _cell(value: float | None) -> str:
+    """A CSV cell for an optional fraction."""
+    return "" if value is None else f"{value:.4f}"
 
 
 def _load_gate(run: Any) -> Any:

@@ -202,9 +202,14 @@ def create_model(
     return model
 
 
-def cam_target_layer(name: str, model: nn.Module) -> nn.Module:
-    """The layer whose activations Grad-CAM weights for this architecture."""
-    return get_submodule(model, get_spec(name).cam_layer)
+def cam_target_layer(name: str, model: nn.Module, layer: str | None = None) -> nn.Module:
+    """The layer whose activations Grad-CAM weights: `layer` (a run config's ``cam_layer``) when given, else the
+    architecture's registry default. CXRError naming the layer when the model has no such submodule."""
+    path = layer or get_spec(name).cam_layer
+    try:
+        return get_submodule(model, path)
+    except AttributeError:
+        raise CXRError(f"Grad-CAM layer {path!r} is not a layer of this {name}") from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-ResizeMode = Literal["crop", "pad"]
+ResizeMode = Literal["crop", "pad", "lungs"]
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,14 @@ class PreprocessConfig:
     image_size: side of the square model input, pixels.
     clahe: apply CLAHE (contrast-limited adaptive histogram equalisation) after resizing.
     clahe_clip_limit, clahe_tile_grid: OpenCV's clipLimit and tileGridSize (tiles per side).
-    resize_mode: "crop" takes a centred square (no bars that reveal the source), "pad" pads to a square.
+    resize_mode: "crop" takes a centred square (no bars that reveal the source), "pad" pads to a square,
+        "lungs" crops to the bounding box of both lungs (the bundled lung segmenter, `cxrscreen.lungs`) widened
+        by `lung_margin` of its size on every side, then pads that to a square (the whole image, padded, when
+        no lung is found).
     center_fraction: side of the centred crop as a fraction of the short side (1.0 = whole short side);
         below 1 it trims borders and corners, where burned-in text and markers sit.
     mean, std: normalisation of the [0, 1] grey values fed to the network.
+    lung_margin: "lungs" mode's margin around the lungs' box, as a fraction of the box's width and height.
     """
 
     image_size: int = 224
@@ -43,10 +47,13 @@ class PreprocessConfig:
     center_fraction: float = 1.0
     mean: float = 0.5
     std: float = 0.25
+    lung_margin: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in ("crop", "pad"):
-            raise ValueError(f"resize_mode must be 'crop' or 'pad', not {self.resize_mode!r}")
+        if self.resize_mode not in ("crop", "pad", "lungs"):
+            raise ValueError(f"resize_mode must be 'crop', 'pad' or 'lungs', not {self.resize_mode!r}")
+        if not 0.0 <= self.lung_margin <= 1.0:
+            raise ValueError(f"lung_margin must lie in [0, 1], not {self.lung_margin}")
         if not 0.3 <= self.center_fraction <= 1.0:
             raise ValueError(f"center_fraction must lie in [0.3, 1], not {self.center_fraction}")
         if self.image_size < 32:
@@ -63,6 +70,8 @@ class PreprocessConfig:
     def cache_key(self) -> str:
         """Hash of the fields that change the cached (pre-augmentation) image."""
         fields = {k: v for k, v in self.to_dict().items() if k not in ("mean", "std")}
+        if self.resize_mode != "lungs":  # keys of the crop and pad modes stay what they were
+            fields.pop("lung_margin")
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -167,6 +176,21 @@ class ApplyCLAHE:
         return clahe.apply(img)
 
 
+def lungs_box(pixels: np.ndarray, margin: float) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the box around both segmented lungs of a grey X-ray, widened by `margin` of its width
+    and height on each side and clipped to the image; the whole image when no lung is found."""
+    from cxrscreen.lungs.segmenter import bundled_segmenter
+
+    h, w = pixels.shape
+    mask = bundled_segmenter().segment(pixels).mask
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return 0, 0, w, h
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    mx, my = int(round(margin * (x1 - x0))), int(round(margin * (y1 - y0)))
+    return max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my)
+
+
 class Preprocessor:
     """Decoded X-ray (float32 [0, 1], H x W) -> uint8 (size x size) model image plus its Geometry."""
 
@@ -181,7 +205,13 @@ class Preprocessor:
         if pixels.ndim != 2:
             raise ValueError(f"expected a 2-D grey image, got shape {pixels.shape}")
         h, w = pixels.shape
-        region, box = self.crop(pixels) if self.config.resize_mode == "crop" else (pixels, (0, 0, w, h))
+        if self.config.resize_mode == "crop":
+            region, box = self.crop(pixels)
+        elif self.config.resize_mode == "lungs":
+            box = lungs_box(pixels, self.config.lung_margin)
+            region = pixels[box[1] : box[3], box[0] : box[2]]
+        else:
+            region, box = pixels, (0, 0, w, h)
         if self.config.resize_mode == "crop" or region.shape[0] == region.shape[1]:
             square, pad = region, (0, 0, 0, 0)
         else:
@@ -215,7 +245,10 @@ def to_model_array(images_u8: np.ndarray | list[np.ndarray], config: PreprocessC
 
 # ---------------------------------------------------------------------------------------------- geometry
 def geometry_for(config: PreprocessConfig, hw: tuple[int, int]) -> Geometry:
-    """The Geometry that ``Preprocessor(config)`` gives an image of shape hw (without decoding it)."""
+    """The Geometry that ``Preprocessor(config)`` gives an image of shape hw (without decoding it). ValueError
+    for the "lungs" mode, whose geometry depends on the image's content."""
+    if config.resize_mode == "lungs":
+        raise ValueError("the 'lungs' resize mode's geometry depends on the image; preprocess the image itself")
     pre = Preprocessor(dataclasses.replace(config, clahe=False))
     return pre(np.zeros(hw, np.float32))[1]
 

@@ -41,6 +41,9 @@ def predict(
     shard: Annotated[str | None, typer.Option(help="--out: I/N, screen only shard I (from 0) of N")] = None,
     threads: Annotated[int | None, typer.Option(help="threads of the forward passes (default: one per core)")
                        ] = None,
+    lung_check: Annotated[bool, typer.Option("--lung-check", help="the gate also withholds a diagnosis when the "
+                                                                  "lung segmenter does not find two lungs of "
+                                                                  "plausible size")] = False,
 ) -> None:
     """Class and probability of each class for every image; bad files are reported on stderr and skipped.
 
@@ -82,6 +85,11 @@ def predict(
     if not inputs:
         raise typer.Exit(2)
     gate = _load_gate(run)
+    if lung_check:
+        if gate is None:
+            console.print("error: --lung-check is a rule of the input gate, and this model has none", markup=False)
+            raise typer.Exit(2)
+        gate.lungs_rule = True
     try:
         rule = run.decision_rule(argmax=argmax, threshold=threshold)
     except CXRError as exc:
@@ -163,7 +171,7 @@ def explain(
     """Write a Grad-CAM overlay per image (class and probabilities written on it); same as predict --heatmap."""
     predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8,
             argmax=False, threshold=None, severity=False, localizer=None, engine="torch", out_file=None, workers=0,
-            resume=False, shard=None, threads=None)
+            resume=False, shard=None, threads=None, lung_check=False)
 
 
 def _cell(value: float | None) -> str:

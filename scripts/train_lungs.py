@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-cv", action="store_true", help="only the final fit (no figures recorded)")
     ap.add_argument("--cv-only", action="store_true", help="only the figures, recorded in --out's lungs.json")
+    ap.add_argument("--part", choices=("all", "cv", "cross-source"), default="all",
+                    help="with --cv-only: only the grouped CV or only the cross-source check (to run them apart; "
+                         "each writes its own results file next to --results)")
     args = ap.parse_args()
     opts = TrainOptions(epochs=args.epochs, seed=args.seed, threads=args.threads)
     t0 = time.monotonic()
@@ -51,14 +54,15 @@ def main() -> None:
     print(f"{len(table)} masks loaded ({time.monotonic() - t0:.0f} s)", flush=True)
     record: dict = {}
     if not args.skip_cv:
-        cv = cross_validate(table, examples, opts, k=args.folds, log=lambda m: print(m, flush=True))
-        cs = cross_source(table, examples, opts, log=lambda m: print(m, flush=True))
-        record = {"cv": {"k": cv["k"], "grouped_by": "split_group", **cv["figures"]}, "cross_source": cs}
-        results = {"command": "python scripts/train_lungs.py " + " ".join(
-            f"--epochs {args.epochs} --folds {args.folds} --seed {args.seed}".split()),
-            "options": asdict(opts), **record, **provenance()}
-        write_json(args.results, results)
-        print(f"figures written to {args.results}", flush=True)
+        if args.part in ("all", "cv"):
+            cv = cross_validate(table, examples, opts, k=args.folds, log=lambda m: print(m, flush=True))
+            record["cv"] = {"k": cv["k"], "grouped_by": "split_group", **cv["figures"]}
+        if args.part in ("all", "cross-source"):
+            record["cross_source"] = cross_source(table, examples, opts, log=lambda m: print(m, flush=True))
+        results_path = args.results if args.part == "all" else args.results.with_name(
+            f"{args.part.replace('-', '_')}.json")
+        write_json(results_path, {"options": asdict(opts), **record, **provenance()})
+        print(f"figures written to {results_path}", flush=True)
     if args.cv_only:
         path = attach_record(args.out, record, opts)
         print(f"figures recorded in {path}", flush=True)

@@ -312,7 +312,7 @@ def attach_record(out_dir: str | Path, record: dict[str, Any], opts: TrainOption
     from cxrscreen.io.files import write_json
 
     path = Path(out_dir) / CONFIG_FILE
-    cfg = json.loads(path.read_text())
+    cfg = json.loads(path.read_text())  # read just before writing: two parts may attach in turn
     if cfg.get("training") != asdict(opts):
         raise ValueError(f"{path} was fitted with {cfg.get('training')}, not {asdict(opts)}")
     cfg.update(record)

@@ -22,7 +22,7 @@ import numpy as np
 
 from cxrscreen.errors import CXRError
 from cxrscreen.lungs.masks import LUNG_LABELS, clean_label_map, lung_box, lung_fractions
-from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, Preprocessor, to_model_array
+from cxrscreen.transforms.ops import Geometry, PreprocessConfig, SquarePreprocessor, to_model_array
 
 if TYPE_CHECKING:
     from torch import nn
@@ -97,7 +97,7 @@ class LungSegmenter:
         self.config = config
         self.folder = folder
         self.preprocess = PreprocessConfig.from_dict(config["preprocess"])
-        self._prep = Preprocessor(self.preprocess)
+        self._prep = SquarePreprocessor(self.preprocess)
 
     @classmethod
     def load(cls, folder: str | Path | None = None) -> LungSegmenter:

@@ -60,7 +60,7 @@ def test_bundled_model_is_small_and_records_its_figures() -> None:
     assert (bundled_dir() / WEIGHTS_FILE).stat().st_size < 10_000_000
     assert cfg["weights_sha256"] == file_sha256(bundled_dir() / WEIGHTS_FILE)
     assert cfg["cv"]["grouped_by"] == "split_group" and cfg["cv"]["cv"]["dice_right"]["mean"] > 0.85
-    assert {"seed", "training", "versions"} <= set(cfg) or {"seed", "training"} <= set(cfg)
+    assert {"seed", "training", "versions", "arch", "preprocess"} <= set(cfg)
 
 
 def test_bundled_model_finds_synthetic_lungs_on_the_right_sides() -> None:

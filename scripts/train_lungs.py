@@ -49,6 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     opts = TrainOptions(epochs=args.epochs, seed=args.seed, threads=args.threads)
     t0 = time.monotonic()
+    args.results.parent.mkdir(parents=True, exist_ok=True)  # before hours of training, not after
     table = lung_mask_table(args.data, args.lesions)
     examples = load_examples(table)
     print(f"{len(table)} masks loaded ({time.monotonic() - t0:.0f} s)", flush=True)

@@ -19,10 +19,10 @@ LEVELS: tuple[str, ...] = ("upper", "middle", "lower")
 BRIXIA: dict[tuple[str, str], str] = {(lg, lv): "ABCDEF"[3 * i + j] for i, lg in enumerate(LUNGS)
                                       for j, lv in enumerate(LEVELS)}
 LUNG_MAX = 4.0  # geographic extent per lung: 0-4
-ESTIMATE_NOTE = ("per-lung and zone figures spread the whole-image geographic extent over the segmented lungs by "
-                 "the regressor's spatial map; zones are the thirds of each lung's height (Brixia layout). "
-                 "Checked against BrixIA radiologists' zone scores (README, severity): zone MAE above the "
-                 "junior-vs-senior figure, so read them as rough.")
+ESTIMATE_NOTE = ("per-lung figures are estimates: the whole-image geographic extent spread over the segmented "
+                 "lungs by the regressor's spatial map (no per-lung labels check them). Zones are the thirds of "
+                 "each segmented lung's height (Brixia layout); their Brixia 0-3 figures are checked against "
+                 "BrixIA radiologists in docs/results/severity/brixia_check.json (README, severity).")
 BRIXIA_PER_EXTENT = 3.0 / 4.0  # a zone's 0-4 extent -> the Brixia 0-3 scale
 
 

@@ -153,9 +153,9 @@ def predict(
         else:
             out.print(f"{_shown(res['path'])}: {res['class']}  {format_probabilities(res['probabilities'])}"
                       + severity_text(res)
-                      + (f"  heatmap: {_shown(res['heatmap'])}" if res.get("heatmap") else "")
-                      + (f" ({100 * res['heatmap_in_lungs']:.0f} % of its heat in the lungs)"
-                         if res.get("heatmap_in_lungs") is not None else ""), markup=False)
+                      + (f"  heat in the lungs {100 * res['heatmap_in_lungs']:.0f} %"
+                         if res.get("heatmap_in_lungs") is not None else "")
+                      + (f"  heatmap: {_shown(res['heatmap'])}" if res.get("heatmap") else ""), markup=False)
     if failed:
         console.print(f"{failed} input(s) failed", markup=False)
         raise typer.Exit(1)

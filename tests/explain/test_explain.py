@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cxrscreen.explain.cam import Explainer, hot_centroid
+from cxrscreen.explain.overlay import overlay
 from cxrscreen.io.xray import XRay
 from cxrscreen.models.registry import create_model
 from cxrscreen.predict.predictor import Predictor
@@ -73,10 +74,27 @@ def test_hot_area_moves_with_the_lesion(lesion_run):
 def test_overlay_png_has_the_input_size(lesion_run, tmp_path):
     prep = _prepare(lesion_run, (48, 60))
     res = Predictor(lesion_run).predict_prepared([prep])[0]
-    out = Explainer(lesion_run).write_overlay(prep, res, tmp_path)
+    ex = Explainer(lesion_run)
+    out = ex.write_overlay(prep, res, tmp_path)
     img = cv2.imread(str(out))
-    assert img.shape == (H, W, 3)
+    # the caption sits in a band above the X-ray, which keeps its size and is not written over
+    assert img.shape[1] == W and img.shape[0] > H
+    expected = overlay(prep.xray.pixels, ex.heatmap(prep, res["class"]))
+    assert np.abs(img[-H:].astype(int) - expected.astype(int)).max() <= 1
     assert out.name == "x_heatmap.png"
+    assert 0 <= res["heatmap_in_lungs"] <= 1
+
+
+def test_cam_layer_comes_from_the_run_config(lesion_run):
+    from cxrscreen.errors import CXRError
+
+    assert Explainer(lesion_run).layer is lesion_run.model.layer4
+    run = LoadedRun(model=lesion_run.model, config={**lesion_run.config, "cam_layer": "layer3"},
+                    run_dir=lesion_run.run_dir)
+    assert Explainer(run).layer is lesion_run.model.layer3
+    assert Explainer(lesion_run, layer="layer2").layer is lesion_run.model.layer2
+    with pytest.raises(CXRError, match="not a layer"):
+        Explainer(lesion_run, layer="layer9")
 
 
 def test_unknown_target_is_a_clear_error(lesion_run):

@@ -62,7 +62,7 @@ def test_card_section_is_replaced_not_appended(tmp_path: Path) -> None:
     (tmp_path / "model_card.json").write_text("{}")
     assert update_card(tmp_path) and update_card(tmp_path)
     text = (tmp_path / "MODEL_CARD.md").read_text()
-    assert text.startswith("# card") and text.count(START) == 1 and "not a Brixia score" in text
+    assert text.startswith("# card") and text.count(START) == 1 and "checked against BrixIA radiologists" in text
     assert json.loads((tmp_path / "model_card.json").read_text())["severity"]["candidate"] == "x"
 
 

@@ -38,7 +38,8 @@ def _check(sev: dict[str, Any], hw: tuple[int, int]) -> None:
     for lg in ("right", "left"):
         mine = [z["extent_estimate"] for z in sev["zones"] if z["lung"] == lg]
         assert np.mean(mine) == pytest.approx(sev["per_lung"][lg], abs=0.02)
-    assert sev["lung_boxes_source"] == {"right": "atlas", "left": "atlas"}
+    assert set(sev["lung_boxes_source"].values()) <= {"segmentation", "atlas"}
+    assert all(0 <= z["brixia_score"] <= 3 for z in sev["zones"])
     rx0, _, rx1, _ = sev["lung_boxes"]["right"]
     assert rx1 < sev["lung_boxes"]["left"][0] and rx1 <= hw[1]  # the right lung on the viewer's left
     assert "estimate" in sev["estimate"]
@@ -85,7 +86,7 @@ def test_cli_predict_severity_json_csv_text_and_heatmap(sev_run: LoadedRun, xray
     assert {"geographic_extent", "opacity", "per_lung", "zones"} <= set(sev)
     _check(sev, (120, 100))
     hm = cv2.imread(row["heatmap"])
-    assert hm.shape[:2] == (120, 100)
+    assert hm.shape[1] == 100 and hm.shape[0] > 120  # bands above (caption) and below (zones' scores)
     r = CliRunner().invoke(app, [*base, "--csv"])
     assert r.exit_code == 0, r.output
     table = list(csv.DictReader(io.StringIO(r.stdout)))
@@ -128,3 +129,37 @@ def test_bundled_model_ships_a_small_regressor_with_its_cv_figures() -> None:
     info = severity_info(d)
     assert info is not None and info["cv"]["geographic_extent"]["mae"]["value"] > 0
     assert SeverityRegressor.load(d).spec.backbone in ("model", "imagenet")
+
+
+class FixedLungs:
+    """A stand-in segmenter that returns one label map."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask
+
+    def segment(self, pixels: np.ndarray) -> Any:
+        from cxrscreen.lungs.segmenter import LungResult
+
+        return LungResult(self.mask)
+
+
+def test_zones_are_thirds_of_the_segmented_lungs(sev_run: LoadedRun, xray_png: Path) -> None:
+    from cxrscreen.severity.model import SeverityRegressor
+
+    xray = read_xray(xray_png)
+    h, w = xray.pixels.shape
+    mask = np.zeros((h, w), np.uint8)
+    mask[15:105, 10:45] = 1  # the right lung on the image's left, rows 15-104: thirds of 30 rows
+    mask[21:99, 55:92] = 2
+    sev = SeverityScorer(SeverityRegressor.load(sev_run.run_dir), sev_run, lungs=FixedLungs(mask)).score(xray)
+    assert sev["lung_boxes_source"] == {"right": "segmentation", "left": "segmentation"}
+    assert sev["lung_boxes"]["right"] == [10.0, 15.0, 45.0, 105.0]
+    a, b, c = (z["box"] for z in sev["zones"][:3])
+    assert (a[1], a[3], b[3], c[3]) == (15.0, 45.0, 75.0, 105.0)
+    d = sev["zones"][3]["box"]
+    assert d[0] == 55.0 and d[1] == 21.0 and d[3] == 47.0
+    assert sum(sev["per_lung"].values()) == pytest.approx(sev["geographic_extent"], abs=0.02)
+    # a lung the segmenter misses falls back to the atlas box
+    mask[mask == 2] = 0
+    sev = SeverityScorer(SeverityRegressor.load(sev_run.run_dir), sev_run, lungs=FixedLungs(mask)).score(xray)
+    assert sev["lung_boxes_source"] == {"right": "segmentation", "left": "atlas"}

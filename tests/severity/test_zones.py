@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrscreen.severity.zones import allocate, draw_zones, lung_zones, region_mean
+from cxrscreen.severity.zones import allocate, lung_zones, region_mean, zone_lines
 
 BOXES = {"right": [20.0, 30.0, 90.0, 180.0], "left": [110.0, 36.0, 180.0, 186.0]}
 
@@ -36,11 +36,16 @@ def test_region_mean_reads_the_box() -> None:
     assert region_mean(m, (20, 20, 30, 30)) is None
 
 
-def test_overlay_draws_the_zones_where_the_lungs_are() -> None:
-    img = np.zeros((220, 200, 3), np.uint8)
+def test_zone_band_lists_every_zone_and_stays_off_the_xray() -> None:
+    from cxrscreen.explain.overlay import with_band
+
     sev = {"geographic_extent": 3.0, "opacity": 2.0, "per_lung": {"right": 1.0, "left": 2.0},
-           "zones": [{**z, "extent_estimate": 1.0} for z in lung_zones(BOXES)]}
-    out = draw_zones(img.copy(), sev)
-    assert out[30, 50].any() and out[80, 50].any() and out[136, 150].any()  # box edges and zone borders
-    assert not out[100, 100].any()  # between the lungs, above the caption band
-    assert (out[-40:].reshape(-1, 3).max(0) > 200).any()  # caption text at the bottom
+           "zones": [{**z, "extent_estimate": 1.0, "brixia_score": 1} for z in lung_zones(BOXES)]}
+    lines = zone_lines(sev)
+    assert all(f"{k} 1.0 (Brixia 1)" in lines[1] for k in "ABCDEF")
+    img = np.full((220, 200, 3), 7, np.uint8)
+    out = with_band(img, lines, where="bottom")
+    assert out.shape[0] > 220 and (out[:220] == 7).all()  # the X-ray untouched
+    assert (out[220:].reshape(-1, 3).max(0) > 200).any()  # text in the band
+    top = with_band(img, ["a caption"], where="top")
+    assert (top[-220:] == 7).all()

@@ -17,6 +17,7 @@ from cxrscreen.cli import (  # noqa: F401  (register the commands)
     models,
     pacs,
     predict,
+    segment,
     severity,
     train,
 )

@@ -18,9 +18,12 @@ def export(
     model: Annotated[Path | None, typer.Option(help="run directory (default: the bundled model)")] = None,
     fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
+    lungs: Annotated[bool, typer.Option("--lungs", help="export the lung segmenter instead (--model: a folder "
+                                                        "with lungs.json; default the bundled one)")] = False,
 ) -> None:
     """Export a classifier to ONNX (dynamic batch; preprocessing, classes, temperature, decision rule and gate
-    in its metadata) for `predict --engine onnxruntime` and `serve --engine onnxruntime`."""
+    in its metadata) for `predict --engine onnxruntime` and `serve --engine onnxruntime`; with --lungs, the lung
+    segmenter (`cxrscreen.lungs.export.load_lungs_onnx` runs it without torch)."""
     from cxrscreen.predict.onnx_export import export_onnx
     from cxrscreen.predict.predictor import load_model
 
@@ -28,7 +31,13 @@ def export(
         console.print(f"error: unknown export format {fmt!r}; the one format is onnx", markup=False)
         raise typer.Exit(2)
     try:
-        info = export_onnx(load_model(model), out_path, opset=opset)
+        if lungs:
+            from cxrscreen.lungs.export import export_lungs_onnx
+            from cxrscreen.lungs.segmenter import LungSegmenter
+
+            info = export_lungs_onnx(LungSegmenter.load(model), out_path, opset=opset)
+        else:
+            info = export_onnx(load_model(model), out_path, opset=opset)
     except CXRError as exc:
         _fail(exc)
     out.print_json(json.dumps(info))

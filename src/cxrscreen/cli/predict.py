@@ -42,6 +42,9 @@ def predict(
                        ] = None,
     dicom_out: Annotated[Path | None, typer.Option("--dicom-out", help="folder for a DICOM SR (TID 1500) and a "
                                                    "heatmap Secondary Capture per DICOM input")] = None,
+    lung_check: Annotated[bool, typer.Option("--lung-check", help="the gate also withholds a diagnosis when the "
+                                                                  "lung segmenter does not find two lungs of "
+                                                                  "plausible size")] = False,
 ) -> None:
     """Class and probability of each class for every image; bad files are reported on stderr and skipped.
 
@@ -91,6 +94,11 @@ def predict(
     if not inputs:
         raise typer.Exit(2)
     gate = _load_gate(run)
+    if lung_check:
+        if gate is None:
+            console.print("error: --lung-check is a rule of the input gate, and this model has none", markup=False)
+            raise typer.Exit(2)
+        gate.lungs_rule = True
     try:
         rule = run.decision_rule(argmax=argmax, threshold=threshold)
     except CXRError as exc:
@@ -132,7 +140,9 @@ def predict(
         elif names is not None and prep is not None and res["probabilities"] is not None:
             label = labels.get(res["path"], Path(Path(res["path"]).name))
             try:
-                res["heatmap"] = str(with_zones(draw(prep, res, names.path(label, run.task.drawing), target), res))
+                drawn = draw(prep, res, names.path(label, run.task.drawing), target)
+                # the Grad-CAM drawer puts the zones' scores in its own band; a boxes picture gets one here
+                res["heatmap"] = str(drawn if run.task.drawing == "heatmap" else with_zones(drawn, res))
             except CXRError as exc:
                 res["error"] = f"heatmap failed: {exc.problem}"
                 failed += 1
@@ -171,7 +181,7 @@ def explain(
     """Write a Grad-CAM overlay per image (class and probabilities written on it); same as predict --heatmap."""
     predict(paths, model=model, as_json=False, as_csv=False, heatmap=out_dir, target=target, batch_size=8,
             argmax=False, threshold=None, severity=False, localizer=None, engine="torch", out_file=None, workers=0,
-            resume=False, shard=None, threads=None, dicom_out=None)
+            resume=False, shard=None, threads=None, dicom_out=None, lung_check=False)
 
 
 def _result_writers(run: Any, as_json: bool, as_csv: bool, severity: bool, dicom_out: Path | None

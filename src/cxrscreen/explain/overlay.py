@@ -41,25 +41,41 @@ def write_png(img: np.ndarray, path: str | Path) -> Path:
 
 
 def heatmap_png_base64(pixels: np.ndarray, heat: np.ndarray, where: str | Path | None = None, *,
-                       annotate: Callable[[np.ndarray], None] | None = None) -> str:
-    """The X-ray with its heat map (`overlay`, no text drawn on it) as a base64 PNG of the same size;
-    `annotate(img)` draws on the BGR overlay first (e.g. severity zones)."""
+                       annotate: Callable[[np.ndarray], None] | None = None,
+                       below: Sequence[str] | None = None) -> str:
+    """The X-ray with its heat map (`overlay`, no text drawn on it) as a base64 PNG; `annotate(img)` draws on the
+    BGR overlay first; `below`: text lines in a band added under the X-ray (e.g. the severity zones' scores)."""
     img = overlay(pixels, heat)
     if annotate is not None:
         annotate(img)
+    if below:
+        img = with_band(img, below, where="bottom")
     return base64.b64encode(encode_png(img, where, "heatmap PNG")).decode("ascii")
 
 
-def draw_text(img: np.ndarray, lines: list[str]) -> None:
-    """Write lines of text at the top left, scaled to the image width, on a dark band (in place)."""
+def with_band(img: np.ndarray, lines: Sequence[str], *, where: str = "top") -> np.ndarray:
+    """A new BGR image: `img` with a black band of text lines added above (where="top") or below ("bottom"),
+    so that no caption covers the X-ray. The X-ray's pixels keep their coordinates plus the top band's height
+    (`band_height(img, lines)`)."""
+    if not lines:
+        return img
     h, w = img.shape[:2]
     scale = max(0.35, w / 1100)
     thick = max(1, int(round(scale * 2)))
     step = int(28 * scale) + 6
-    cv2.rectangle(img, (0, 0), (w, step * len(lines) + 6), (0, 0, 0), -1)
+    band = np.zeros((band_height(img, lines), w, 3), np.uint8)
     for i, line in enumerate(lines):
-        cv2.putText(img, line, (6, step * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick,
+        width = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0]
+        fit = min(scale, scale * (w - 12) / max(width, 1))  # shrink a line that would run off the picture
+        cv2.putText(band, line, (6, step * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, fit, (255, 255, 255), thick,
                     cv2.LINE_AA)
+    return np.concatenate([band, img] if where == "top" else [img, band], axis=0)
+
+
+def band_height(img: np.ndarray, lines: Sequence[str]) -> int:
+    """Height in pixels of the text band `with_band` adds for `lines` to an image of img's width."""
+    scale = max(0.35, img.shape[1] / 1100)
+    return (int(28 * scale) + 6) * len(lines) + 8
 
 
 _COLOURS = [(60, 60, 230), (60, 200, 60), (230, 150, 40), (200, 60, 200), (40, 200, 230)]  # BGR

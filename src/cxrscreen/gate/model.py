@@ -17,6 +17,10 @@ Two layers, applied in order by :meth:`Gate.flags`:
      regression (on the benchmark it lifts unseen kinds from ~84 % to ~98 % flagged).
 
    Each threshold is set so that 99.7 % of the fitting X-rays (out of fold) pass it.
+3. Opt-in (``lungs_rule``; `cxrscreen predict --lung-check`): the bundled lung segmenter must find two lungs,
+   each covering at least ``min_lung_fraction`` of the image, else "two lungs of plausible size not found".
+   Off by default: it adds a segmentation per image. ``scripts/lung_gate_check.py`` counts what it refuses
+   among the real X-rays of ../shared that the rest of the gate accepts.
 
 Colour. :func:`cxrscreen.io.xray.read_xray` converts colour to grey, and a colour *mode* says little: many
 chest X-rays on the web are grey pictures saved as RGB JPEGs. The reader therefore measures saturation in
@@ -63,6 +67,9 @@ real images of the set wider than 1.5 (-34 to 18.7): a narrow margin. On 200 squ
 """Changes whenever :func:`gate_features` changes; a gate fitted on another version is refused."""
 
 GATE_FILE = "gate.json"
+MIN_LUNG_FRACTION = 0.02
+"""The opt-in lungs rule: each segmented lung must cover at least this share of the image (see
+scripts/lung_gate_check.py for what it refuses among ../shared's X-rays)."""
 """Blank image: the 1st-99th percentile range of the (128 px) grey values is below this."""
 """Outer rows / columns with a grey std below this are cut as padding before the features."""
 """Fewer distinct 8-bit grey levels than this (in the decoded image, before any reduction; DICOM: distinct
@@ -144,6 +151,18 @@ class Gate:
     min_grey_levels: int = MIN_GREY_LEVELS
     max_portrait: float = MAX_PORTRAIT
     max_landscape: float = MAX_LANDSCAPE
+    lungs_rule: bool = False
+    min_lung_fraction: float = MIN_LUNG_FRACTION
+
+    def lung_flags(self, xray: XRay) -> list[str]:
+        """The lungs rule alone: [] when two lungs of at least `min_lung_fraction` of the image are found."""
+        from cxrscreen.lungs.segmenter import bundled_segmenter
+
+        fr = bundled_segmenter().segment(xray.pixels).fractions
+        if min(fr.values()) >= self.min_lung_fraction:
+            return []
+        return [f"two lungs of plausible size not found (right {100 * fr['right']:.1f} %, left "
+                f"{100 * fr['left']:.1f} % of the image; each needs {100 * self.min_lung_fraction:.0f} %)"]
 
     def rules(self, xray: XRay) -> list[str]:
         """The hard rules with this gate's parameters."""
@@ -179,6 +198,8 @@ class Gate:
             h, w = np.asarray(xray.pixels).shape[:2]
             out.append(f"looks squeezed sideways: {w}x{h} made square is far more like a chest X-ray (novelty "
                        f"falls by {drop:.0f} > {SQUEEZE_NOVELTY_DROP:g}); resend the image at its true shape")
+        if not out and self.lungs_rule:
+            out += self.lung_flags(xray)
         return out
 
     def squeeze_drop(self, xray: XRay, novelty: float | None = None) -> float | None:
@@ -213,6 +234,8 @@ class Gate:
             "min_grey_levels": int(self.min_grey_levels),
             "max_portrait": float(self.max_portrait),
             "max_landscape": float(self.max_landscape),
+            "lungs_rule": bool(self.lungs_rule),
+            "min_lung_fraction": float(self.min_lung_fraction),
             "info": self.info,
             "logistic": {"mean": _as_list(lg.mean), "scale": _as_list(lg.scale), "coef": _as_list(lg.coef),
                          "intercept": float(lg.intercept)},
@@ -257,7 +280,9 @@ class Gate:
                        feature_version=d["feature_version"], info=dict(d.get("info") or {}),
                        min_grey_levels=int(d.get("min_grey_levels", MIN_GREY_LEVELS)),
                        max_portrait=float(d.get("max_portrait", MAX_PORTRAIT)),
-                       max_landscape=float(d.get("max_landscape", MAX_LANDSCAPE)))
+                       max_landscape=float(d.get("max_landscape", MAX_LANDSCAPE)),
+                       lungs_rule=bool(d.get("lungs_rule", False)),
+                       min_lung_fraction=float(d.get("min_lung_fraction", MIN_LUNG_FRACTION)))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed gate file ({type(exc).__name__}: {exc})") from exc
 

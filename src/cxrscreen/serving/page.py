@@ -125,7 +125,9 @@ function show(d) {
   if (d.heatmap_png_base64) {
     $("heatmap").src = "data:image/png;base64," + d.heatmap_png_base64;
     $("caption").textContent = "Grad-CAM heatmap for class " + d.heatmap_target
-      + ": where the model looked, not where disease is (red: most).";
+      + ": where the model looked, not where disease is (red: most)."
+      + (d.heatmap_in_lungs == null ? "" : " Heat inside the lungs: " + Math.round(100 * d.heatmap_in_lungs)
+         + " %.");
     $("figure").hidden = false;
   } else {
     $("figure").hidden = true;

@@ -61,15 +61,18 @@ def severity_text(res: dict[str, Any]) -> str:
 
 
 def with_zones(path: Path, res: dict[str, Any]) -> Path:
-    """Draw the severity zones onto a written heatmap PNG when the result has severity; returns the path."""
+    """Add the severity scores and the six zones' figures in a band under a written PNG (a detector's boxes
+    picture; the Grad-CAM drawer adds its own) when the result has severity; returns the path. Nothing is
+    drawn over the lungs."""
     sev = res.get("severity")
     if not sev:
         return Path(path)
     import cv2
 
-    from cxrscreen.severity.zones import draw_zones
+    from cxrscreen.explain.overlay import with_band
+    from cxrscreen.severity.zones import zone_lines
 
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None or not cv2.imwrite(str(path), draw_zones(img, sev)):
-        raise CXRError("could not draw the severity zones on the heatmap PNG", path)
+    if img is None or not cv2.imwrite(str(path), with_band(img, zone_lines(sev), where="bottom")):
+        raise CXRError("could not add the severity band to the PNG", path)
     return Path(path)

@@ -2,11 +2,13 @@
 
 Severity is given only to an image the classifier does not call normal and the gate does not flag
 (``applies``); otherwise ``res["severity"]`` is None. The scores: geographic extent (0-8) and opacity (0-6)
-from the regressor; ``per_lung`` {right, left} (0-4) and six ``zones`` (Brixia layout) spread the
-geographic extent over the lung boxes by the regressor's spatial map (``zones.ESTIMATE_NOTE``). Lung boxes
-come from a localizer run when one is given (best box per lung scoring >= 0.3), else from the atlas
-(``lung_boxes_source`` says which, per lung). A regressor on per-lung features ("lungs" pooling) always
-averages its features over the atlas boxes, as it was fitted; the localizer's boxes only place the zones.
+from the regressor; ``per_lung`` {right, left} (0-4) and six ``zones`` (Brixia layout: thirds of each
+lung's height) spread the geographic extent over the lungs by the regressor's spatial map
+(``zones.ESTIMATE_NOTE``). The lungs are those the lung segmenter finds (``cxrscreen.lungs``); a lung it does
+not find (under MIN_LUNG_FRACTION of the image) falls back to its box from a localizer run when one is given
+(best box per lung scoring >= 0.3), else from the atlas (``lung_boxes_source`` says which, per lung). A
+regressor on per-lung features ("lungs" pooling) always averages its features over the atlas boxes, as it was
+fitted; the lungs only share out its extent.
 """
 
 from __future__ import annotations
@@ -18,19 +20,31 @@ import numpy as np
 
 from cxrscreen.errors import CXRError
 from cxrscreen.io.xray import XRay
+from cxrscreen.lungs.masks import LUNG_LABELS, lung_box, zone_masks
 from cxrscreen.severity.features import FeatureExtractor, build_backbone
 from cxrscreen.severity.model import CONFIG_FILE, SeverityRegressor
 from cxrscreen.severity.scores import TARGETS
-from cxrscreen.severity.zones import ESTIMATE_NOTE, LUNG_MAX, LUNGS, allocate, lung_zones, region_mean
+from cxrscreen.severity.zones import ESTIMATE_NOTE, LUNG_MAX, LUNGS, allocate, brixia_of_extent, lung_zones
+
+
+def box_region(box: list[float], hw: tuple[int, int]) -> np.ndarray:
+    """A boolean (H, W) map that is True inside box [x0, y0, x1, y1] (clipped to the image)."""
+    h, w = hw
+    out = np.zeros((h, w), bool)
+    x0, y0 = int(np.clip(np.floor(box[0]), 0, w)), int(np.clip(np.floor(box[1]), 0, h))
+    x1, y1 = int(np.clip(np.ceil(box[2]), 0, w)), int(np.clip(np.ceil(box[3]), 0, h))
+    out[y0:y1, x0:x1] = True
+    return out
 
 MIN_LOCALIZER_SCORE = 0.3
+MIN_LUNG_FRACTION = 0.01  # a segmented lung below 1 % of the image counts as not found
 
 
 class SeverityScorer:
     """Severity of one X-ray: the regressor on its backbone features, lung boxes, per-lung and zones."""
 
     def __init__(self, regressor: SeverityRegressor, classifier: Any = None, *, localizer: Any = None,
-                 normal_class: str = "normal") -> None:
+                 normal_class: str = "normal", lungs: Any = None) -> None:
         self.regressor = regressor
         want = regressor.meta.get("classifier_weights_sha256")
         if regressor.spec.backbone == "model" and classifier is not None and want and \
@@ -41,6 +55,17 @@ class SeverityScorer:
         self.extractor = FeatureExtractor(build_backbone(regressor.spec, module), regressor.spec)
         self.localizer = localizer
         self.normal_class = normal_class
+        self._lungs = lungs  # a LungSegmenter; None: the bundled one on first use; False: boxes only
+
+    def lung_mask(self, pixels: np.ndarray) -> np.ndarray | None:
+        """The segmented lungs' label map (original size), None when segmentation is switched off."""
+        if self._lungs is False:
+            return None
+        if self._lungs is None:
+            from cxrscreen.lungs.segmenter import bundled_segmenter
+
+            self._lungs = bundled_segmenter()
+        return self._lungs.segment(pixels).mask
 
     @classmethod
     def for_run(cls, run: Any, *, localizer: Any = None) -> SeverityScorer:
@@ -92,20 +117,42 @@ class SeverityScorer:
         regions = self.extractor.regions(geom) if self.regressor.spec.pooling != "image" else None
         smap = self.regressor.spatial_map([m[0] for m in maps], size, regions)[TARGETS.index("geographic_extent")]
         boxes, source = self.lung_boxes(xray.pixels)
+        heat = geom.to_original(smap, fill=0.0)  # the spatial map on the original grid
+        h, w = heat.shape
+        regions: dict[str, np.ndarray] = {}  # lung -> boolean region; zone letter -> boolean region
         zones = lung_zones(boxes)
+        mask = self.lung_mask(xray.pixels)
+        seg_zones = {z["brixia"]: z for z in zone_masks(mask)} if mask is not None else {}
+        for lg in LUNGS:
+            found = mask is not None and (mask == LUNG_LABELS[lg]).mean() >= MIN_LUNG_FRACTION
+            if found:
+                regions[lg] = mask == LUNG_LABELS[lg]
+                boxes[lg] = lung_box(mask, lg)  # type: ignore[assignment]
+                source[lg] = "segmentation"
+            else:
+                regions[lg] = box_region(boxes[lg], (h, w))
+            for z in zones:
+                if z["lung"] != lg:
+                    continue
+                if found:
+                    z["box"] = seg_zones[z["brixia"]]["box"]
+                    regions[z["brixia"]] = seg_zones[z["brixia"]]["mask"]
+                else:
+                    regions[z["brixia"]] = box_region(z["box"], (h, w))
 
-        def weight(box: list[float]) -> float:
-            v = region_mean(smap, geom.box_to_model(tuple(box)))  # type: ignore[arg-type]
-            return 0.0 if v is None else max(v, 0.0)
+        def weight(key: str) -> float:
+            r = regions[key]
+            return max(float(heat[r].mean()), 0.0) if r.any() else 0.0
 
-        per_lung = dict(zip(LUNGS, allocate(total, [weight(boxes[lg]) for lg in LUNGS], LUNG_MAX), strict=True))
+        per_lung = dict(zip(LUNGS, allocate(total, [weight(lg) for lg in LUNGS], LUNG_MAX), strict=True))
         for lg in LUNGS:
             mine = [z for z in zones if z["lung"] == lg]
             # a lung's 0-4 extent is its mean over its three equal zones: each zone gets 3 x the lung's share
-            vals = allocate(3 * per_lung[lg], [weight(z["box"]) for z in mine], LUNG_MAX)
+            vals = allocate(3 * per_lung[lg], [weight(z["brixia"]) for z in mine], LUNG_MAX)
             for z, v in zip(mine, vals, strict=True):
                 z["extent_estimate"] = round(v, 2)
-                z["box"] = [round(c, 1) for c in z["box"]]
+                z["brixia_score"] = brixia_of_extent(v)
+                z["box"] = None if z["box"] is None else [round(c, 1) for c in z["box"]]
         return {
             "geographic_extent": round(total, 2),
             "opacity": round(float(pred[TARGETS.index("opacity")]), 2),

@@ -1,9 +1,10 @@
 """Per-lung allocation and the six-zone map in the Brixia layout, and its overlay.
 
-Each lung box (x0, y0, x1, y1, original pixels; the image's right lung lies on the viewer's left) is cut
-into upper, middle and lower thirds of its height: zones A, B, C (right lung) and D, E, F (left lung), the
-Brixia layout. The figures put in them are estimates derived from the whole-image regressor (see
-``scorer``), never Brixia scores: no Brixia labels exist to train or check one.
+Each lung (its segmented mask, or where none is found a box x0, y0, x1, y1 in original pixels; the patient's
+right lung lies on the viewer's left) is cut into upper, middle and lower thirds of its height: zones A, B, C
+(right lung) and D, E, F (left lung), the Brixia layout. The figures put in them spread the whole-image
+regressor's geographic extent (see ``scorer``) by its spatial map; `brixia` maps a zone's 0-4 extent onto the
+Brixia 0-3 scale (x 3/4). scripts/brixia_check.py measures those zone scores against the BrixIA radiologists.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 LUNGS: tuple[str, ...] = ("right", "left")
@@ -19,9 +19,27 @@ LEVELS: tuple[str, ...] = ("upper", "middle", "lower")
 BRIXIA: dict[tuple[str, str], str] = {(lg, lv): "ABCDEF"[3 * i + j] for i, lg in enumerate(LUNGS)
                                       for j, lv in enumerate(LEVELS)}
 LUNG_MAX = 4.0  # geographic extent per lung: 0-4
-ESTIMATE_NOTE = ("estimate: per-lung and zone figures spread the whole-image geographic extent over the lung "
-                 "boxes by the regressor's spatial map; no per-lung or Brixia labels exist to check them. "
-                 "Zones are the Brixia layout (thirds of each lung box), not a Brixia score.")
+ESTIMATE_NOTE = ("per-lung figures are estimates: the whole-image geographic extent spread over the segmented "
+                 "lungs by the regressor's spatial map (no per-lung labels check them). Zones are the thirds of "
+                 "each segmented lung's height (Brixia layout); their Brixia 0-3 figures are checked against "
+                 "BrixIA radiologists in docs/results/severity/brixia_check.json (README, severity).")
+BRIXIA_PER_EXTENT = 3.0 / 4.0  # a zone's 0-4 extent -> the Brixia 0-3 scale
+
+
+def brixia_of_extent(extent: float) -> int:
+    """A zone's 0-4 extent on the Brixia 0-3 scale (rounded; a fixed mapping, fitted on nothing)."""
+    return int(np.clip(np.rint(extent * BRIXIA_PER_EXTENT), 0, 3))
+
+
+def zone_lines(severity: dict[str, Any]) -> list[str]:
+    """The text band under a heatmap: the scores, per lung, and the six zones with their Brixia 0-3 figure."""
+    pl = severity["per_lung"]
+    z = {d["brixia"]: d for d in severity["zones"]}
+    zones = "  ".join(f"{k} {z[k]['extent_estimate']:.1f} (Brixia {z[k].get('brixia_score', '-')})"
+                      for k in "ABCDEF" if k in z)
+    return [f"severity: extent {severity['geographic_extent']:.1f}/8, opacity {severity['opacity']:.1f}/6; "
+            f"right lung {pl['right']:.1f}/4, left lung {pl['left']:.1f}/4",
+            "zones (extent 0-4): " + zones]
 
 
 def lung_zones(boxes: dict[str, Sequence[float]]) -> list[dict[str, Any]]:
@@ -68,33 +86,3 @@ def region_mean(values: np.ndarray, box: Sequence[float]) -> float | None:
     if x1 <= x0 or y1 <= y0:
         return None
     return float(values[y0:y1, x0:x1].mean())
-
-
-def draw_zones(img: np.ndarray, severity: dict[str, Any], *, caption: bool = True) -> np.ndarray:
-    """Draw the six zones with their letter and estimate, and (caption) a band at the bottom saying they are
-    estimates, on a BGR uint8 image in original pixels (in place; returned)."""
-    h, w = img.shape[:2]
-    scale = max(0.35, w / 1100)
-    thick = max(1, int(round(scale * 2)))
-    for z in severity["zones"]:
-        x0, y0, x1, y1 = (int(round(v)) for v in z["box"])
-        colour = (0, 200, 255) if z["lung"] == "right" else (255, 200, 0)
-        cv2.rectangle(img, (x0, y0), (x1, y1), colour, thick)
-        label = f"{z['brixia']} {z['extent_estimate']:.1f}"
-        cv2.putText(img, label, (x0 + 4, y0 + int(24 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick,
-                    cv2.LINE_AA)
-    if not caption:
-        return img
-    pl = severity["per_lung"]
-    lines = [f"severity estimate: extent {severity['geographic_extent']:.1f}/8, opacity {severity['opacity']:.1f}/6;"
-             f" right {pl['right']:.1f}/4, left {pl['left']:.1f}/4",
-             "zones: Brixia layout, estimates, not a Brixia score"]
-    step = int(28 * scale) + 6
-    top = h - step * len(lines) - 6
-    cv2.rectangle(img, (0, top), (w, h), (0, 0, 0), -1)
-    for i, line in enumerate(lines):
-        width = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0][0]
-        fit = min(scale, scale * (w - 12) / max(width, 1))  # shrink a line that would run off the image
-        cv2.putText(img, line, (6, top + step * (i + 1) - 4), cv2.FONT_HERSHEY_SIMPLEX, fit, (255, 255, 255),
-                    thick, cv2.LINE_AA)
-    return img

@@ -1,0 +1,126 @@
+"""The lung segmenter: loading (sha256 checked), masks at the input's size with right and left in place, the
+`segment` command, the ONNX export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cxrscreen.cli import app
+from cxrscreen.errors import CXRError
+from cxrscreen.io.files import file_sha256
+from cxrscreen.lungs.masks import LEFT, RIGHT, dice_iou
+from cxrscreen.lungs.segmenter import (
+    CONFIG_FILE,
+    DEFAULT_PREPROCESS,
+    WEIGHTS_FILE,
+    LungSegmenter,
+    arch_record,
+    build_unet,
+    bundled_dir,
+)
+from tests.conftest import synthetic_cxr
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def synthetic_lungs(h: int, w: int) -> np.ndarray:
+    """The label map of `synthetic_cxr`'s two dark ellipses: the one on the image's left is the right lung."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.zeros((h, w), np.uint8)
+    for cx, k in ((0.3 * w, RIGHT), (0.7 * w, LEFT)):
+        out[((xx - cx) / (0.17 * w)) ** 2 + ((yy - 0.5 * h) / (0.32 * h)) ** 2 < 1] = k
+    return out
+
+
+@pytest.fixture(scope="module")
+def random_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder with an untrained U-Net (fast; for loading, export and CLI plumbing)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("lungs")
+    model = build_unet()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    cfg = {"arch": arch_record(), "preprocess": DEFAULT_PREPROCESS.to_dict(),
+           "weights_sha256": file_sha256(folder / WEIGHTS_FILE)}
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg))
+    return folder
+
+
+def test_bundled_model_is_small_and_records_its_figures() -> None:
+    cfg = json.loads((bundled_dir() / CONFIG_FILE).read_text())
+    assert (bundled_dir() / WEIGHTS_FILE).stat().st_size < 10_000_000
+    assert cfg["weights_sha256"] == file_sha256(bundled_dir() / WEIGHTS_FILE)
+    assert cfg["cv"]["grouped_by"] == "split_group" and cfg["cv"]["cv"]["dice_right"]["mean"] > 0.85
+    assert {"seed", "training", "versions", "arch", "preprocess"} <= set(cfg)
+
+
+def test_bundled_model_finds_synthetic_lungs_on_the_right_sides() -> None:
+    h, w = 300, 260
+    mask = LungSegmenter.load().segment(synthetic_cxr(h, w)).mask
+    assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, RIGHT, LEFT}
+    truth = synthetic_lungs(h, w)
+    for k in (RIGHT, LEFT):
+        assert dice_iou(mask == k, truth == k)[0] > 0.8
+    # the patient's right lung is on the image's left: never swapped
+    assert np.nonzero(mask == RIGHT)[1].mean() < w / 2 < np.nonzero(mask == LEFT)[1].mean()
+
+
+def test_changed_weights_are_refused(random_folder: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(random_folder, folder)
+    with open(folder / WEIGHTS_FILE, "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(CXRError, match="checksum mismatch"):
+        LungSegmenter.load(folder)
+    with pytest.raises(CXRError, match="no lung segmentation model"):
+        LungSegmenter.load(tmp_path)
+
+
+def test_masks_come_back_at_the_input_size(random_folder: Path) -> None:
+    seg = LungSegmenter.load(random_folder)
+    for h, w in ((97, 211), (256, 128)):
+        res = seg.segment(synthetic_cxr(h, w))
+        assert res.mask.shape == (h, w) and res.mask.dtype == np.uint8
+
+
+def test_segment_command_mirrors_folders_and_reports_bad_files(random_folder: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    cv2.imwrite(str(src / "sub" / "a.png"), (synthetic_cxr(120, 100) * 255).astype(np.uint8))
+    (src / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["segment", str(src), "--out", str(out), "--model", str(random_folder), "--json",
+                                 "--overlay"])
+    assert r.exit_code == 1
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    good = next(x for x in rows if x["error"] is None)
+    assert Path(good["mask"]) == out / "in" / "sub" / "a_lungs.png"
+    m = cv2.imread(good["mask"], cv2.IMREAD_UNCHANGED)
+    assert m.shape == (120, 100) and m.max() <= 2
+    assert Path(good["overlay"]).is_file()
+    bad = next(x for x in rows if x["error"])
+    assert bad["path"].endswith("bad.png") and "bad.png" in r.stderr
+
+
+def test_onnx_export_gives_the_same_masks(random_folder: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from cxrscreen.lungs.export import export_lungs_onnx, load_lungs_onnx
+
+    seg = LungSegmenter.load(random_folder)
+    info = export_lungs_onnx(seg, tmp_path / "lungs.onnx")
+    assert info["max_abs_diff_logits"] < 1e-3
+    img = synthetic_cxr(150, 170)
+    onnx_seg = load_lungs_onnx(tmp_path / "lungs.onnx")
+    assert (onnx_seg.segment(img).mask == seg.segment(img).mask).mean() > 0.999
+    with pytest.raises(CXRError, match="not found"):
+        load_lungs_onnx(tmp_path / "none.onnx")

@@ -4,12 +4,13 @@ One run, same image files, same torch threads, both sides warmed up, batch 32. P
 
 - ours: images/s of `Predictor.predict_files` (our reader + CLAHE + resize + model + probabilities) of the
   bundled model or `--model RUN_DIR`, over `--images` images of ../shared/data/cxr (shuffled, seed 1);
+- ours_onnxruntime: the same with the ONNX Runtime engine (the bundled export, or RUN_DIR/model.onnx);
 - torchxrayvision: images/s of its own pipeline on the same files, as its datasets read them:
   `skimage.io.imread`, first channel if RGB, `xrv.datasets.normalize(img, 255)`, channel axis,
   `Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)])`, then
   `xrv.models.DenseNet(weights=None)` (DenseNet-121, random init, nothing downloaded; timing only) + sigmoid;
 - for both, single-image latency (median, p95) over the first `--latency-images` files, batch 1;
-- the throughput ratio ours / torchxrayvision (target >= 5) and the peak RSS of a `cxrscreen predict`
+- the throughput ratios ours / torchxrayvision (target >= 5; ONNX Runtime >= 10) and the peak RSS of a `cxrscreen predict`
   subprocess over the same files (target <= 1.5 GB), each with whether it is met;
 - threads, load average before and after, versions, and the socket connections attempted by this process
   (expected 0: the machine is offline and nothing may be fetched).
@@ -38,12 +39,14 @@ import numpy as np
 import torch
 
 from cxrscreen.data.manifest import manifest_root, read_manifest, resolve_image_paths
+from cxrscreen.predict.onnx_engine import load_for_engine
 from cxrscreen.predict.predictor import Predictor, load_model
 from cxrscreen.runs.provenance import package_versions
 
 BATCH = 32
 XRV_SIZE = 224
 TARGET_RATIO = 5.0
+TARGET_RATIO_ONNX = 10.0  # the ONNX Runtime engine against the same peer (issue 23)
 TARGET_PEAK_RSS_MB = 1536.0  # 1.5 GB
 NETWORK_EVENTS = ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.sendto",
                   "socket.sendmsg", "urllib.Request")
@@ -197,6 +200,9 @@ def main() -> None:
                              "-> calibrated softmax"}
     ours = measure(ours_side(run), paths, args.latency_images)
     del run
+    onnx_run = load_for_engine(args.model, "onnxruntime", threads=args.threads)
+    ours_onnx = measure(ours_side(onnx_run), paths, args.latency_images)
+    del onnx_run
 
     transform = torchvision.transforms.Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(XRV_SIZE)])
     dense = xrv.models.DenseNet(weights=None).eval()  # random init; weights=None downloads nothing
@@ -214,16 +220,21 @@ def main() -> None:
 
     peak = peak_rss_mb(args.model, paths, args.threads)
     ratio = round(ours["images_per_s"] / peer["images_per_s"], 2)
+    ratio_onnx = round(ours_onnx["images_per_s"] / peer["images_per_s"], 2)
     print(json.dumps({
         "benchmark": "inference",
         "threads": args.threads,
         "batch_size": BATCH,
         "ours": {**ours_info, **ours},
+        "ours_onnxruntime": {"engine": "onnxruntime (the bundled export; no torch in the forward pass)", **ours_onnx},
         "torchxrayvision": {**peer_info, **peer},
         "throughput_ratio": ratio,
+        "throughput_ratio_onnxruntime": ratio_onnx,
         "predict_peak_rss_mb": peak,
         "targets": {
             "throughput_ratio": {"target": f">= {TARGET_RATIO}", "value": ratio, "met": ratio >= TARGET_RATIO},
+            "throughput_ratio_onnxruntime": {"target": f">= {TARGET_RATIO_ONNX}", "value": ratio_onnx,
+                                             "met": ratio_onnx >= TARGET_RATIO_ONNX},
             "predict_peak_rss_mb": {"target": f"<= {TARGET_PEAK_RSS_MB}", "value": peak,
                                     "met": peak <= TARGET_PEAK_RSS_MB},
         },

@@ -238,7 +238,7 @@ def cam_target_layer(name: str, model: nn.Module, layer: str | None = None) -> n
     try:
         return get_submodule(model, path)
     except AttributeError:
-        raise CXRError(f"{name} has no layer {path!r} for Grad-CAM") from None
+        raise CXRError(f"Grad-CAM layer {path!r} is not a layer of this {name}") from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -233,7 +233,7 @@ def overlay_rgb(pixels: np.ndarray, heat: np.ndarray, lines: Sequence[str], *, m
     (the text never covers the image)."""
     import cv2
 
-    from cxrscreen.explain.overlay import draw_text, overlay
+    from cxrscreen.explain.overlay import overlay, with_band
 
     h, w = pixels.shape
     f = min(1.0, max_side / max(h, w))
@@ -241,12 +241,8 @@ def overlay_rgb(pixels: np.ndarray, heat: np.ndarray, lines: Sequence[str], *, m
         size = (max(1, round(w * f)), max(1, round(h * f)))
         pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
         heat = cv2.resize(heat.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-    img = overlay(pixels, heat)
-    width = img.shape[1]
-    scale = max(0.35, width / 1100)
-    band = np.zeros(((int(28 * scale) + 6) * len(lines) + 10, width, 3), np.uint8)
-    draw_text(band, list(lines))
-    return cv2.cvtColor(np.concatenate([band, img], axis=0), cv2.COLOR_BGR2RGB)
+    img = with_band(overlay(pixels, heat), list(lines), where="top")  # the CLI heatmaps' caption band
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def build_sc(result: PredictionResult, model: ModelInfo, pixels: np.ndarray) -> Any:

@@ -41,7 +41,7 @@ INDEX_HTML = """<!doctype html>
   or treat anyone.</p>
 
 <form id="form">
-  <label>Chest X-ray (PNG, JPEG or DICOM): <input id="file" name="file" type="file" required></label>
+  <label>Chest X-ray (PNG, JPEG, TIFF, BMP or DICOM): <input id="file" name="file" type="file" required></label>
   <label>Heatmap for <select id="target"><option value="">the predicted class</option></select></label>
   <button id="go" type="submit">Analyse</button>
 </form>

@@ -175,3 +175,29 @@ def test_onnx_engine_predicts_without_torch(tiny: tuple[Path, Path], tmp_path: P
     expected = [r["probabilities"] for r, _ in Predictor(load_run(run_dir)).predict_files(files)]
     for a, b in zip(got["probs"], expected, strict=True):
         assert max(abs(a[c] - b[c]) for c in a) < PARITY_TOL
+
+
+def test_predict_command_with_onnxruntime_loads_no_torch(tmp_path: Path) -> None:
+    """`cxrscreen predict IMAGE --engine onnxruntime` (the bundled export) runs without importing torch: the
+    command itself (options, severity helpers, writers) must not pull it in either."""
+    import os
+    import subprocess
+    import sys
+
+    img = write_images(tmp_path / "img", 1, size=(256, 256), bad=0)[0]
+    code = (
+        "import sys, json\n"
+        "from cxrscreen.cli import app\n"
+        "try:\n"
+        f"    app([ 'predict', {str(img)!r}, '--engine', 'onnxruntime', '--json'], standalone_mode=False)\n"
+        "finally:\n"
+        "    print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))))\n"
+    )
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    first = json.loads(lines[0])
+    assert first["path"] == str(img) and first["error"] is None  # predicted (or withheld by the gate), not failed
+    assert json.loads(lines[-1]) == []

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cxrscreen.data.lung_boxes import LUNG_CLASSES
 from cxrscreen.errors import CXRError
-from cxrscreen.severity.scorer import SeverityScorer
+
+if TYPE_CHECKING:  # the scorer needs torch: imported only when severity is asked for (the ONNX path has none)
+    from cxrscreen.severity.scorer import SeverityScorer
 
 CSV_COLUMNS = ["geographic_extent", "opacity", "extent_right", "extent_left", "zones", "lung_boxes_source"]
 
@@ -18,6 +19,9 @@ def make_scorer(run: Any, wanted: bool, localizer: Path | None, fail: Callable[[
     """The run's scorer when severity is wanted (with the localizer run if given), else None; `fail` on error."""
     if not wanted:
         return None
+    from cxrscreen.data.lung_boxes import LUNG_CLASSES
+    from cxrscreen.severity.scorer import SeverityScorer
+
     try:
         loc = None
         if localizer is not None:

@@ -189,7 +189,8 @@ def test_predict_command_with_onnxruntime_loads_no_torch(tmp_path: Path) -> None
         "import sys, json\n"
         "from cxrscreen.cli import app\n"
         "try:\n"
-        f"    app([ 'predict', {str(img)!r}, '--engine', 'onnxruntime', '--json'], standalone_mode=False)\n"
+        f"    app(['predict', {str(img)!r}, '--engine', 'onnxruntime', '--threads', '1', '--json'],\n"
+        "        standalone_mode=False)\n"
         "finally:\n"
         "    print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))))\n"
     )

@@ -75,7 +75,7 @@ def predict(
                               heatmap=heatmap, out_file=out_file, resume=resume, shard=shard)
     except CXRError as exc:
         _fail(exc)
-    if threads is not None:
+    if threads is not None and engine == "torch":  # ONNX Runtime takes its threads in load_for_engine
         import torch
 
         torch.set_num_threads(max(1, threads))

@@ -10,8 +10,8 @@ One run, same image files, same torch threads, both sides warmed up, batch 32. P
   `Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)])`, then
   `xrv.models.DenseNet(weights=None)` (DenseNet-121, random init, nothing downloaded; timing only) + sigmoid;
 - for both, single-image latency (median, p95) over the first `--latency-images` files, batch 1;
-- the throughput ratios ours / torchxrayvision (target >= 5; ONNX Runtime >= 10) and the peak RSS of a `cxrscreen predict`
-  subprocess over the same files (target <= 1.5 GB), each with whether it is met;
+- the throughput ratios ours / torchxrayvision (target >= 5; ONNX Runtime >= 10) and the peak RSS of a
+  `cxrscreen predict` subprocess over the same files (target <= 1.5 GB), each with whether it is met;
 - threads, load average before and after, versions, and the socket connections attempted by this process
   (expected 0: the machine is offline and nothing may be fetched).
 

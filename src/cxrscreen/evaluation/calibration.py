@@ -234,17 +234,7 @@ def calibrate_run(
     Returns the report also written to <run_dir>/eval/calibration.json.
     """
     run_dir, data_dir, split_csv = Path(run_dir), Path(data_dir), Path(split_csv)
-    run = load_run(run_dir)
-    if not run.task.has_logits:
-        raise CXRError(f"calibration fits classifier logits; {run.arch} is a {run.kind}", run_dir)
-    if "covid" not in run.classes:
-        raise CXRError(f"the run's classes {run.classes} have no 'covid' class", run_dir)
-    covid = run.classes.index("covid")
-    cache = PreprocessedCache(run.preprocess, cache_dir if cache_dir is not None else default_cache_dir())
-    val = load_subset(data_dir, split_csv, "val", cache, run.classes)
-    test = load_subset(data_dir, split_csv, "test", cache, run.classes)
-    if len(val.labels) == 0:
-        raise CXRError("the split has no usable val images to calibrate on", split_csv)
+    run, covid, val, test = _calibration_data(run_dir, data_dir, split_csv, cache_dir)
 
     val_logits = run_logits(run, val.images)
     temperature = fit_temperature(val_logits, val.labels)
@@ -254,20 +244,71 @@ def calibrate_run(
     val_fig = _subset_figures(val, val_logits, temperature)
     val_spec = specificity_per_source(val, val_probs, run.classes, threshold)
     rule_choice = choose_rule(val, val_probs, run.classes, threshold)
-    test_spec = None
+    test_fig, test_spec = _test_figures(run, test, temperature, covid, threshold, n_boot=n_boot, seed=seed)
 
-    test_fig: dict[str, Any] | None = None
-    if len(test.labels):
-        test_logits = run_logits(run, test.images)
-        test_fig = _subset_figures(test, test_logits, temperature)
-        test_probs = softmax(test_logits, temperature)
-        test_fig["covid_vs_rest"] = covid_vs_rest(
-            test.labels, test_probs, test.groups,
-            positive=covid, threshold=threshold, n_boot=n_boot, seed=seed,
-        )
-        test_spec = specificity_per_source(test, test_probs, run.classes, threshold)
+    calibration = _calibration_section(temperature, val_fig, test_fig)
+    operating_point = _operating_point_section(op, val, val_spec, test_fig, test_spec)
+    config = read_config(run_dir)
+    config["calibration"] = calibration
+    config["operating_point"] = operating_point
+    config["decision"] = rule_choice["chosen"]
+    write_config(run_dir, config)
 
-    calibration = {
+    shown = test_fig or val_fig
+    png = reliability_diagram(
+        shown["reliability_before"], shown["reliability_after"], run_dir / "eval" / "reliability.png",
+        title=f"{run.arch}, {'test' if test_fig else 'val'} subset (n={shown['n']}), T = {temperature:.3f}",
+    )
+    report: dict[str, Any] = {
+        "calibration": calibration,
+        "operating_point": {**operating_point, "n_val_covid": op["n_val_covid"],
+                            "n_val_other": op["n_val_other"]},
+        "decision": rule_choice,
+        "val": val_fig,
+        "test": test_fig,
+        "meta": _report_meta(run, run_dir, data_dir, split_csv, n_boot=n_boot, seed=seed,
+                             skipped={**val.errors, **test.errors}, png=png),
+    }
+    write_json(run_dir / "eval" / "calibration.json", report)
+    return report
+
+
+def _calibration_data(run_dir: Path, data_dir: Path, split_csv: Path, cache_dir: Path | None
+                      ) -> tuple[LoadedRun, int, SubsetData, SubsetData]:
+    """(the run, the index of its covid class, its val subset, its test subset); CXRError for a run that is no
+    classifier with a covid class, or a split without val images."""
+    run = load_run(run_dir)
+    if not run.task.has_logits:
+        raise CXRError(f"calibration fits classifier logits; {run.arch} is a {run.kind}", run_dir)
+    if "covid" not in run.classes:
+        raise CXRError(f"the run's classes {run.classes} have no 'covid' class", run_dir)
+    cache = PreprocessedCache(run.preprocess, cache_dir if cache_dir is not None else default_cache_dir())
+    val = load_subset(data_dir, split_csv, "val", cache, run.classes)
+    test = load_subset(data_dir, split_csv, "test", cache, run.classes)
+    if len(val.labels) == 0:
+        raise CXRError("the split has no usable val images to calibrate on", split_csv)
+    return run, run.classes.index("covid"), val, test
+
+
+def _test_figures(run: LoadedRun, test: SubsetData, temperature: float, covid: int, threshold: float, *,
+                  n_boot: int, seed: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(calibration figures with COVID-vs-rest at the threshold, specificity per source) of the test subset;
+    (None, None) when the split has no test images."""
+    if not len(test.labels):
+        return None, None
+    test_logits = run_logits(run, test.images)
+    test_fig = _subset_figures(test, test_logits, temperature)
+    test_probs = softmax(test_logits, temperature)
+    test_fig["covid_vs_rest"] = covid_vs_rest(
+        test.labels, test_probs, test.groups, positive=covid, threshold=threshold, n_boot=n_boot, seed=seed,
+    )
+    return test_fig, specificity_per_source(test, test_probs, run.classes, threshold)
+
+
+def _calibration_section(temperature: float, val_fig: dict[str, Any], test_fig: dict[str, Any] | None
+                         ) -> dict[str, Any]:
+    """config.json's `calibration`: T and the ECE before / after on val and test."""
+    return {
         "method": "temperature",
         "temperature": temperature,
         "fitted_on": "val",
@@ -277,10 +318,16 @@ def calibrate_run(
         "ece_test_after": test_fig["ece_after"] if test_fig else None,
         "n_val": val_fig["n"],
     }
+
+
+def _operating_point_section(op: dict[str, Any], val: SubsetData, val_spec: dict[str, Any],
+                             test_fig: dict[str, Any] | None, test_spec: dict[str, Any] | None
+                             ) -> dict[str, Any]:
+    """config.json's `operating_point`: the COVID threshold chosen on val, its val and test rates."""
     cvr = test_fig["covid_vs_rest"] if test_fig else None
-    operating_point = {
+    return {
         "class": "covid",
-        "threshold": threshold,
+        "threshold": op["threshold"],
         "target_sensitivity": op["target_sensitivity"],
         "chosen_on": "val",
         "val_sources": sorted(set(val.sources)),
@@ -291,41 +338,22 @@ def calibrate_run(
         "val_specificity_per_source": val_spec,
         "test_specificity_per_source": test_spec,
     }
-    config = read_config(run_dir)
-    config["calibration"] = calibration
-    config["operating_point"] = operating_point
-    config["decision"] = rule_choice["chosen"]
-    write_config(run_dir, config)
 
-    eval_dir = run_dir / "eval"
-    png = reliability_diagram(
-        (test_fig or val_fig)["reliability_before"], (test_fig or val_fig)["reliability_after"],
-        eval_dir / "reliability.png",
-        title=f"{run.arch}, {'test' if test_fig else 'val'} subset (n={(test_fig or val_fig)['n']}), "
-              f"T = {temperature:.3f}",
-    )
-    report: dict[str, Any] = {
-        "calibration": calibration,
-        "operating_point": {**operating_point, "n_val_covid": op["n_val_covid"],
-                            "n_val_other": op["n_val_other"]},
-        "decision": rule_choice,
-        "val": val_fig,
-        "test": test_fig,
-        "meta": {
-            "model": str(run_dir),
-            "arch": run.arch,
-            "weights_sha256": run.config.get("weights_sha256"),
-            "data": str(data_dir),
-            "manifest_sha256": manifest_hash(data_dir),
-            "split": str(split_csv),
-            "split_sha256": file_sha256(split_csv),
-            "n_bins": N_BINS,
-            "bootstrap": {"n": n_boot, "seed": seed, "unit": "split_group"},
-            "skipped_files": {**val.errors, **test.errors},
-            "reliability_png": str(png),
-            **provenance(),
-        },
+
+def _report_meta(run: LoadedRun, run_dir: Path, data_dir: Path, split_csv: Path, *, n_boot: int, seed: int,
+                 skipped: dict[str, Any], png: Path) -> dict[str, Any]:
+    """The calibration report's provenance: model, data and split hashes, bootstrap, skipped files, versions."""
+    return {
+        "model": str(run_dir),
+        "arch": run.arch,
+        "weights_sha256": run.config.get("weights_sha256"),
+        "data": str(data_dir),
+        "manifest_sha256": manifest_hash(data_dir),
+        "split": str(split_csv),
+        "split_sha256": file_sha256(split_csv),
+        "n_bins": N_BINS,
+        "bootstrap": {"n": n_boot, "seed": seed, "unit": "split_group"},
+        "skipped_files": skipped,
+        "reliability_png": str(png),
+        **provenance(),
     }
-    write_json(eval_dir / "calibration.json", report)
-    return report
-

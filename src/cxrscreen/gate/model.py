@@ -63,6 +63,17 @@ SQUEEZE_NOVELTY_DROP = 20.0
 Chosen on 31 real X-rays of ../shared/data/cxr squeezed to 512 x 220 (they fall by 22.8 to 107) and the 8
 real images of the set wider than 1.5 (-34 to 18.7): a narrow margin. On 200 squeezed X-rays
 (`benchmarks/gate_squeeze.py --n 200`, docs/results/gate_squeeze.json) 195 are caught."""
+SQUEEZE_MIN_PORTRAIT = 1.4
+"""Portrait images taller than this (height / width) are tested for a squeeze from the sides. No real X-ray
+of ../shared reaches it (height / width at most 1.333 in cxr and external, 1.225 in lesions, 1.0 in siim,
+measured on the manifests' stored and original sizes), so no real film of the set is ever tested."""
+SQUEEZE_PORTRAIT_DROP = 10.0
+"""A portrait image (taller than SQUEEZE_MIN_PORTRAIT) whose novelty falls by more than this when made square
+is flagged as squeezed. Chosen on 100 real X-rays of ../shared/data/cxr squeezed to 300 x 512 (94 of them fall
+by more than 10; 20 would catch 85); lower than the landscape limit because the aspect test alone already keeps
+every real film out. On another 200, disjoint, 191 are refused; of the 7,655 real X-rays of ../shared cxr and siim
+none is refused as squeezed (`benchmarks/gate_squeeze.py --n 200`, docs/results/gate_squeeze.json, "portrait").
+The measure does not tell a squeeze from a genuinely tall crop of a film (176 of 200 such crops are refused too)."""
 
 """Changes whenever :func:`gate_features` changes; a gate fitted on another version is refused."""
 
@@ -194,21 +205,24 @@ class Gate:
             out.append(f"unlike the frontal chest X-rays the gate knows (novelty {sc['novelty']:.0f} > "
                        f"limit {self.novelty_threshold:.0f})")
         drop = self.squeeze_drop(xray, sc["novelty"])
-        if drop is not None and drop > SQUEEZE_NOVELTY_DROP:
-            h, w = np.asarray(xray.pixels).shape[:2]
-            out.append(f"looks squeezed sideways: {w}x{h} made square is far more like a chest X-ray (novelty "
-                       f"falls by {drop:.0f} > {SQUEEZE_NOVELTY_DROP:g}); resend the image at its true shape")
+        h, w = np.asarray(xray.pixels).shape[:2]
+        limit = SQUEEZE_NOVELTY_DROP if w > h else SQUEEZE_PORTRAIT_DROP
+        if drop is not None and drop > limit:
+            how = "sideways" if w > h else "from the sides"
+            out.append(f"looks squeezed {how}: {w}x{h} made square is far more like a chest X-ray (novelty "
+                       f"falls by {drop:.0f} > {limit:g}); resend the image at its true shape")
         if not out and self.lungs_rule:
             out += self.lung_flags(xray)
         return out
 
     def squeeze_drop(self, xray: XRay, novelty: float | None = None) -> float | None:
-        """For a landscape image (width > SQUEEZE_MIN_ASPECT x height): its novelty minus the novelty of
-        the same image resized to a square; None for other shapes. A chest X-ray squeezed sideways becomes
-        a plausible chest again when made square (its novelty falls); a genuinely wide film does not."""
+        """For a landscape image (width > SQUEEZE_MIN_ASPECT x height) or a tall portrait one (height >
+        SQUEEZE_MIN_PORTRAIT x width): its novelty minus the novelty of the same image resized to a square
+        of side = its height; None for other shapes. A chest X-ray squeezed (sideways or from the sides)
+        becomes a plausible chest again when made square (its novelty falls); a genuinely wide film does not."""
         px = np.asarray(xray.pixels, dtype=np.float32)
         h, w = px.shape[:2]
-        if w <= SQUEEZE_MIN_ASPECT * h:
+        if w <= SQUEEZE_MIN_ASPECT * h and h <= SQUEEZE_MIN_PORTRAIT * w:
             return None
         import cv2
 

@@ -69,6 +69,13 @@ def dilate(binary: np.ndarray, radius: int) -> np.ndarray:
     return cv2.dilate(b.astype(np.uint8), kernel) > 0
 
 
+def lung_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The boxes of the lungs present in a label map: boxes (K, 4) float32 [x0, y0, x1, y1] (pixels,
+    half-open) and their labels (K,) int64 (1 right, 2 left), right lung first; K = 0 when no lung is found."""
+    found = [(k, b) for lg, k in LUNG_LABELS.items() if (b := lung_box(mask, lg)) is not None]
+    return (np.array([b for _, b in found], np.float32).reshape(-1, 4), np.array([k for k, _ in found], np.int64))
+
+
 def lung_fractions(mask: np.ndarray) -> dict[str, float]:
     """{right, left}: each lung's area as a fraction of the image."""
     n = float(mask.size)

@@ -148,3 +148,11 @@ def test_unknown_lung_source_is_refused(tmp_path: Path) -> None:
     run = load_run(make_tiny_run(tmp_path / "run"))
     with pytest.raises(ValueError, match="lung_source"):
         masking_set(run, tmp_path, tmp_path / "split.csv", None, lung_source="atlas")  # type: ignore[arg-type]
+
+
+def test_run_audit_refuses_an_unknown_lung_source(tmp_path: Path) -> None:
+    from cxrscreen.audit.run import run_audit
+    from cxrscreen.errors import CXRError
+
+    with pytest.raises(CXRError, match="unknown lung source 'atlas'"):
+        run_audit(tmp_path, tmp_path, tmp_path / "split.csv", tmp_path / "out", lung_source="atlas")

@@ -118,8 +118,13 @@ def test_lung_boxes_atlas_and_lookup(tiny):
 def test_masked_test_images_are_black_inside_the_mapped_boxes(tiny):
     run = load_run(tiny["run"])
     ms = masking_set(run, tiny["root"], tiny["split"], LungBoxes.from_coco(tiny["coco"]), cache_dir=tiny["cache"])
-    assert "annotated" in ms.kinds and "atlas" in ms.kinds
-    masked, only = ms.images("lungs_masked"), ms.images("lungs_only")
+    assert "annotated" in ms.kinds and "atlas" in ms.kinds and ms.lung_source == "segmenter"
+    seg_masked = ms.images("lungs_masked")
+    for i, region in enumerate(ms.segmented):
+        # the default lungs are the segmented ones: pixels outside them are kept, inside them blacked out
+        assert region.any() and (region == ms.region(i)).all()
+        assert (seg_masked[i][region] == 0).all() and (seg_masked[i][~region] == ms.data.images[i][~region]).all()
+    masked, only = ms.images("lungs_masked", "boxes"), ms.images("lungs_only", "boxes")
     for i, boxes in enumerate(ms.boxes):
         assert boxes, ms.data.paths[i]
         m = lung_mask(48, boxes)
@@ -150,6 +155,12 @@ def test_per_source(audited):
 
 def test_masking_part(audited):
     mk = audited["masking"]
+    assert mk["lung_source"] == "segmenter" == audited["meta"]["lung_source"]
+    assert mk["subsets"] == mk["segmented"]["subsets"] and mk["boxes"]["lung_source"] == "boxes"
+    cmp = mk["comparison"]["lungs_masked"]["covid_auc"]
+    assert cmp["segmented"] == mk["segmented"]["subsets"]["all"]["lungs_masked"]["covid_auc"]["value"]
+    assert cmp["boxes"] == mk["boxes"]["subsets"]["all"]["lungs_masked"]["covid_auc"]["value"]
+    assert mk["comparison"]["finding"] in mk["finding"]
     assert mk["n_annotated"] > 0 and mk["n_atlas"] > 0 and "atlas" in mk["box_note"]
     allb = mk["subsets"]["all"]
     assert allb["n"] == mk["n_annotated"] + mk["n_atlas"] == audited["per_source"]["overall"]["n"]

@@ -122,3 +122,16 @@ def test_draw_masks_tints_each_lung() -> None:
     assert r > b  # right lung: orange
     b, g, r = img[90, 168].astype(int)
     assert b > r  # left lung: blue
+
+
+def test_lung_boxes_right_first_and_empty() -> None:
+    from cxrscreen.lungs.masks import lung_boxes
+
+    m = np.zeros((20, 30), np.uint8)
+    m[2:10, 18:25] = LEFT
+    m[5:15, 3:9] = RIGHT
+    boxes, lungs = lung_boxes(m)
+    assert lungs.tolist() == [RIGHT, LEFT] and boxes.dtype == np.float32
+    assert boxes.tolist() == [[3, 5, 9, 15], [18, 2, 25, 10]]
+    b0, l0 = lung_boxes(np.zeros((4, 4), np.uint8))
+    assert b0.shape == (0, 4) and l0.shape == (0,)

@@ -283,6 +283,31 @@ def test_label_boxes_atlas_fallback_feeds_the_box_source(small_data, tmp_path: P
 
 
 @pytest.mark.slow
+def test_label_boxes_from_the_segmented_lungs(small_data, tmp_path: Path):
+    from cxrscreen.io.xray import read_xray
+    from cxrscreen.lungs.masks import lung_box
+    from cxrscreen.lungs.segmenter import bundled_segmenter
+
+    data, _ = small_data
+    seg = bundled_segmenter()
+    summary = label_boxes(None, data, tmp_path / "boxes.csv", segmenter=seg, log=lambda s: None)
+    table = pd.read_csv(tmp_path / "boxes.csv")
+    assert summary["segmenter"] == str(seg.folder) and summary["skipped_files"] == {}
+    assert summary["images"] == len(pd.read_csv(data / "manifest.csv"))
+    assert "segmenter" in set(table["source"]) and set(table["source"]) <= {"annotation", "segmenter", "atlas"}
+    row = table[table["source"] == "segmenter"].iloc[0]
+    manifest = pd.read_csv(data / "manifest.csv")
+    path = Path(manifest.loc[manifest["image"] == row["image"], "image"].iloc[0])
+    mask = seg.segment(read_xray(path if path.is_absolute() else data / path).pixels).mask
+    want = lung_box(mask, row["lung"].removesuffix("_lung"))
+    assert [row["x0"], row["y0"], row["x1"], row["y1"]] == pytest.approx(want, abs=0.05)
+    # every image has one right and one left box; the right lung's box lies on the image's left
+    per = table[table["source"] == "segmenter"].pivot_table(index="image", columns="lung", values="x0")
+    assert (per["right_lung"] < per["left_lung"]).mean() > 0.9
+    assert (table.groupby("image")["lung"].apply(sorted).map(tuple) == ("left_lung", "right_lung")).all()
+
+
+@pytest.mark.slow
 def test_crossval_localizer_runs_on_a_handful(small_data, tmp_path: Path):
     data, _ = small_data
     res = crossval_localizer(data, k=2, epochs=1, batch_size=4, max_images=6, cache_dir=tmp_path / "c",

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrscreen.audit.masking import BOX_SUBSETS, CONDITIONS, MaskingSet, mask_image
+from cxrscreen.audit.masking import BOX_SUBSETS, CONDITIONS, MaskingSet
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -85,9 +85,10 @@ def plot_masking_examples(ms: MaskingSet, path: Path, k: int = 4) -> Path:
     for r, i in enumerate(order):
         for c, cond in enumerate(CONDITIONS):
             ax = fig.add_subplot(len(order), len(CONDITIONS), r * len(CONDITIONS) + c + 1)
-            ax.imshow(mask_image(ms.data.images[i], ms.boxes[i], cond), cmap="gray", vmin=0, vmax=255)
+            ax.imshow(ms.image(i, cond), cmap="gray", vmin=0, vmax=255)
             ax.set_axis_off()
-            ax.set_title(f"{cond} ({ms.kinds[i]})" if c == 0 else cond, fontsize=7)
+            ax.set_title(f"{cond} ({ms.kinds[i]} boxes)" if c == 0 else f"{cond} ({ms.lung_source})",
+                         fontsize=7)
     fig.savefig(path, dpi=110)
     return path
 

@@ -87,13 +87,24 @@ def _masking_section(result: dict[str, Any]) -> list[str]:
     mk = result["masking"]
     if "skipped" in mk:
         return ["", "## Lungs masked / lungs only", "", f"Skipped: {mk['skipped']}."]
+    source = mk.get("lung_source", "boxes")
+    compare = []
+    if "comparison" in mk:
+        cmp = mk["comparison"]
+        compare = ["", f"Segmented lungs against boxes, all test images: {cmp['finding']}", "",
+                   "| condition | COVID AUC segmented | COVID AUC boxes | difference | accuracy segmented | "
+                   "accuracy boxes |", "|---|---|---|---|---|---|",
+                   *[f"| {c} | {_f(cmp[c]['covid_auc']['segmented'])} | {_f(cmp[c]['covid_auc']['boxes'])} | "
+                     f"{_f(cmp[c]['covid_auc']['difference'])} | {_f(cmp[c]['accuracy']['segmented'])} | "
+                     f"{_f(cmp[c]['accuracy']['boxes'])} |" for c in CONDITIONS[1:] if c in cmp]]
     return [
         "",
         "## Lungs masked / lungs only",
         "",
-        f"Lung boxes: {mk['n_annotated']} test images with annotated boxes, {mk['n_atlas']} with atlas "
-        f"boxes. {mk['box_note']} Boxes are blacked out (set to 0) in the preprocessed image, "
-        "after CLAHE.",
+        f"Lungs of the table below: {source}. " + (mk.get("segment_note", "") + " " if source == "segmenter" else "")
+        + f"Lung boxes: {mk['n_annotated']} test images with annotated boxes, {mk['n_atlas']} with atlas "
+        f"boxes. {mk['box_note']} The lungs are blacked out (set to 0) in the preprocessed image, "
+        "after CLAHE; the first column is the images' box kind.",
         "",
         "| boxes | n | chance | condition | accuracy | macro-F1 | COVID AUC |",
         "|---|---|---|---|---|---|---|",
@@ -102,6 +113,7 @@ def _masking_section(result: dict[str, Any]) -> list[str]:
         "",
         "Annotated boxes exist only for Cohen images (mostly covid), so that subset's chance "
         "rate is high; the `all` row is the one to read first.",
+        *compare,
         "",
         "![masking](masking.png)",
     ]

@@ -5,10 +5,12 @@ nearly every pneumonia image is from NIH), so a model can score by recognising w
 from. `run_audit` checks this in four parts, each optional:
 
 - per_source: the model's figures per source on the split's test subset.
-- masking: the same test images with the lung boxes blacked out ("lungs_masked") and with everything
-  but the lung boxes blacked out ("lungs_only"). A model that stays accurate with no lung visible
-  reads something else. Boxes come from the COCO lung annotations where an image has them, else from
-  an atlas (the mean normalised boxes of the annotated images).
+- masking: the same test images with the lungs blacked out ("lungs_masked") and with everything
+  but the lungs blacked out ("lungs_only"). A model that stays accurate with no lung visible
+  reads something else. The lungs are the bundled segmenter's masks, slightly dilated (default), or
+  lung boxes (`lung_source="boxes"`); boxes come from the COCO lung annotations where an image has
+  them, else from an atlas (the mean normalised boxes of the annotated images). With the segmenter the
+  boxes' figures are computed too and the two compared.
 - probe: the audited recipe (architecture, preprocessing, augmentation) trained to predict the
   source instead of the label. High accuracy means the images carry the hospital in them.
 - loso: leave one source out: the recipe trained without a source and tested on it.
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrscreen.audit.loso import _safe, loso_one
-from cxrscreen.audit.masking import PARTS, _summary, masking_report, masking_set
+from cxrscreen.audit.masking import LUNG_SOURCES, PARTS, _summary, masking_report, masking_set
 from cxrscreen.audit.plots import plot_loso, plot_masking, plot_masking_examples, plot_probe
 from cxrscreen.audit.probe import _pool, _recipe, source_probe
 from cxrscreen.audit.report import write_markdown
@@ -52,6 +54,7 @@ def run_audit(
     n_boot: int = 500,
     seed: int = 0,
     lung_boxes: Path | None = None,
+    lung_source: str = "segmenter",
     loso_sources: Sequence[str] | None = None,
     min_source_images: int = 50,
     device: str | None = None,
@@ -62,7 +65,8 @@ def run_audit(
 
     budget_minutes_per_model / loso_epochs: time budget and epochs of each model the audit trains (the
     source probe and every LOSO model); None keeps the recipe's value. lung_boxes: COCO file (default
-    <data>/annotations/lung_boxes.coco.json). loso_sources: sources to hold out (default: every source
+    <data>/annotations/lung_boxes.coco.json). lung_source: "segmenter" (segmented lungs, compared with the
+    boxes) or "boxes" (the masking part's lungs). loso_sources: sources to hold out (default: every source
     with >= min_source_images images in the split). device: None keeps the recipe's (training) and
     picks cuda when available (evaluation). LOSO runs live in out_dir/loso/<source>/run and resume.
     audit.json is rewritten after each part.
@@ -71,6 +75,8 @@ def run_audit(
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise CXRError(f"unknown audit part(s) {', '.join(sorted(unknown))}; use {', '.join(PARTS)}")
+    if lung_source not in LUNG_SOURCES:
+        raise CXRError(f"unknown lung source {lung_source!r}; use {', '.join(LUNG_SOURCES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     eval_device = pick_device(device or "auto")
     run = load_run(run_dir, device=eval_device)
@@ -92,6 +98,7 @@ def run_audit(
             "seed": seed,
             "training_seed": cfg.seed,
             "n_boot": n_boot,
+            "lung_source": lung_source if "masking" in parts else None,
             "budget_minutes_per_model": budget_minutes_per_model,
             "loso_epochs": loso_epochs,
             "recipe": cfg.to_dict(),
@@ -104,7 +111,7 @@ def run_audit(
 
     ctx = AuditContext(run=run, cfg=cfg, data_dir=data_dir, split_csv=split_csv, out_dir=out_dir, n_boot=n_boot,
                        seed=seed, eval_cache=eval_cache, eval_device=eval_device, lung_boxes=lung_boxes,
-                       loso_sources=loso_sources, min_source_images=min_source_images, log=log,
+                       lung_source=lung_source, loso_sources=loso_sources, min_source_images=min_source_images, log=log,
                        progress_factory=progress_factory, save=lambda: write_json(out_dir / "audit.json", result))
     for name in PARTS:
         if name not in parts:
@@ -138,6 +145,7 @@ class AuditContext:
     eval_cache: Path | None
     eval_device: Any
     lung_boxes: Path | None
+    lung_source: str
     loso_sources: Sequence[str] | None
     min_source_images: int
     log: Callable[[str], None]
@@ -191,14 +199,16 @@ def per_source_part(ctx: AuditContext) -> PartResult:
 
 
 def masking_part(ctx: AuditContext) -> PartResult:
-    """The test images with the lung boxes blacked out and with only the lung boxes left."""
+    """The test images with the lungs (segmented, or boxes) blacked out and with only the lungs left; with
+    segmented lungs the boxes' figures too, on the same images."""
     path = Path(ctx.lung_boxes) if ctx.lung_boxes is not None else default_annotations_path(ctx.data_dir)
     if not path.is_file():
         return PartResult({"skipped": f"no lung-box annotations at {path}"},
                           [f"Masking test skipped: no lung-box annotations at {path}."])
-    ctx.log("masking test: lungs masked / lungs only")
+    ctx.log(f"masking test: lungs masked / lungs only ({ctx.lung_source})")
     boxes = LungBoxes.from_coco(path)
-    ms = masking_set(ctx.run, ctx.data_dir, ctx.split_csv, boxes, cache_dir=ctx.eval_cache)
+    ms = masking_set(ctx.run, ctx.data_dir, ctx.split_csv, boxes, cache_dir=ctx.eval_cache,
+                     lung_source=ctx.lung_source)
     mk = masking_report(ctx.run, ms, n_boot=ctx.n_boot, seed=ctx.seed)
     mk.update({"lung_boxes": boxes.path, "lung_boxes_sha256": boxes.sha256, "atlas": boxes.atlas})
     plots = []

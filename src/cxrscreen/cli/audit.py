@@ -31,6 +31,9 @@ def audit(
     lung_boxes: Annotated[
         Path | None, typer.Option(help="COCO lung boxes (default: DATA/annotations/lung_boxes.coco.json)")
     ] = None,
+    lung_source: Annotated[
+        str, typer.Option(help="lungs of the masking test: segmenter (compared with boxes) | boxes")
+    ] = "segmenter",
     n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the CIs")] = 500,
     seed: Annotated[int, typer.Option(help="seed of the probe / LOSO splits and of the bootstrap")] = 0,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (default: the recipe's)")] = None,
@@ -44,7 +47,7 @@ def audit(
             model if model is not None else default_model_dir(), data, split, out_dir,
             budget_minutes_per_model=budget_minutes or None, loso_epochs=epochs,
             parts=[p.strip() for p in parts.split(",") if p.strip()], n_boot=n_boot, seed=seed,
-            lung_boxes=lung_boxes, loso_sources=loso_source or None, device=device,
+            lung_boxes=lung_boxes, lung_source=lung_source, loso_sources=loso_source or None, device=device,
             log=_log, progress_factory=_Bar,
         )
     except CXRError as exc:

@@ -58,14 +58,23 @@ def localize_label(
     out_csv: Annotated[Path, typer.Option("--out", help="boxes CSV (put it in the detector's run dir as boxes.csv)")],
     localizer: Annotated[Path | None, typer.Option(help="localizer run dir (default: atlas boxes)")] = None,
     min_score: Annotated[float, typer.Option(help="below this a lung falls back to the atlas box")] = 0.3,
+    segmented: Annotated[
+        bool, typer.Option(help="without --localizer: boxes of the bundled segmenter's lung masks (else the atlas)")
+    ] = True,
 ) -> None:
-    """Write lung boxes with scores for every image: annotations, else the localizer, else the atlas."""
+    """Write lung boxes for every image: annotations, else the localizer, else the segmented lungs' boxes,
+    else the atlas."""
     from cxrscreen.runs.run_dir import load_run
     from cxrscreen.training.localizer import label_boxes
 
     try:
+        seg = None
+        if segmented and not localizer:
+            from cxrscreen.lungs.segmenter import bundled_segmenter
+
+            seg = bundled_segmenter()
         summary = label_boxes(load_run(localizer) if localizer else None, data, out_csv, min_score=min_score,
-                              log=_log)
+                              segmenter=seg, log=_log)
     except CXRError as exc:
         _fail(exc)
     out.print_json(json.dumps(summary, default=str))

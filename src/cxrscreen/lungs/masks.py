@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from cxrscreen.errors import CXRError
+from cxrscreen.transforms.ops import Geometry
 
 BACKGROUND, RIGHT, LEFT = 0, 1, 2
 LUNG_LABELS: dict[str, int] = {"right": RIGHT, "left": LEFT}
@@ -47,6 +48,32 @@ def lung_box(mask: np.ndarray, lung: str) -> list[float] | None:
     if not len(xs):
         return None
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def mask_to_model(mask: np.ndarray, geom: Geometry) -> np.ndarray:
+    """A label map at the original size -> the model's (S, S) grid, as `Preprocessor` moves the image
+    (crop box, padding, nearest-neighbour resize)."""
+    x0, y0, x1, y1 = geom.box
+    region = np.ascontiguousarray(mask[y0:y1, x0:x1])
+    left, top, right, bottom = geom.pad
+    square = cv2.copyMakeBorder(region, top, bottom, left, right, cv2.BORDER_CONSTANT, value=0)
+    return cv2.resize(square, (geom.size, geom.size), interpolation=cv2.INTER_NEAREST)
+
+
+def dilate(binary: np.ndarray, radius: int) -> np.ndarray:
+    """A boolean (H, W) map grown by `radius` pixels (elliptical structuring element; 0: unchanged copy)."""
+    b = np.asarray(binary, bool)
+    if radius <= 0:
+        return b.copy()
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.dilate(b.astype(np.uint8), kernel) > 0
+
+
+def lung_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The boxes of the lungs present in a label map: boxes (K, 4) float32 [x0, y0, x1, y1] (pixels,
+    half-open) and their labels (K,) int64 (1 right, 2 left), right lung first; K = 0 when no lung is found."""
+    found = [(k, b) for lg, k in LUNG_LABELS.items() if (b := lung_box(mask, lg)) is not None]
+    return (np.array([b for _, b in found], np.float32).reshape(-1, 4), np.array([k for k, _ in found], np.int64))
 
 
 def lung_fractions(mask: np.ndarray) -> dict[str, float]:

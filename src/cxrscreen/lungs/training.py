@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cxrscreen.errors import CXRError
-from cxrscreen.lungs.masks import LEFT, LUNG_LABELS, RIGHT, dice_iou, read_mask
+from cxrscreen.lungs.masks import LEFT, LUNG_LABELS, RIGHT, dice_iou, mask_to_model, read_mask
 from cxrscreen.lungs.segmenter import (
     CONFIG_FILE,
     DEFAULT_PREPROCESS,
@@ -31,7 +31,7 @@ from cxrscreen.lungs.segmenter import (
     arch_record,
     build_unet,
 )
-from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, Preprocessor
+from cxrscreen.transforms.preprocess import PreprocessConfig, Preprocessor
 
 
 @dataclass(frozen=True)
@@ -71,15 +71,6 @@ def lung_mask_table(data_dir: str | Path, lesions_dir: str | Path | None = None)
             "mask": [str(Path(lesions_dir) / "masks" / f"{s}.png") for s in stems],
             "split_group": les["split_group"], "source": "generalblockchain", "set": "lesions"})], ignore_index=True)
     return rows.reset_index(drop=True)
-
-
-def mask_to_model(mask: np.ndarray, geom: Geometry) -> np.ndarray:
-    """A label map at the original size -> the model's (S, S) grid, as `Preprocessor` moves the image."""
-    x0, y0, x1, y1 = geom.box
-    region = mask[y0:y1, x0:x1]
-    left, top, right, bottom = geom.pad
-    square = cv2.copyMakeBorder(region, top, bottom, left, right, cv2.BORDER_CONSTANT, value=0)
-    return cv2.resize(square, (geom.size, geom.size), interpolation=cv2.INTER_NEAREST)
 
 
 @dataclass

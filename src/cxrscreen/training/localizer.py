@@ -50,6 +50,8 @@ from cxrscreen.engine.loop import EpochLoop
 from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.formatting import format_value
 from cxrscreen.evaluation.metrics import mean_average_precision
+from cxrscreen.io.xray import read_xray
+from cxrscreen.lungs.masks import lung_boxes
 from cxrscreen.models.detectors import Detections, check_input_size, create_detector
 from cxrscreen.runs.run_dir import LoadedRun, run_config, save_weights, write_config
 from cxrscreen.tasks.detection import best_per_lung, detect, to_original
@@ -311,13 +313,17 @@ def label_boxes(
     min_score: float = 0.3,
     cache_dir: Path | None = None,
     chunk: int = 64,
+    segmenter: Any | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write the boxes CSV of every manifest image (``BOXES_COLUMNS``, original pixels, one row per lung).
 
     Annotated images get their annotation (score 1); the others the localizer's best box per lung when
-    it scores >= min_score, else the atlas box (score empty, source "atlas"). localizer=None: atlas only.
-    Returns a summary {"out", "images", "rows", "by_source": {source: rows}, "localizer", "atlas"}.
+    it scores >= min_score, else the atlas box (score empty, source "atlas"). localizer=None: the boxes of
+    the `segmenter`'s (a LungSegmenter) right and left lung masks (score empty, source "segmenter"), the atlas
+    box for a lung it does not find; neither: atlas only. Files that cannot be read are listed in
+    "skipped_files". Returns a summary {"out", "images", "rows", "by_source": {source: rows}, "localizer",
+    "segmenter", "atlas", "skipped_files"}.
     """
     data_dir = Path(data_dir)
     ann_path = Path(annotations) if annotations else default_annotations_path(data_dir)
@@ -343,11 +349,28 @@ def label_boxes(
         annotated = source.annotations is not None and source.annotations.index.get(p) is not None
         if annotated:
             emit(df["image"].iloc[i], source.annotations.boxes_for(p, size_of(p, sizes)))  # type: ignore[union-attr]
-        elif localizer is None:
+        elif localizer is None and segmenter is None:
             emit(df["image"].iloc[i], atlas_boxes(source.atlas, size_of(p, sizes)))
         else:
             todo.append(i)
     errors: dict[str, str] = {}
+    if localizer is None and segmenter is not None:
+        for n, i in enumerate(todo, 1):
+            try:
+                pixels = read_xray(paths[i]).pixels
+            except CXRError as exc:
+                errors[str(paths[i])] = str(exc)
+                continue
+            boxes, lungs = lung_boxes(segmenter.segment(pixels).mask)
+            fallback = atlas_boxes(source.atlas, pixels.shape[:2])
+            for lg in (RIGHT, LEFT):
+                m, f = lungs == lg, fallback.lungs == lg
+                ib = (ImageBoxes(boxes[m], lungs[m], np.full(int(m.sum()), np.nan, np.float32), "segmenter")
+                      if m.any() else ImageBoxes(fallback.boxes[f], fallback.lungs[f], fallback.scores[f], "atlas"))
+                emit(df["image"].iloc[i], ib)
+            if n % chunk == 0 or n == len(todo):
+                log(f"labelled {n}/{len(todo)} images with the lung segmenter")
+        todo = []
     for part in _chunks(len(todo), chunk):
         idx = [todo[j] for j in part]
         assert localizer is not None and cache is not None
@@ -376,6 +399,7 @@ def label_boxes(
     return {"out": str(out), "images": int(table["image"].nunique()), "rows": len(table),
             "by_source": {k: int(v) for k, v in table["source"].value_counts().items()},
             "localizer": None if localizer is None else str(localizer.run_dir),
+            "segmenter": None if segmenter is None or localizer is not None else str(segmenter.folder),
             "atlas": {LUNG_CLASSES[k - 1]: list(v) for k, v in sorted(source.atlas.items())},
             "skipped_files": errors}
 

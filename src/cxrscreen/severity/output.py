@@ -1,10 +1,13 @@
-"""How the CLI shows severity: the scorer from the options, CSV columns, the text suffix, the zones PNG."""
+"""How the CLI shows severity: the scorer from the options, CSV columns, the text suffix, the zones band of
+a picture."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from cxrscreen.errors import CXRError
 
@@ -64,19 +67,14 @@ def severity_text(res: dict[str, Any]) -> str:
             f"(estimate per lung: right {pl['right']:.1f}/4, left {pl['left']:.1f}/4)")
 
 
-def with_zones(path: Path, res: dict[str, Any]) -> Path:
-    """Add the severity scores and the six zones' figures in a band under a written PNG (a detector's boxes
-    picture; the Grad-CAM drawer adds its own) when the result has severity; returns the path. Nothing is
-    drawn over the lungs."""
+def with_zones(img: np.ndarray, res: dict[str, Any]) -> np.ndarray:
+    """A task drawer's picture (BGR uint8) with the six zones' scores in a band added below it when the result
+    has severity (nothing drawn over the lungs); `img` itself when it has none. Pure: nothing is read or
+    written."""
     sev = res.get("severity")
     if not sev:
-        return Path(path)
-    import cv2
-
+        return img
     from cxrscreen.explain.overlay import with_band
     from cxrscreen.severity.zones import zone_lines
 
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None or not cv2.imwrite(str(path), with_band(img, zone_lines(sev), where="bottom")):
-        raise CXRError("could not add the severity band to the PNG", path)
-    return Path(path)
+    return with_band(img, zone_lines(sev), where="bottom")

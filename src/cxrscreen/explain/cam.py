@@ -89,7 +89,7 @@ class Explainer:
             if share is not None:
                 lines.append(f"heat inside the lungs: {100 * share:.0f} %")
             img = with_band(img, lines, where="top")
-        from cxrscreen.severity.output import with_zones
+        from cxrscreen.severity.zones import with_zones
 
         return with_zones(img, result)
 

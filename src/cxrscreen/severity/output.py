@@ -1,13 +1,10 @@
-"""How the CLI shows severity: the scorer from the options, CSV columns, the text suffix, the zones band of
-a picture."""
+"""How the CLI shows severity: the scorer from the options, CSV columns, the text suffix."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from cxrscreen.errors import CXRError
 
@@ -66,15 +63,3 @@ def severity_text(res: dict[str, Any]) -> str:
     return (f"  severity: extent {sev['geographic_extent']:.1f}/8, opacity {sev['opacity']:.1f}/6 "
             f"(estimate per lung: right {pl['right']:.1f}/4, left {pl['left']:.1f}/4)")
 
-
-def with_zones(img: np.ndarray, res: dict[str, Any]) -> np.ndarray:
-    """A task drawer's picture (BGR uint8) with the six zones' scores in a band added below it when the result
-    has severity (nothing drawn over the lungs); `img` itself when it has none. Pure: nothing is read or
-    written."""
-    sev = res.get("severity")
-    if not sev:
-        return img
-    from cxrscreen.explain.overlay import with_band
-    from cxrscreen.severity.zones import zone_lines
-
-    return with_band(img, zone_lines(sev), where="bottom")

@@ -149,7 +149,7 @@ class DetectionTask:
 
     def drawer(self, run: LoadedRun) -> Drawer:
         from cxrscreen.explain.overlay import boxes_picture
-        from cxrscreen.severity.output import with_zones
+        from cxrscreen.severity.zones import with_zones
 
         def draw(prep: Any, result: dict[str, Any], target: str | None, *, caption: bool = True) -> np.ndarray:
             # each box carries its class and score: no caption band; the severity zones in a band below

@@ -159,3 +159,43 @@ def test_flagged_image_gets_no_probabilities_in_any_output(blank_png: Path, tmp_
     assert rec["class"] == "" and all(rec[k] == "" for k in header if k.startswith("p_")), rec
     text = _invoke("predict", str(blank_png))
     assert "no diagnosis" in text.stdout and "%" not in text.stdout.replace("blank image", "")
+
+
+def test_detector_heatmap_is_the_same_boxes_picture_as_the_server_gives(tmp_path: Path, monkeypatch) -> None:
+    """`predict --heatmap` with a detector writes its task drawer's picture (the boxes), the very array the
+    server sends for heatmap=true: one drawing path."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from cxrscreen.gate.model import GATE_FILE, Gate, bundled_gate_path, gate_for_run
+    from cxrscreen.models.detectors import create_detector
+    from cxrscreen.runs.run_dir import load_run, save_weights, write_config
+    from cxrscreen.serving import create_app
+    from cxrscreen.tasks import detection
+    from cxrscreen.transforms.preprocess import PreprocessConfig
+
+    arch, run_dir = "ssdlite320_mobilenet_v3_large", tmp_path / "run"
+    run_dir.mkdir()
+    sha = save_weights(create_detector(arch, num_classes=3), run_dir)
+    write_config(run_dir, {"arch": arch, "kind": "detector", "classes": ["covid", "normal", "pneumonia"],
+                           "preprocess": PreprocessConfig(image_size=64).to_dict(), "weights_sha256": sha})
+    gate = Gate.from_json(bundled_gate_path())
+    gate.p_threshold, gate.novelty_threshold = 1.0, 1e12  # synthetic X-rays get a diagnosis
+    gate.to_json(run_dir / GATE_FILE)
+    found = {"boxes": np.array([[10.0, 12.0, 44.0, 50.0]], np.float32), "labels": np.array([1]),
+             "scores": np.array([0.8], np.float32)}
+    monkeypatch.setattr(detection, "detect", lambda model, images, **kw: [found for _ in images])
+    img = _write_xray(tmp_path / "in" / "chest.png")
+    res = _invoke("predict", str(img), "--json", "--model", str(run_dir), "--heatmap", str(tmp_path / "hm"))
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout.splitlines()[-1])
+    assert row["class"] == "covid" and Path(row["heatmap"]).name == "chest_boxes.png"
+    written = cv2.imread(row["heatmap"], cv2.IMREAD_COLOR)
+    assert written.shape == (260, 240, 3) and (np.ptp(written.astype(int), axis=2) > 40).any()
+    run = load_run(run_dir)
+    r = TestClient(create_app(run, gate=gate_for_run(run))).post(
+        "/api/predict", params={"heatmap": "true"}, files={"file": ("chest.png", img.read_bytes(), "image/png")})
+    served = cv2.imdecode(np.frombuffer(base64.b64decode(r.json()["heatmap_png_base64"]), np.uint8),
+                          cv2.IMREAD_COLOR)
+    assert np.array_equal(served, written)

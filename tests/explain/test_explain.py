@@ -102,3 +102,28 @@ def test_unknown_target_is_a_clear_error(lesion_run):
 
     with pytest.raises(CXRError, match="unknown target"):
         Explainer(lesion_run).cam(np.zeros((64, 64), np.uint8), "tuberculosis")
+
+
+def test_task_drawer_returns_the_picture_and_writes_nothing(lesion_run, tmp_path, monkeypatch):
+    """The one drawing path of CLI, server and PACS output: the task's drawer gives an array (caption band
+    above when asked, the severity zones' band below), and writing it is the caller's step."""
+    from cxrscreen.explain.overlay import band_height
+
+    monkeypatch.chdir(tmp_path)
+    prep = _prepare(lesion_run, (48, 60))
+    res = Predictor(lesion_run).predict_prepared([prep])[0]
+    draw = lesion_run.task.drawer(lesion_run)
+    plain = draw(prep, dict(res), None, caption=False)
+    heat = overlay(prep.xray.pixels, Explainer(lesion_run).heatmap(prep, res["class"]))
+    assert plain.dtype == np.uint8 and plain.shape == (H, W, 3)
+    assert np.abs(plain.astype(int) - heat.astype(int)).max() <= 1
+    captioned = draw(prep, dict(res), None)
+    assert captioned.shape[0] > H and np.abs(captioned[-H:].astype(int) - heat.astype(int)).max() <= 1
+    sev = {"zones": [{"brixia": z, "extent_estimate": 0.5} for z in "ABCDEF"], "geographic_extent": 3.0,
+           "opacity": 2.0, "per_lung": {"right": 1.5, "left": 1.5}}
+    zoned = draw(prep, {**res, "severity": sev}, None, caption=False)
+    from cxrscreen.severity.zones import zone_lines
+
+    assert zoned.shape == (H + band_height(plain, zone_lines(sev)), W, 3)
+    assert np.array_equal(zoned[:H], plain)
+    assert list(tmp_path.iterdir()) == []

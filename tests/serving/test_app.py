@@ -320,3 +320,36 @@ def test_micro_batcher_limits_batches_and_passes_errors_on() -> None:
     b.close()
     with pytest.raises(RuntimeError, match="closed"):
         b.submit(1)
+
+
+# ------------------------------------------------------------------------------------------- detectors
+
+
+def test_served_detector_draws_its_boxes_instead_of_refusing_a_heatmap(tmp_path: Any, monkeypatch: Any) -> None:
+    """heatmap=true on a served detector used to answer 422 (the server called Grad-CAM directly); it now
+    draws through the task's drawer, as `predict --heatmap` does: the X-ray with its boxes, at input size."""
+    from cxrscreen.models.detectors import create_detector
+    from cxrscreen.tasks import detection
+
+    arch = "ssdlite320_mobilenet_v3_large"
+    sha = save_weights(create_detector(arch, num_classes=3), tmp_path)
+    write_config(tmp_path, {"arch": arch, "kind": "detector", "classes": CLASSES,
+                            "preprocess": PreprocessConfig(image_size=64).to_dict(), "weights_sha256": sha})
+    run = load_run(tmp_path)
+    assert not run.task.has_logits and run.task.drawing == "boxes"
+    # an untrained SSD finds nothing worth showing: one confident "pneumonia" box in model pixels instead
+    found = {"boxes": np.array([[8.0, 8.0, 40.0, 48.0]], np.float32), "labels": np.array([3]),
+             "scores": np.array([0.9], np.float32)}
+    monkeypatch.setattr(detection, "detect", lambda model, images, **kw: [found for _ in images])
+    grey = np.full((120, 160), 200, np.uint8)
+    ok, buf = cv2.imencode(".png", grey)
+    r = post(TestClient(create_app(run)), buf.tobytes(), heatmap="true")
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["class"] == "pneumonia" and [b["class"] for b in d["boxes"]] == ["pneumonia"]
+    assert d["heatmap_target"] is None  # boxes explain no one class
+    img = cv2.imdecode(np.frombuffer(base64.b64decode(d["heatmap_png_base64"]), np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (120, 160, 3)
+    x0, y0, x1, y1 = (round(v) for v in d["boxes"][0]["box"])
+    coloured = np.ptp(img.astype(int), axis=2) > 40  # the grey X-ray has none; a box outline and label do
+    assert coloured[y0:y1 + 1, x0:x1 + 1].any() and not coloured[y1 + 3:, x1 + 3:].any()

@@ -107,7 +107,7 @@ def predict(
         raise typer.Exit(_screen_to_file(run, inputs, out_file, rule=rule, gate=gate, batch_size=batch_size,
                                         workers=workers, resume=resume, shard=shard, console=console,
                                         failed=len(empty), problems=gathered.problems))
-    from cxrscreen.severity.output import make_scorer, with_zones
+    from cxrscreen.severity.output import make_scorer
 
     scorer = make_scorer(run, severity, localizer, _fail)
     predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule, severity=scorer)
@@ -116,6 +116,8 @@ def predict(
     draw = None
     names = None
     if heatmap is not None:
+        from cxrscreen.explain.overlay import write_png
+
         names = OutputNames(heatmap)
         try:
             draw = run.task.drawer(run)  # Grad-CAM overlays for classifiers, the boxes for detectors
@@ -140,9 +142,8 @@ def predict(
         elif names is not None and prep is not None and res["probabilities"] is not None:
             label = labels.get(res["path"], Path(Path(res["path"]).name))
             try:
-                drawn = draw(prep, res, names.path(label, run.task.drawing), target)
-                # the Grad-CAM drawer puts the zones' scores in its own band; a boxes picture gets one here
-                res["heatmap"] = str(drawn if run.task.drawing == "heatmap" else with_zones(drawn, res))
+                # the task's picture (caption above, severity zones below), then written: one drawing path
+                res["heatmap"] = str(write_png(draw(prep, res, target), names.path(label, run.task.drawing)))
             except CXRError as exc:
                 res["error"] = f"heatmap failed: {exc.problem}"
                 failed += 1

@@ -69,13 +69,13 @@ class Explainer:
         mask = self.lung_mask(prep)
         return None if mask is None else heat_share_inside(heat, mask > 0)
 
-    def write_overlay(self, prep: Prepared, result: dict[str, Any], out_dir: Path, *,
-                      target: str | None = None, out_path: Path | None = None) -> Path:
-        """Write the X-ray + CAM overlay to `out_path` (default: <out_dir>/<stem>_heatmap.png), with the class,
-        probabilities and heat share inside the lungs in a band above the X-ray and, for a result with severity,
-        the six zones' scores in a band below (nothing drawn over the lungs). Sets result["heatmap_in_lungs"].
-        Returns the path. CXRError for a result without probabilities (an input the gate flagged: there is no
-        diagnosis to explain)."""
+    def picture(self, prep: Prepared, result: dict[str, Any], *, target: str | None = None,
+                caption: bool = True) -> np.ndarray:
+        """The X-ray + CAM overlay (BGR uint8, the X-ray at its original size) with, when `caption`, the class,
+        probabilities and heat share inside the lungs in a band above the X-ray and, for a result with
+        severity, the six zones' scores in a band below (nothing drawn over the lungs). Sets
+        result["heatmap_in_lungs"]. CXRError for a result without probabilities (an input the gate flagged:
+        there is no diagnosis to explain)."""
         if not result.get("probabilities"):
             raise CXRError("no heatmap for an input without a diagnosis", prep.path)
         target = target or result.get("class") or max(result["probabilities"], key=result["probabilities"].get)
@@ -83,15 +83,21 @@ class Explainer:
         share = self.in_lungs(heat, prep)
         result["heatmap_in_lungs"] = None if share is None else round(share, 4)
         img = overlay(prep.xray.pixels, heat)
-        label = result.get("class") or "no diagnosis"
-        lines = [f"{label}  (heatmap: {target})", format_probabilities(result["probabilities"])]
-        if share is not None:
-            lines.append(f"heat inside the lungs: {100 * share:.0f} %")
-        img = with_band(img, lines, where="top")
-        if result.get("severity"):
-            from cxrscreen.severity.zones import zone_lines
+        if caption:
+            label = result.get("class") or "no diagnosis"
+            lines = [f"{label}  (heatmap: {target})", format_probabilities(result["probabilities"])]
+            if share is not None:
+                lines.append(f"heat inside the lungs: {100 * share:.0f} %")
+            img = with_band(img, lines, where="top")
+        from cxrscreen.severity.zones import with_zones
 
-            img = with_band(img, zone_lines(result["severity"]), where="bottom")
+        return with_zones(img, result)
+
+    def write_overlay(self, prep: Prepared, result: dict[str, Any], out_dir: Path, *,
+                      target: str | None = None, out_path: Path | None = None) -> Path:
+        """Write `picture(prep, result, target=target)` as PNG to `out_path` (default:
+        <out_dir>/<stem>_heatmap.png); returns the path."""
+        img = self.picture(prep, result, target=target)
         out = Path(out_path) if out_path is not None else Path(out_dir) / f"{Path(prep.path).stem}_heatmap.png"
         return write_png(img, out)
 

@@ -4,7 +4,7 @@ their PNG encoding (to a file, or base64 for the web page)."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +40,9 @@ def write_png(img: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def heatmap_png_base64(pixels: np.ndarray, heat: np.ndarray, where: str | Path | None = None, *,
-                       annotate: Callable[[np.ndarray], None] | None = None,
-                       below: Sequence[str] | None = None) -> str:
-    """The X-ray with its heat map (`overlay`, no text drawn on it) as a base64 PNG; `annotate(img)` draws on the
-    BGR overlay first; `below`: text lines in a band added under the X-ray (e.g. the severity zones' scores)."""
-    img = overlay(pixels, heat)
-    if annotate is not None:
-        annotate(img)
-    if below:
-        img = with_band(img, below, where="bottom")
+def png_base64(img: np.ndarray, where: str | Path | None = None) -> str:
+    """An image (grey or BGR uint8, e.g. a task drawer's picture) as a base64 PNG for the web page and API;
+    CXRError naming ``where`` when it cannot be encoded."""
     return base64.b64encode(encode_png(img, where, "heatmap PNG")).decode("ascii")
 
 
@@ -82,10 +75,15 @@ _COLOURS = [(60, 60, 230), (60, 200, 60), (230, 150, 40), (200, 60, 200), (40, 2
 
 
 def draw_boxes(pixels: np.ndarray, boxes: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write a PNG of a grey image (H, W; float in [0, 1] or uint8) with boxes, class and score.
+    """Write `boxes_picture(pixels, boxes)` as PNG to `path` (folders are created); returns the path."""
+    return write_png(boxes_picture(pixels, boxes), path)
+
+
+def boxes_picture(pixels: np.ndarray, boxes: Sequence[dict[str, Any]]) -> np.ndarray:
+    """A grey image (H, W; float in [0, 1] or uint8) with boxes, class and score: BGR uint8 (H, W, 3).
 
     boxes: dicts with "box" (x0, y0, x1, y1 in the image's pixels), "class" and "score", as in
-    ``result_boxes``. Returns the path written (folders are created).
+    ``result_boxes``.
     """
     img = np.asarray(pixels)
     if img.dtype != np.uint8:
@@ -104,5 +102,5 @@ def draw_boxes(pixels: np.ndarray, boxes: Sequence[dict[str, Any]], path: str | 
         cv2.rectangle(canvas, (x0, ty - th - base), (x0 + tw, ty), colour, -1)
         cv2.putText(canvas, text, (x0, ty - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick,
                     cv2.LINE_AA)
-    return write_png(canvas, path)
+    return canvas
 

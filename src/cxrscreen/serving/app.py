@@ -1,4 +1,5 @@
-"""FastAPI app: the upload page, `/api/predict` (class, probabilities, flags, optional Grad-CAM overlay),
+"""FastAPI app: the upload page, `/api/predict` (class, probabilities, flags, optional picture drawn by the
+model's task: a classifier's Grad-CAM overlay, a detector's boxes),
 `/api/model` and `/healthz`.
 
 Each upload is handled in the threadpool: decoded (at most `max_decodes` at once, reduced while decoding
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cxrscreen.errors import CXRError
-from cxrscreen.explain.overlay import heatmap_png_base64
+from cxrscreen.explain.overlay import png_base64
 from cxrscreen.gate.model import gate_for_run
 from cxrscreen.io.xray import MAX_PIXELS, decoded_bytes_estimate, read_xray_bytes
 from cxrscreen.predict.onnx_engine import OnnxModel
@@ -37,10 +38,9 @@ from cxrscreen.serving.page import INDEX_HTML
 from cxrscreen.serving.security import BODY_TIMEOUT_S, allowed_hosts_for, release_freed_memory, uvicorn_config
 from cxrscreen.serving.security import harden as _harden
 from cxrscreen.severity.model import severity_info
-from cxrscreen.severity.zones import zone_lines
 
-if TYPE_CHECKING:  # cxrscreen.explain imports pytorch-grad-cam (seconds): loaded on the first heatmap
-    from cxrscreen.explain.cam import Explainer
+if TYPE_CHECKING:  # a classifier's drawer imports pytorch-grad-cam (seconds): made on the first heatmap
+    from cxrscreen.tasks.base import Drawer
 
 MODEL_CARD_FILE = "model_card.json"
 _MULTIPART_SLACK = 64 * 1024  # room for the multipart boundaries and part headers around the file
@@ -206,7 +206,7 @@ def decision_rule(run: LoadedRun) -> dict[str, Any]:
 
 
 class _Service:
-    """The loaded model with its predictor, batcher and (created on first use) explainer."""
+    """The loaded model with its predictor, batcher and (created on first use) the task's drawer."""
 
     def __init__(self, run: LoadedRun, gate: Any, *, max_decodes: int = MAX_CONCURRENT_DECODES,
                  max_batch: int = MAX_BATCH, batch_wait_s: float = BATCH_WAIT_S) -> None:
@@ -217,7 +217,7 @@ class _Service:
         self.big_decode_slot = threading.BoundedSemaphore(1)  # see decode()
         self.batcher = MicroBatcher(self.predictor.outputs, max_batch=max_batch, wait_s=batch_wait_s,
                                     lock=self.lock)
-        self._explainer: Explainer | None = None
+        self._draw: Drawer | None = None  # the task's drawer (Grad-CAM or boxes), made on the first heatmap
         self._severity: Any = None  # severity.SeverityScorer, created on the first request that asks for it
 
     def decode(self, data: bytes, label: str) -> Prepared:
@@ -238,7 +238,7 @@ class _Service:
                 severity: bool = False) -> dict[str, Any]:
         """Decode, predict and optionally explain and score severity of one upload (blocking: call it in a
         worker thread)."""
-        if heatmap and isinstance(self.run.model, OnnxModel):
+        if heatmap and self.run.task.drawing == "heatmap" and isinstance(self.run.model, OnnxModel):
             raise CXRError("heatmaps (Grad-CAM) need the PyTorch engine; this server runs ONNX Runtime", name)
         prep = self.decode(data, name)
         probs, extra = self.batcher(prep)
@@ -256,22 +256,17 @@ class _Service:
             result["heatmap_target"] = None
             result["heatmap_png_base64"] = None
             return result
-        with self.lock:
-            if self._explainer is None:
-                from cxrscreen.explain.cam import Explainer
-
-                self._explainer = Explainer(self.run)
-            probs = result["probabilities"]
-            target = target or result["class"] or max(probs, key=probs.get)
-            heat = self._explainer.heatmap(prep, target)
-            share = self._explainer.in_lungs(heat, prep)
-        result["heatmap_target"] = target
-        result["heatmap_in_lungs"] = None if share is None else round(share, 4)
-        # no text over the X-ray: the page shows the class, the probabilities and the caption beside the image;
-        # with severity, the six zones' scores in a band below it
-        sev = result.get("severity")
-        result["heatmap_png_base64"] = heatmap_png_base64(prep.xray.pixels, heat, prep.path,
-                                                          below=zone_lines(sev) if sev else None)
+        probs = result["probabilities"]
+        target = target or result["class"] or max(probs, key=probs.get)
+        with self.lock:  # the Grad-CAM hooks see every forward pass
+            if self._draw is None:
+                self._draw = self.run.task.drawer(self.run)
+            # the same picture as the CLI's (a classifier's heat map, a detector's boxes; the six zones' scores
+            # in a band below with severity) without the caption band: the page shows the class, the
+            # probabilities and the caption beside the image
+            img = self._draw(prep, result, target, caption=False)
+        result["heatmap_target"] = target if self.run.task.drawing == "heatmap" else None
+        result["heatmap_png_base64"] = png_base64(img, prep.path)
         return result
 
 
@@ -338,7 +333,8 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
     async def predict(
         request: Request,
         file: Annotated[UploadFile, File(description="a chest X-ray: PNG, JPEG, TIFF, BMP or DICOM")],
-        heatmap: Annotated[bool, Query(description="add a Grad-CAM overlay PNG (base64)")] = False,
+        heatmap: Annotated[bool, Query(description="add a PNG (base64) of the model's picture: a "
+                                                     "classifier's Grad-CAM overlay, a detector's boxes")] = False,
         target: Annotated[str | None, Query(description="class the heatmap explains (default: the "
                                                         "predicted class, else the most probable)")] = None,
         severity: Annotated[bool, Query(description="add COVID-19 severity (geographic extent, opacity, per "

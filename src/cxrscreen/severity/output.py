@@ -1,4 +1,4 @@
-"""How the CLI shows severity: the scorer from the options, CSV columns, the text suffix, the zones PNG."""
+"""How the CLI shows severity: the scorer from the options, CSV columns, the text suffix."""
 
 from __future__ import annotations
 
@@ -63,20 +63,3 @@ def severity_text(res: dict[str, Any]) -> str:
     return (f"  severity: extent {sev['geographic_extent']:.1f}/8, opacity {sev['opacity']:.1f}/6 "
             f"(estimate per lung: right {pl['right']:.1f}/4, left {pl['left']:.1f}/4)")
 
-
-def with_zones(path: Path, res: dict[str, Any]) -> Path:
-    """Add the severity scores and the six zones' figures in a band under a written PNG (a detector's boxes
-    picture; the Grad-CAM drawer adds its own) when the result has severity; returns the path. Nothing is
-    drawn over the lungs."""
-    sev = res.get("severity")
-    if not sev:
-        return Path(path)
-    import cv2
-
-    from cxrscreen.explain.overlay import with_band
-    from cxrscreen.severity.zones import zone_lines
-
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None or not cv2.imwrite(str(path), with_band(img, zone_lines(sev), where="bottom")):
-        raise CXRError("could not add the severity band to the PNG", path)
-    return Path(path)

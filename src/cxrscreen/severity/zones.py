@@ -42,6 +42,18 @@ def zone_lines(severity: dict[str, Any]) -> list[str]:
             "zones (extent 0-4): " + zones]
 
 
+
+def with_zones(img: np.ndarray, res: dict[str, Any]) -> np.ndarray:
+    """A task drawer's picture (BGR uint8) with `zone_lines` in a band added below it when the result `res` has
+    severity (nothing drawn over the lungs); `img` itself when it has none. Pure: nothing is read or written."""
+    sev = res.get("severity")
+    if not sev:
+        return img
+    from cxrscreen.explain.overlay import with_band
+
+    return with_band(img, zone_lines(sev), where="bottom")
+
+
 def lung_zones(boxes: dict[str, Sequence[float]]) -> list[dict[str, Any]]:
     """Six zones (right then left; upper, middle, lower) from {"right": box, "left": box}: each
     {lung, level, brixia, box: [x0, y0, x1, y1]} with the lung box's full width and a third of its height."""

@@ -9,8 +9,7 @@ seam, in `cxrscreen.training.tasks`; nothing here imports training code.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -23,7 +22,18 @@ if TYPE_CHECKING:
     from cxrscreen.predict.prepared import Prepared
     from cxrscreen.runs.run_dir import LoadedRun
 
-Drawer = Callable[["Prepared", dict[str, Any], Path, "str | None"], Path]
+
+
+class Drawer(Protocol):
+    """draw(prepared, result, target, caption=True) -> the picture of one prediction: BGR uint8 (H', W', 3), the
+    X-ray at its original size with the task's drawing on it (Grad-CAM heat, detection boxes), a caption band
+    above it when `caption` (the kind's own text: class, probabilities), and a band of the six zones' scores below
+    it when the result has severity. Nothing is written: the CLI writes it as PNG (`explain.overlay.write_png`),
+    the server encodes it (`explain.overlay.png_base64`). May set result fields (a classifier's
+    "heatmap_in_lungs"). `target`: the class a heatmap explains (None: the result's class)."""
+
+    def __call__(self, prep: Prepared, result: dict[str, Any], target: str | None, *, caption: bool = True
+                 ) -> np.ndarray: ...
 
 
 class Task(Protocol):
@@ -54,4 +64,5 @@ class Task(Protocol):
         fields (detectors: "boxes" in original pixels, given the images' geometries)."""
 
     def drawer(self, run: LoadedRun) -> Drawer:
-        """draw(prepared, result, out_path, target) -> the PNG written for `predict --heatmap`."""
+        """The task's `Drawer`: the picture of a prediction for `predict --heatmap`, the server and the PACS
+        output (CXRError where this model or engine cannot draw)."""

@@ -7,7 +7,6 @@ heatmap. Training (cross-entropy recipe, validation figures) is `training.classi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,7 +71,7 @@ class ClassificationTask:
 
         explainer = Explainer(run)
 
-        def draw(prep: Any, result: dict[str, Any], out_path: Path, target: str | None) -> Path:
-            return explainer.write_overlay(prep, result, out_path.parent, target=target, out_path=out_path)
+        def draw(prep: Any, result: dict[str, Any], target: str | None, *, caption: bool = True) -> np.ndarray:
+            return explainer.picture(prep, result, target=target, caption=caption)
 
         return draw

@@ -7,7 +7,6 @@ recipe) in `training.detection`. This module imports nothing from training.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -149,9 +148,11 @@ class DetectionTask:
         return probs, [{"boxes": result_boxes(d, g, run.classes)} for d, g in zip(dets, geometries, strict=True)]
 
     def drawer(self, run: LoadedRun) -> Drawer:
-        from cxrscreen.explain.overlay import draw_boxes
+        from cxrscreen.explain.overlay import boxes_picture
+        from cxrscreen.severity.zones import with_zones
 
-        def draw(prep: Any, result: dict[str, Any], out_path: Path, target: str | None) -> Path:
-            return Path(draw_boxes(prep.xray.pixels, result.get("boxes", []), out_path))
+        def draw(prep: Any, result: dict[str, Any], target: str | None, *, caption: bool = True) -> np.ndarray:
+            # each box carries its class and score: no caption band; the severity zones in a band below
+            return with_zones(boxes_picture(prep.xray.pixels, result.get("boxes", [])), result)
 
         return draw

@@ -50,3 +50,23 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def read_checked_bundle(folder: Path, config_name: str, weights_name: str, what: str, *,
+                        require_checksum: bool = True) -> tuple[dict[str, Any], Path]:
+    """(the parsed `config_name` JSON, the path of `weights_name`) of a model folder, the weights checked against
+    the config's ``weights_sha256``. `what` names the model in errors ("lung segmentation model"). CXRError when a
+    file is missing, the JSON is broken, the checksum is not recorded (when required) or differs."""
+    cpath, wpath = folder / config_name, folder / weights_name
+    if not (cpath.is_file() and wpath.is_file()):
+        raise CXRError(f"no {what} ({config_name} and {weights_name}) in this folder", folder)
+    try:
+        config = json.loads(cpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise CXRError(f"{config_name} is not valid JSON ({exc})", cpath) from exc
+    want = config.get("weights_sha256")
+    if not want and require_checksum:
+        raise CXRError(f"{config_name} records no weights_sha256", cpath)
+    if want and file_sha256(wpath) != want:
+        raise CXRError(f"{what}: weights checksum mismatch; the file is corrupt or was replaced", wpath)
+    return config, wpath

@@ -12,7 +12,6 @@ figures, and the weights' sha256, checked on load). The bundled one is in ``cxrs
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,21 +105,10 @@ class LungSegmenter:
         import torch
         from safetensors.torch import load_file
 
-        from cxrscreen.io.files import file_sha256
+        from cxrscreen.io.files import read_checked_bundle
 
         folder = Path(folder) if folder is not None else bundled_dir()
-        cpath, wpath = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        if not (cpath.is_file() and wpath.is_file()):
-            raise CXRError(f"no lung segmentation model ({CONFIG_FILE} and {WEIGHTS_FILE}) in this folder", folder)
-        try:
-            config = json.loads(cpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise CXRError(f"{CONFIG_FILE} is not valid JSON ({exc})", cpath) from exc
-        want = config.get("weights_sha256")
-        if not want:
-            raise CXRError(f"{CONFIG_FILE} records no weights_sha256", cpath)
-        if file_sha256(wpath) != want:
-            raise CXRError("lung segmentation weights checksum mismatch; the file is corrupt or was replaced", wpath)
+        config, wpath = read_checked_bundle(folder, CONFIG_FILE, WEIGHTS_FILE, "lung segmentation model")
         model = build_unet(config.get("arch"))
         state = load_file(str(wpath))
         model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})

@@ -158,18 +158,10 @@ class SeverityRegressor:
     @classmethod
     def load(cls, folder: str | Path) -> SeverityRegressor:
         """Read a saved regressor; CXRError when it is missing, corrupt or replaced."""
-        from cxrscreen.io.files import file_sha256
+        from cxrscreen.io.files import read_checked_bundle
 
-        folder = Path(folder)
-        cpath, wpath = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        if not (cpath.is_file() and wpath.is_file()):
-            raise CXRError(f"no severity regressor ({CONFIG_FILE} and {WEIGHTS_FILE}) in this folder", folder)
-        try:
-            cfg = json.loads(cpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise CXRError(f"{CONFIG_FILE} is not valid JSON ({exc})", cpath) from exc
-        if cfg.get("weights_sha256") and file_sha256(wpath) != cfg["weights_sha256"]:
-            raise CXRError("severity weights checksum mismatch; the file is corrupt or was replaced", wpath)
+        cfg, wpath = read_checked_bundle(Path(folder), CONFIG_FILE, WEIGHTS_FILE, "severity regressor",
+                                         require_checksum=False)
         t = load_file(str(wpath))
         meta = {k: v for k, v in cfg.items() if k not in ("features", "block_dims", "alphas")}
         return cls(FeatureSpec.from_dict(cfg["features"]), t["mean"].astype(np.float64),

@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -141,13 +141,15 @@ def xrv_side(model: torch.nn.Module, transform: Callable[[np.ndarray], np.ndarra
     return make
 
 
-def peak_rss_mb(model: str | None, paths: list[Path], threads: int) -> float:
-    """Peak resident memory (MB) of a `cxrscreen predict` process over `paths`.
+def peak_rss_mb(model: str | None, paths: list[Path], threads: int, extra: Sequence[str] = (),
+                ok_status: Sequence[int] = (0,)) -> float:
+    """Peak resident memory (MB) of a `cxrscreen predict` process over `paths` (`extra`: more options; an exit
+    status outside `ok_status` stops the benchmark). benchmarks/lungs_speed.py uses it too.
 
     Read from the child's /proc/<pid>/status VmHWM while it runs: getrusage's ru_maxrss of children
     would count the moment after fork, when the child still shares this (large) process's pages.
     """
-    cmd = [sys.executable, "-m", "cxrscreen.cli", "predict", *map(str, paths), "--json"]
+    cmd = [sys.executable, "-m", "cxrscreen.cli", "predict", *map(str, paths), "--json", *extra]
     if model is not None:
         cmd += ["--model", model]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -161,7 +163,7 @@ def peak_rss_mb(model: str | None, paths: list[Path], threads: int) -> float:
         except (OSError, ValueError):
             pass
         time.sleep(0.02)
-    if proc.returncode != 0:
+    if proc.returncode not in ok_status:
         raise SystemExit(f"cxrscreen predict exited with {proc.returncode}")
     return round(peak_kb / 1024, 1)
 

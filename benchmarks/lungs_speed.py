@@ -16,14 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from inference import peak_rss_mb  # the same poller (this folder is on sys.path when run)
 
 from cxrscreen.data.manifest import manifest_root, read_manifest, resolve_image_paths
 from cxrscreen.gate.model import gate_for_run
@@ -36,25 +35,6 @@ from cxrscreen.runs.provenance import provenance
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_OVERHEAD = 0.25
 TARGET_PEAK_RSS_MB = 1536.0
-
-
-def peak_rss_mb(paths: list[Path], threads: int, extra: list[str]) -> float:
-    """Peak resident memory (MB) of a `cxrscreen predict` process over `paths` (VmHWM polled while it runs)."""
-    cmd = [sys.executable, "-m", "cxrscreen.cli", "predict", *map(str, paths), "--json", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
-    peak_kb = 0
-    while proc.poll() is None:
-        try:
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak_kb = max(peak_kb, int(line.split()[1]))
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
-    if proc.returncode not in (0, 1):
-        raise SystemExit(f"cxrscreen predict exited with {proc.returncode}")
-    return round(peak_kb / 1024, 1)
 
 
 def time_predict(predictor: Predictor, paths: list[Path]) -> float:
@@ -108,8 +88,8 @@ def main() -> None:
             seg_ms["onnxruntime"] = round(1000 * (time.perf_counter() - t0) / len(pixels), 2)
     except ImportError:
         seg_ms["onnxruntime"] = None
-    rss = {"without": peak_rss_mb(paths[:64], args.threads, []),
-           "with": peak_rss_mb(paths[:64], args.threads, ["--lung-check"])}
+    rss = {"without": peak_rss_mb(None, paths[:64], args.threads, ok_status=(0, 1)),
+           "with": peak_rss_mb(None, paths[:64], args.threads, ["--lung-check"], ok_status=(0, 1))}
     out = {
         "benchmark": "lungs_speed", "images": len(paths), "threads": args.threads, "repeats": args.repeats,
         "predict_ms_per_image": ms, "all_runs_ms": {k: [round(1000 * t, 2) for t in v] for k, v in times.items()},

@@ -146,3 +146,30 @@ def test_only_frontal_dx_cr_from_others_are_screened(tmp_path: Path) -> None:
     sr_ident = read_xray(write_dx(tmp_path / "dx.dcm", synthetic_cxr(64, 64))).dicom
     sr_ident.sop_class_uid = "1.2.840.10008.5.1.4.1.1.88.34"
     assert "not a DX/CR image" in sr_ident.screenable(MANUFACTURER)
+
+
+def test_heatmap_and_dicom_out_compute_grad_cam_once(tmp_path: Path, lenient_model: Path,  # noqa: F811
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --heatmap and --dicom-out the Secondary Capture is the task drawer's picture: one Grad-CAM per image
+    (it was computed a second time for the SC)."""
+    from cxrscreen.explain.cam import Explainer
+
+    calls: list[str] = []
+    real = Explainer.cam
+
+    def counted(self: Explainer, image_u8: np.ndarray, target: str) -> np.ndarray:
+        calls.append(target)
+        return real(self, image_u8, target)
+
+    monkeypatch.setattr(Explainer, "cam", counted)
+    dx = write_dx(tmp_path / "in" / "dx.dcm", synthetic_cxr(260, 240, seed=3))
+    res = CliRunner().invoke(app, ["predict", str(dx), "--model", str(lenient_model), "--json",
+                                   "--heatmap", str(tmp_path / "png"), "--dicom-out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1
+    sc = next(pydicom.dcmread(p) for p in (tmp_path / "out").iterdir() if pydicom.dcmread(p).Modality == "OT")
+    import cv2
+
+    png = cv2.imread(str(next((tmp_path / "png").iterdir())))
+    assert (sc.Rows, sc.Columns) == png.shape[:2]  # the drawer's picture (caption band included)
+    assert np.array_equal(sc.pixel_array, png[..., ::-1])

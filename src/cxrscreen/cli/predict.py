@@ -137,13 +137,15 @@ def predict(
     for res, prep in predictor.predict_files([i.path for i in inputs]):
         if bar is not None:
             bar.update(1)
+        picture = None
         if res["error"]:
             failed += 1
         elif names is not None and prep is not None and res["probabilities"] is not None:
             label = labels.get(res["path"], Path(Path(res["path"]).name))
             try:
                 # the task's picture (caption above, severity zones below), then written: one drawing path
-                res["heatmap"] = str(write_png(draw(prep, res, target), names.path(label, run.task.drawing)))
+                picture = draw(prep, res, target)
+                res["heatmap"] = str(write_png(picture, names.path(label, run.task.drawing)))
             except CXRError as exc:
                 res["error"] = f"heatmap failed: {exc.problem}"
                 failed += 1
@@ -151,7 +153,8 @@ def predict(
             res["heatmap"] = None  # no diagnosis: nothing to explain
         if res["error"]:
             console.print(f"{_shown(res['path'])}: error: {_shown(res['error'])}", markup=False)
-        result = _typed(res, prep, explainer, target)
+        result = _typed(res, prep, None if picture is not None else explainer, target)
+        result.picture = picture  # the SC shows the drawer's picture: no second Grad-CAM
         if dicom_writer is not None and not result.error:
             if result.dicom is None:
                 console.print(f"{_shown(result.path)}: no DICOM output (not a DICOM input with study and "

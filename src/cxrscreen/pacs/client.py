@@ -116,14 +116,18 @@ class PacsClient:
                 out.append(InstanceRef(study, series, sop, _value(item, "00080016")))
         return out
 
+    def retrieve_dataset(self, ref: InstanceRef) -> Any:
+        """The original instance as the pydicom Dataset dicomweb-client parsed (as stored: no transcoding, no
+        rendered preview)."""
+        return self._call(f"WADO retrieval in {study_tag(ref.study)}", self.client.retrieve_instance, ref.study,
+                          ref.series, ref.sop, media_types=(("application/dicom", "*"),))
+
     def retrieve(self, ref: InstanceRef) -> bytes:
-        """The original instance as a DICOM file (as stored: no transcoding, no rendered preview)."""
+        """The original instance as a DICOM file (`retrieve_dataset`, written with preamble and file meta)."""
         from pydicom.filewriter import dcmwrite
 
-        ds = self._call(f"WADO retrieval in {study_tag(ref.study)}", self.client.retrieve_instance, ref.study,
-                        ref.series, ref.sop, media_types=(("application/dicom", "*"),))
         buf = io.BytesIO()
-        dcmwrite(buf, ds, enforce_file_format=True)  # preamble + file meta: read_xray knows it as DICOM
+        dcmwrite(buf, self.retrieve_dataset(ref), enforce_file_format=True)  # read_xray knows it as DICOM
         return buf.getvalue()
 
     def store(self, datasets: Sequence[Any]) -> None:

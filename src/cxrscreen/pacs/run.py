@@ -55,11 +55,21 @@ class StudyScreener:
         self.client = client
         self.model = ModelInfo.of_run(run)
         self.predictor = Predictor(run, batch_size=1, gate=gate, rule=rule)
+        import highdicom.sc
+        import highdicom.sr  # noqa: F401 (imported with the model, ~1 s: not on the first study's clock)
+
         self.explainer = None
         if run.task.has_logits and not getattr(run.model, "takes_numpy", False):
             from cxrscreen.explain.cam import Explainer
 
             self.explainer = Explainer(run)
+
+    def _heatmap(self, prep: Any, target: str) -> Any:
+        """Grad-CAM of `target` on the original grid, its backward pass stopping at the target layer."""
+        from cxrscreen.explain.head_grad import head_gradients_only
+
+        with head_gradients_only(self.run.model, self.explainer.layer):
+            return self.explainer.heatmap(prep, target)
 
     def _timed(self, out: StudyOutcome, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         t0 = time.perf_counter()
@@ -106,7 +116,7 @@ class StudyScreener:
         res = self._timed(out, "predict", lambda: self.predictor.predict_prepared([prep])[0])
         heat = None
         if self.explainer is not None and res["probabilities"]:
-            heat = self._timed(out, "heatmap", self.explainer.heatmap, prep, res["class"])
+            heat = self._timed(out, "heatmap", self._heatmap, prep, res["class"])
         result = PredictionResult.from_dict(res, dicom=xray.dicom, heatmap_array=heat)
         writer = DicomWriter(self.run, self.client.store, pixels_of=lambda _: xray.pixels)
         writer.model = self.model

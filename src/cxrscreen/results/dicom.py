@@ -245,19 +245,40 @@ def overlay_rgb(pixels: np.ndarray, heat: np.ndarray, lines: Sequence[str], *, m
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def build_sc(result: PredictionResult, model: ModelInfo, pixels: np.ndarray) -> Any:
-    """The Secondary Capture (RGB) of the heatmap overlay with class and probabilities, in its own series of
-    the source's study. ``pixels``: the X-ray as read (float32 (H, W) in [0, 1], the heatmap's grid)."""
-    from highdicom import ContributingEquipment  # noqa: F401 (import checks highdicom early)
+def sc_pixels(result: PredictionResult, pixels: np.ndarray | None, *, max_side: int = SC_MAX_SIDE
+              ) -> np.ndarray | None:
+    """The RGB uint8 picture of a result's Secondary Capture, None when there is none to show: the task
+    drawer's picture when the result carries one (`predict --heatmap` drew it: the same picture as the PNG,
+    reduced to ``max_side``, never enlarged), else the heatmap overlay on ``pixels`` with `caption_lines`."""
+    import cv2
+
+    if result.probabilities is None:
+        return None
+    if result.picture is not None:
+        img = result.picture
+        h, w = img.shape[:2]
+        f = min(1.0, max_side / max(h, w))
+        if f < 1.0:
+            img = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if result.heatmap_array is None or pixels is None:
+        return None
+    return overlay_rgb(pixels, result.heatmap_array, caption_lines(result), max_side=max_side)
+
+
+def build_sc(result: PredictionResult, model: ModelInfo, pixels: np.ndarray | None) -> Any:
+    """The Secondary Capture (RGB) of the heatmap overlay with class and probabilities (`sc_pixels`), in its
+    own series of the source's study. ``pixels``: the X-ray as read (float32 (H, W) in [0, 1], the heatmap's
+    grid; unused when the result carries the drawer's picture)."""
     from highdicom.sc import SCImage
 
     ident = result.dicom
     if ident is None or ident.header is None:
         raise CXRError("no DICOM source: SR and Secondary Capture are written for DICOM inputs only", result.path)
-    if result.heatmap_array is None or result.probabilities is None:
+    rgb = sc_pixels(result, pixels)
+    if rgb is None:
         raise CXRError("no heatmap to write as a Secondary Capture", result.path)
     src = ident.header
-    rgb = overlay_rgb(pixels, result.heatmap_array, caption_lines(result))
     orientation = src.get("PatientOrientation")
     orient = tuple(str(v) for v in orientation) if orientation is not None and len(orientation) == 2 else ("L", "F")
     sc = SCImage.from_ref_dataset(
@@ -273,7 +294,8 @@ def build_sc(result: PredictionResult, model: ModelInfo, pixels: np.ndarray) -> 
     if not sc.get("BodyPartExamined"):
         sc.BodyPartExamined = "CHEST"  # tells validators that Laterality (General Series, 2C) does not apply
     sc.BurnedInAnnotation = "YES"  # the caption band holds text
-    sc.DerivationDescription = "Grad-CAM heatmap overlay of the source image (cxrscreen; research use only)"
+    sc.DerivationDescription = ("cxrscreen overlay of the source image (Grad-CAM heatmap, or a detector's boxes); "
+                                "research use only")
     return sc
 
 
@@ -288,9 +310,10 @@ def _source_image_sequence(ident: Any) -> Any:
 
 
 def build_outputs(result: PredictionResult, model: ModelInfo, pixels: np.ndarray | None) -> list[Any]:
-    """[SR] or [SR, SC] (the SC when a heatmap and the X-ray's pixels are given)."""
+    """[SR] or [SR, SC] (the SC when the result has a picture to show: `sc_pixels`)."""
     out = [build_sr(result, model)]
-    if result.heatmap_array is not None and result.probabilities is not None and pixels is not None:
+    if result.probabilities is not None and (result.picture is not None
+                                             or (result.heatmap_array is not None and pixels is not None)):
         out.append(build_sc(result, model, pixels))
     return out
 

@@ -1,11 +1,13 @@
-"""One typed prediction result, built from the predictor's result dict and written by every writer.
+"""One typed prediction result, built by the predictor and written by every writer.
 
 Fields: `path`, `label` (the class the decision rule chose; None for an error or an input the gate
 flagged), `probabilities` ({class: p}, None when withheld), `decision` (the rule: see
 `runs.decision.DecisionRule.to_dict`), `flags` (the gate's reasons), `error`, `severity`,
 `heatmap` (the PNG written, if any), `heatmap_array` (Grad-CAM on the original image grid, float32 (H, W)
-in [0, 1], never serialised), `dicom` (the source's `io.dicom_identity.DicomIdentity` for DICOM inputs) and
-`extra` (other task fields, e.g. a detector's "boxes"). `to_dict` gives the JSON shape the CLI always printed.
+in [0, 1], never serialised), `picture` (the task drawer's picture when one was drawn, BGR uint8
+(H', W', 3): the DICOM Secondary Capture reuses it; never serialised), `dicom` (the source's
+`io.dicom_identity.DicomIdentity` for DICOM inputs) and `extra` (other task fields, e.g. a detector's
+"boxes"). `to_dict` gives the JSON shape the CLI always printed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class PredictionResult:
     heatmap: str | None = None
     heatmap_in_lungs: float | None = None  # share of the heatmap's mass inside the segmented lungs, 0-1
     heatmap_array: np.ndarray | None = field(default=None, repr=False)
+    picture: np.ndarray | None = field(default=None, repr=False)  # the drawer's BGR picture (see above)
     dicom: DicomIdentity | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -104,7 +104,7 @@ def main() -> None:
         prep = predictor.prepare(xray)
         res = predictor.predict_prepared([prep])[0]
         for layer, ex in explainers.items():
-            per[layer].append(scores(ex.heatmap(prep, res["class"]), opacity, lungs))
+            per[layer].append(scores(ex.heatmap(prep, res.label), opacity, lungs))
         per["uniform_on_lungs"].append(uniform_on_lungs(seg.segment(xray.pixels).mask > 0, opacity, lungs))
         groups.append(group)
     default_layer = run.config.get("cam_layer") or get_spec(run.arch).cam_layer

@@ -101,7 +101,7 @@ def measure(make: Side, paths: list[Path], n_latency: int) -> dict[str, float]:
 def ours_side(run: Any) -> Side:
     def make(batch_size: int) -> Callable[[list[Path]], Iterator[bool]]:
         pred = Predictor(run, batch_size=batch_size)
-        return lambda paths: (res["error"] is None for res, _ in pred.predict_files(paths))
+        return lambda paths: (res.error is None for res, _ in pred.predict_files(paths))
     return make
 
 

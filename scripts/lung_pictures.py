@@ -58,7 +58,7 @@ def main() -> None:
             cv2.drawContours(img, contours, -1, (0, 0, 255), max(1, round(max(om.shape) / 300)))
         write_png(img, args.out / f"lungs_{i}.png")
         prep = predictor.prepare(xray)
-        res = predictor.predict_prepared([prep])[0]
+        res = predictor.predict_prepared([prep])[0].to_dict()  # the drawer fills in heatmap_in_lungs
         explainer.write_overlay(prep, res, args.out, out_path=args.out / f"heatmap_{i}.png")
         print(f"{i}: {path.relative_to(args.data)} -> class {res['class']}, heat in lungs "
               f"{res['heatmap_in_lungs']}")

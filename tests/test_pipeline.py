@@ -194,7 +194,7 @@ def test_predict_and_evaluate_agree_on_every_image(trained_run: Path, small_data
     (run_dir / "config.json").write_text(json.dumps(cfg))
     run = load_run(run_dir)
     res, sub, probs = evaluate_subset(run, data, split_csv=split, subset="test", n_boot=10, cache_dir=tmp_path / "c")
-    predicted = {r["path"]: r["class"] for r, _ in Predictor(run).predict_files(sub.paths)}
+    predicted = {r.path: r.label for r, _ in Predictor(run).predict_files(sub.paths)}
     assert list(predicted) == sub.paths
     classes = run.classes
     counted = decide_names(probs, classes, run.decision_rule())
@@ -205,7 +205,7 @@ def test_predict_and_evaluate_agree_on_every_image(trained_run: Path, small_data
         cm[y, classes.index(c)] += 1
     assert res["confusion_matrix"] == cm.tolist()
     assert res["decision"] == {"rule": "operating_point", "class": "covid", "threshold": thr}
-    assert all(r["decision"]["threshold"] == thr for r, _ in Predictor(run).predict_files(sub.paths[:2]))
+    assert all(r.decision["threshold"] == thr for r, _ in Predictor(run).predict_files(sub.paths[:2]))
 
 
 def test_linear_probe_then_fine_tune_moves_only_what_it_should(small_data, tmp_path):

@@ -58,7 +58,7 @@ def test_model_learned_the_lesion(lesion_run):
     p = Predictor(lesion_run)
     with_lesion = p.predict_xray(XRay(synthetic_cxr(H, W, lesion=(48, 40), seed=7), "a.png", {}))
     without = p.predict_xray(XRay(synthetic_cxr(H, W, seed=8), "b.png", {}))
-    assert with_lesion["probabilities"]["covid"] > without["probabilities"]["covid"]
+    assert with_lesion.probabilities["covid"] > without.probabilities["covid"]
 
 
 def test_hot_area_moves_with_the_lesion(lesion_run):
@@ -73,7 +73,7 @@ def test_hot_area_moves_with_the_lesion(lesion_run):
 
 def test_overlay_png_has_the_input_size(lesion_run, tmp_path):
     prep = _prepare(lesion_run, (48, 60))
-    res = Predictor(lesion_run).predict_prepared([prep])[0]
+    res = Predictor(lesion_run).predict_prepared([prep])[0].to_dict()  # the drawer's dict view
     ex = Explainer(lesion_run)
     out = ex.write_overlay(prep, res, tmp_path)
     img = cv2.imread(str(out))
@@ -111,7 +111,7 @@ def test_task_drawer_returns_the_picture_and_writes_nothing(lesion_run, tmp_path
 
     monkeypatch.chdir(tmp_path)
     prep = _prepare(lesion_run, (48, 60))
-    res = Predictor(lesion_run).predict_prepared([prep])[0]
+    res = Predictor(lesion_run).predict_prepared([prep])[0].to_dict()
     draw = lesion_run.task.drawer(lesion_run)
     plain = draw(prep, dict(res), None, caption=False)
     heat = overlay(prep.xray.pixels, Explainer(lesion_run).heatmap(prep, res["class"]))

@@ -164,7 +164,7 @@ def test_onnx_engine_predicts_without_torch(tiny: tuple[Path, Path], tmp_path: P
         f"run = load_for_engine({str(onnx_file)!r}, 'onnxruntime', threads=1)\n"
         f"res = [r for r, _ in Predictor(run).predict_files({[str(f) for f in files]!r})]\n"
         "print(json.dumps({'torch': sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')),"
-        " 'probs': [r['probabilities'] for r in res]}))\n"
+        " 'probs': [r.probabilities for r in res]}))\n"
     )
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -172,7 +172,7 @@ def test_onnx_engine_predicts_without_torch(tiny: tuple[Path, Path], tmp_path: P
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["torch"] == []
-    expected = [r["probabilities"] for r, _ in Predictor(load_run(run_dir)).predict_files(files)]
+    expected = [r.probabilities for r, _ in Predictor(load_run(run_dir)).predict_files(files)]
     for a, b in zip(got["probs"], expected, strict=True):
         assert max(abs(a[c] - b[c]) for c in a) < PARITY_TOL
 

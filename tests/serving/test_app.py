@@ -284,7 +284,7 @@ def test_concurrent_requests_are_batched_and_equal_sequential(run: LoadedRun) ->
     single = Predictor(run)
     from cxrscreen.io.xray import read_xray_bytes
 
-    expected = [single.predict_xray(read_xray_bytes(u, name="x.png", max_side=2048)) for u in uploads]
+    expected = [single.predict_xray(read_xray_bytes(u, name="x.png", max_side=2048)).to_dict() for u in uploads]
     with ThreadPoolExecutor(8) as pool:
         got = [r.json() for r in pool.map(lambda i: post(c, uploads[i % 16], **({"heatmap": "true"} if i % 3 == 0
                                                                                 else {})), range(48))]

@@ -49,13 +49,13 @@ def test_predictor_adds_severity_only_when_not_normal_and_not_flagged(sev_run: L
     scorer = SeverityScorer.for_run(sev_run)
     xray = read_xray(xray_png)
     res = Predictor(sev_run, rule=COVID, severity=scorer).predict_xray(xray)
-    assert res["class"] == "covid"
-    _check(res["severity"], xray.pixels.shape)
+    assert res.label == "covid"
+    _check(res.severity, xray.pixels.shape)
     normal = Predictor(sev_run, rule=COVID, severity=scorer)
     normal.decide = lambda probs: "normal"  # type: ignore[method-assign]
-    assert normal.predict_xray(xray)["severity"] is None
+    assert normal.predict_xray(xray).severity is None
     flagged = Predictor(sev_run, rule=COVID, gate=RejectAll(), severity=scorer).predict_xray(xray)
-    assert flagged["flags"] and flagged["severity"] is None
+    assert flagged.flags and flagged.severity is None
     assert scorer.applies({"class": "pneumonia", "flags": [], "error": None})
     assert not scorer.applies({"class": None, "flags": [], "error": "bad file"})
 

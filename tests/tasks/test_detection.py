@@ -256,7 +256,7 @@ def test_evaluate_and_predict_accept_a_detector_run(detector_run: Path, small_da
     from cxrscreen.io.xray import read_xray
 
     xray = read_xray(data_dir / "images" / "cohen" / "000001-12.jpg")
-    result = Predictor(run).predict_xray(xray)
+    result = Predictor(run).predict_xray(xray).to_dict()
     assert result["class"] in run.classes and abs(sum(result["probabilities"].values()) - 1) < 1e-6
     assert isinstance(result["boxes"], list)
     h, w = xray.pixels.shape
@@ -354,5 +354,5 @@ def test_lite0_ssd_with_imagenet_backbone_trains_evaluates_and_predicts(small_da
     assert res["n"] > 0 and "covid_vs_rest" in res
     from cxrscreen.io.xray import read_xray
 
-    result = Predictor(run).predict_xray(read_xray(data_dir / "images" / "cohen" / "000001-12.jpg"))
+    result = Predictor(run).predict_xray(read_xray(data_dir / "images" / "cohen" / "000001-12.jpg")).to_dict()
     assert result["class"] in run.classes and isinstance(result["boxes"], list)

@@ -52,10 +52,61 @@ def predict(
     get no class and no probabilities (`no diagnosis` and the reasons).
     Exit status: 0 all done, 1 some input failed, 2 bad usage or no usable input.
     """
-    from cxrscreen.predict.guard import check_predict_options, check_target
-    from cxrscreen.predict.inputs import OutputNames, gather
+    from cxrscreen.predict.guard import check_target
+    from cxrscreen.predict.inputs import gather
     from cxrscreen.predict.onnx_engine import load_for_engine
     from cxrscreen.predict.predictor import Predictor
+
+    _check_usage(as_json=as_json, as_csv=as_csv, heatmap=heatmap, severity=severity, engine=engine,
+                 out_file=out_file, resume=resume, shard=shard, dicom_out=dicom_out, batch_size=batch_size,
+                 argmax=argmax, threshold=threshold, workers=workers)
+    if threads is not None and engine == "torch":  # ONNX Runtime takes its threads in load_for_engine
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    try:
+        with console.status("loading " + ("the bundled model" if model is None else _shown(model)) + " ..."):
+            run = load_for_engine(model, engine, threads=threads)  # a spinner on a terminal, nothing when piped
+        check_target(target, run.classes)
+        gathered = gather(paths)
+    except CXRError as exc:
+        _fail(exc)
+    inputs, empty = gathered.inputs, gathered.empty
+    for folder in empty:
+        console.print(f"error: {_shown(folder)}: no image files (PNG, JPEG, TIFF, BMP or DICOM) in this folder",
+                      markup=False)
+    _report_gathered(gathered)
+    if not inputs:
+        raise typer.Exit(2)
+    gate = _gate_with_options(run, lung_check)
+    try:
+        rule = run.decision_rule(argmax=argmax, threshold=threshold)
+    except CXRError as exc:
+        _fail(exc)
+    if out_file is not None:
+        raise typer.Exit(_screen_to_file(run, inputs, out_file, rule=rule, gate=gate, batch_size=batch_size,
+                                        workers=workers, resume=resume, shard=shard, console=console,
+                                        failed=len(empty), problems=gathered.problems))
+    from cxrscreen.severity.output import make_scorer
+
+    scorer = make_scorer(run, severity, localizer, _fail)
+    predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule, severity=scorer)
+    if not (as_json or as_csv):
+        console.print(f"decision rule: {rule.describe()}", markup=False)
+    pictures = _Pictures(run, heatmap, target) if heatmap is not None else None
+    dicom = _DicomOut(run, dicom_out, target) if dicom_out is not None else None
+    writer = _stdout_writer(run, as_json, as_csv, scorer is not None)
+    failed = len(empty) + _predict_all(predictor, inputs, gathered.problems, writer, pictures, dicom)
+    if failed:
+        console.print(f"{failed} input(s) failed", markup=False)
+        raise typer.Exit(1)
+
+
+def _check_usage(*, as_json: bool, as_csv: bool, heatmap: Path | None, severity: bool, engine: str,
+                 out_file: Path | None, resume: bool, shard: str | None, dicom_out: Path | None,
+                 batch_size: int, argmax: bool, threshold: float | None, workers: int) -> None:
+    """Exit with status 2 for option combinations predict refuses (each says why on stderr)."""
+    from cxrscreen.predict.guard import check_predict_options
 
     if as_json and as_csv:
         console.print("error: --json and --csv exclude each other; choose one", markup=False)
@@ -75,104 +126,126 @@ def predict(
                               heatmap=heatmap, out_file=out_file, resume=resume, shard=shard)
     except CXRError as exc:
         _fail(exc)
-    if threads is not None and engine == "torch":  # ONNX Runtime takes its threads in load_for_engine
-        import torch
 
-        torch.set_num_threads(max(1, threads))
-    try:
-        with console.status("loading " + ("the bundled model" if model is None else _shown(model)) + " ..."):
-            run = load_for_engine(model, engine, threads=threads)  # a spinner on a terminal, nothing when piped
-        check_target(target, run.classes)
-        gathered = gather(paths)
-    except CXRError as exc:
-        _fail(exc)
-    inputs, empty = gathered.inputs, gathered.empty
-    for folder in empty:
-        console.print(f"error: {_shown(folder)}: no image files (PNG, JPEG, TIFF, BMP or DICOM) in this folder",
-                      markup=False)
-    _report_gathered(gathered)
-    if not inputs:
-        raise typer.Exit(2)
+
+def _gate_with_options(run: Any, lung_check: bool) -> Any:
+    """The run's input gate (None without one), with the lung rule on for --lung-check (exit 2 without a
+    gate)."""
     gate = _load_gate(run)
     if lung_check:
         if gate is None:
             console.print("error: --lung-check is a rule of the input gate, and this model has none", markup=False)
             raise typer.Exit(2)
         gate.lungs_rule = True
-    try:
-        rule = run.decision_rule(argmax=argmax, threshold=threshold)
-    except CXRError as exc:
-        _fail(exc)
-    if out_file is not None:
-        raise typer.Exit(_screen_to_file(run, inputs, out_file, rule=rule, gate=gate, batch_size=batch_size,
-                                        workers=workers, resume=resume, shard=shard, console=console,
-                                        failed=len(empty), problems=gathered.problems))
-    from cxrscreen.severity.output import make_scorer
+    return gate
 
-    scorer = make_scorer(run, severity, localizer, _fail)
-    predictor = Predictor(run, batch_size=batch_size, gate=gate, rule=rule, severity=scorer)
-    if not (as_json or as_csv):
-        console.print(f"decision rule: {rule.describe()}", markup=False)
-    draw = None
-    names = None
-    if heatmap is not None:
-        from cxrscreen.explain.overlay import write_png
 
-        names = OutputNames(heatmap)
-        try:
-            draw = run.task.drawer(run)  # Grad-CAM overlays for classifiers, the boxes for detectors
-        except CXRError as exc:
-            _fail(exc)
-    writer, dicom_writer, explainer = _result_writers(run, as_json, as_csv, scorer is not None, dicom_out)
-    pixels: dict[str, Any] = {}  # the X-ray behind each DICOM result in this batch, for its Secondary Capture
-    if dicom_writer is not None:
-        dicom_writer.pixels_of = lambda r: pixels.get(r.path)
-    failed = len(empty) + len(gathered.problems)
+def _predict_all(predictor: Any, inputs: Sequence[Any], problems: Sequence[CXRError], writer: Any,
+                 pictures: _Pictures | None, dicom: _DicomOut | None) -> int:
+    """Predict every input and write its result (stdout, --heatmap PNGs, --dicom-out files); inputs that could
+    not be read or listed (`problems`) get their error rows. Returns how many inputs failed."""
+    from cxrscreen.results.result import PredictionResult
+    from cxrscreen.results.writers import MultiWriter
+
+    sink = MultiWriter([writer, dicom.writer] if dicom is not None else [writer])
+    failed = len(problems)
     labels = {str(i.path): i.label for i in inputs}
-    writer.open()
-    for problem in gathered.problems:  # an input that could not be read or listed: its error row
-        writer.write([_typed({"path": str(problem.path), "class": None, "probabilities": None, "flags": [],
-                              "error": problem.problem}, None, None, target)])
+    sink.open()
+    sink.write([PredictionResult.failed(p.path, p.problem) for p in problems])
     bar = _progress(len(inputs))
-    for res, prep in predictor.predict_files([i.path for i in inputs]):
+    for result, prep in predictor.predict_files([i.path for i in inputs]):
         if bar is not None:
             bar.update(1)
-        picture = None
-        if res["error"]:
+        if result.error:
             failed += 1
-        elif names is not None and prep is not None and res["probabilities"] is not None:
-            label = labels.get(res["path"], Path(Path(res["path"]).name))
-            try:
-                # the task's picture (caption above, severity zones below), then written: one drawing path
-                picture = draw(prep, res, target)
-                res["heatmap"] = str(write_png(picture, names.path(label, run.task.drawing)))
-            except CXRError as exc:
-                res["error"] = f"heatmap failed: {exc.problem}"
+        elif pictures is not None and prep is not None:
+            failed += not pictures.add(result, prep, labels.get(result.path, Path(Path(result.path).name)))
+        if result.error:
+            console.print(f"{_shown(result.path)}: error: {_shown(result.error)}", markup=False)
+        if dicom is not None:
+            dicom.prepare(result, prep)
+        n_errors = len(dicom.writer.errors) if dicom is not None else 0
+        sink.write([result])
+        if dicom is not None:
+            dicom.pixels.clear()
+            if len(dicom.writer.errors) > n_errors:
                 failed += 1
-        elif names is not None:
-            res["heatmap"] = None  # no diagnosis: nothing to explain
-        if res["error"]:
-            console.print(f"{_shown(res['path'])}: error: {_shown(res['error'])}", markup=False)
-        result = _typed(res, prep, None if picture is not None else explainer, target)
-        result.picture = picture  # the SC shows the drawer's picture: no second Grad-CAM
-        if dicom_writer is not None and not result.error:
-            if result.dicom is None:
-                console.print(f"{_shown(result.path)}: no DICOM output (not a DICOM input with study and "
-                              "instance UIDs)", markup=False)
-            elif prep is not None:
-                pixels[result.path] = prep.xray.pixels
-        n_errors = len(dicom_writer.errors) if dicom_writer is not None else 0
-        writer.write([result])
-        pixels.clear()
-        if dicom_writer is not None and len(dicom_writer.errors) > n_errors:
-            failed += 1
-            console.print(f"{_shown(result.path)}: error: {_shown(dicom_writer.errors[-1][1])}", markup=False)
-    writer.close()
+                console.print(f"{_shown(result.path)}: error: {_shown(dicom.writer.errors[-1][1])}", markup=False)
+    sink.close()
     if bar is not None:
         bar.close()
-    if failed:
-        console.print(f"{failed} input(s) failed", markup=False)
-        raise typer.Exit(1)
+    return failed
+
+
+class _Pictures:
+    """--heatmap: the task drawer's picture of each result with a diagnosis (Grad-CAM for classifiers, the
+    boxes for detectors), written as PNG under the folder (folder arguments' trees mirrored; repeated names
+    numbered) and kept on the result for --dicom-out's Secondary Capture."""
+
+    def __init__(self, run: Any, folder: Path, target: str | None) -> None:
+        from cxrscreen.predict.inputs import OutputNames
+
+        self.names, self.tag, self.target = OutputNames(folder), run.task.drawing, target
+        try:
+            self.draw = run.task.drawer(run)
+        except CXRError as exc:
+            _fail(exc)
+
+    def add(self, result: Any, prep: Any, label: Path) -> bool:
+        """Draw and write the picture of one result (nothing for one without a diagnosis); False when that
+        failed (the result's error then says why)."""
+        from cxrscreen.explain.overlay import write_png
+
+        if result.probabilities is None:
+            return True  # no diagnosis: nothing to explain
+        view = result.to_dict(identity=False)  # the drawer's dict view (it may add "heatmap_in_lungs")
+        try:
+            # the task's picture (caption above, severity zones below), then written: one drawing path
+            picture = self.draw(prep, view, self.target)
+            result.heatmap = str(write_png(picture, self.names.path(label, self.tag)))
+        except CXRError as exc:
+            result.error = f"heatmap failed: {exc.problem}"
+            return False
+        finally:
+            result.heatmap_in_lungs = view.get("heatmap_in_lungs")
+        result.picture = picture  # the Secondary Capture shows the same picture: no second Grad-CAM
+        return True
+
+
+class _DicomOut:
+    """--dicom-out: an SR and a heatmap Secondary Capture per DICOM input (`results.dicom.DicomWriter`)."""
+
+    def __init__(self, run: Any, folder: Path, target: str | None) -> None:
+        from cxrscreen.results.dicom import DicomWriter, folder_store
+
+        self.target = target
+        self.pixels: dict[str, Any] = {}  # the X-ray behind each result being written, for its SC
+        self.writer = DicomWriter(run, folder_store(folder), pixels_of=lambda r: self.pixels.get(r.path))
+        self.explainer = None
+        if run.task.has_logits and not getattr(run.model, "takes_numpy", False):
+            from cxrscreen.explain.cam import Explainer
+
+            self.explainer = Explainer(run)
+        else:
+            console.print("note: no heatmap Secondary Capture with this model or engine (Grad-CAM needs a "
+                          "PyTorch classifier); the SR is written", markup=False)
+
+    def prepare(self, result: Any, prep: Any) -> None:
+        """Before the result is written: its Grad-CAM for the SC (unless --heatmap's picture is on it) and
+        the X-ray's pixels; a note for an input that is no DICOM image."""
+        from cxrscreen.explain.head_grad import grad_cam_heatmap
+
+        if result.error:
+            return
+        if result.dicom is None:
+            console.print(f"{_shown(result.path)}: no DICOM output (not a DICOM input with study and instance "
+                          "UIDs)", markup=False)
+            return
+        if prep is None:
+            return
+        if self.explainer is not None and result.picture is None and result.probabilities:
+            result.heatmap_array = grad_cam_heatmap(self.explainer, prep, self.target or result.label)
+        self.pixels[result.path] = prep.xray.pixels
 
 
 @app.command()
@@ -188,28 +261,12 @@ def explain(
             resume=False, shard=None, threads=None, dicom_out=None, lung_check=False)
 
 
-def _result_writers(run: Any, as_json: bool, as_csv: bool, severity: bool, dicom_out: Path | None
-                    ) -> tuple[Any, Any, Any]:
-    """(the writer of predict's outputs, its DICOM writer or None, the Grad-CAM explainer for the DICOM
-    Secondary Captures or None): JSON Lines, CSV or text on stdout, plus SR + SC files with --dicom-out."""
-    from cxrscreen.results.writers import CsvWriter, JsonlWriter, MultiWriter, TextWriter
+def _stdout_writer(run: Any, as_json: bool, as_csv: bool, severity: bool) -> Any:
+    """predict's writer on stdout: JSON Lines, CSV (the one schema) or the text lines."""
+    from cxrscreen.results.writers import CsvWriter, JsonlWriter, TextWriter
 
-    sinks: list[Any] = [JsonlWriter() if as_json else CsvWriter(run.classes, severity=severity) if as_csv
-                        else TextWriter(lambda line: out.print(line, markup=False))]
-    if dicom_out is None:
-        return MultiWriter(sinks), None, None
-    from cxrscreen.results.dicom import DicomWriter, folder_store
-
-    dicom_writer = DicomWriter(run, folder_store(dicom_out))
-    explainer = None
-    if run.task.has_logits and not getattr(run.model, "takes_numpy", False):
-        from cxrscreen.explain.cam import Explainer
-
-        explainer = Explainer(run)
-    else:
-        console.print("note: no heatmap Secondary Capture with this model or engine (Grad-CAM needs a PyTorch "
-                      "classifier); the SR is written", markup=False)
-    return MultiWriter([*sinks, dicom_writer]), dicom_writer, explainer
+    return (JsonlWriter() if as_json else CsvWriter(run.classes, severity=severity) if as_csv
+            else TextWriter(lambda line: out.print(line, markup=False)))
 
 
 def _progress(total: int) -> Any:
@@ -219,17 +276,6 @@ def _progress(total: int) -> Any:
     from cxrscreen.cli.progress import RichProgress
 
     return RichProgress(console, total, desc="predicting", log_every_s=None, transient=True)
-
-
-def _typed(res: dict[str, Any], prep: Any, explainer: Any, target: str | None) -> Any:
-    """The typed result of one prediction, with its DICOM identity and, for --dicom-out, its Grad-CAM."""
-    from cxrscreen.results.result import PredictionResult
-
-    dicom = getattr(getattr(prep, "xray", None), "dicom", None)
-    heat = None
-    if explainer is not None and dicom is not None and res.get("probabilities") and not res.get("error"):
-        heat = explainer.heatmap(prep, target or res["class"])
-    return PredictionResult.from_dict(res, dicom=dicom, heatmap_array=heat)
 
 
 def _report_gathered(gathered: Any) -> None:

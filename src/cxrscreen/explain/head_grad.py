@@ -37,3 +37,10 @@ def head_gradients_only(model: nn.Module, layer: nn.Module) -> Iterator[None]:
         handle.remove()
         for p in frozen:
             p.requires_grad_(True)
+
+
+def grad_cam_heatmap(explainer: Any, prep: Any, target: str) -> Any:
+    """`explain.cam.Explainer.heatmap(prep, target)` (float32 (H, W) on the original grid) within
+    `head_gradients_only`."""
+    with head_gradients_only(explainer.run.model, explainer.layer):
+        return explainer.heatmap(prep, target)

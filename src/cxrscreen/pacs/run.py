@@ -18,7 +18,6 @@ from cxrscreen.errors import CXRError
 from cxrscreen.io.dicom_identity import DX_SOP_CLASSES
 from cxrscreen.pacs.client import InstanceRef, PacsClient, study_tag
 from cxrscreen.results.dicom import MANUFACTURER, DicomWriter, ModelInfo, derived_uid
-from cxrscreen.results.result import PredictionResult
 
 
 @dataclass
@@ -66,10 +65,9 @@ class StudyScreener:
 
     def _heatmap(self, prep: Any, target: str) -> Any:
         """Grad-CAM of `target` on the original grid, its backward pass stopping at the target layer."""
-        from cxrscreen.explain.head_grad import head_gradients_only
+        from cxrscreen.explain.head_grad import grad_cam_heatmap
 
-        with head_gradients_only(self.run.model, self.explainer.layer):
-            return self.explainer.heatmap(prep, target)
+        return grad_cam_heatmap(self.explainer, prep, target)
 
     def _timed(self, out: StudyOutcome, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         t0 = time.perf_counter()
@@ -113,11 +111,9 @@ class StudyScreener:
             out.skipped.append(f"instance {i}: {why}")
             return
         prep = self.predictor.prepare(xray)
-        res = self._timed(out, "predict", lambda: self.predictor.predict_prepared([prep])[0])
-        heat = None
-        if self.explainer is not None and res["probabilities"]:
-            heat = self._timed(out, "heatmap", self._heatmap, prep, res["class"])
-        result = PredictionResult.from_dict(res, dicom=xray.dicom, heatmap_array=heat)
+        result = self._timed(out, "predict", lambda: self.predictor.predict_prepared([prep])[0])
+        if self.explainer is not None and result.probabilities and result.label is not None:
+            result.heatmap_array = self._timed(out, "heatmap", self._heatmap, prep, result.label)
         writer = DicomWriter(self.run, self.client.store, pixels_of=lambda _: xray.pixels)
         writer.model = self.model
         self._timed(out, "build_and_store", writer.write, [result])

@@ -346,24 +346,14 @@ class BatchSummary:
         return {**self.__dict__, "images_per_s": round(self.images_per_s, 2)}
 
 
-def results_of_batch(predictor: Predictor, items: Sequence[Decoded]) -> list[dict[str, Any]]:
-    """Result dicts (see `cxrscreen.predict`) of one decoded batch, in order; the gate's flags withhold
-    the class, the probabilities and any boxes as `Predictor` does."""
+def results_of_batch(predictor: Predictor, items: Sequence[Decoded]) -> list[PredictionResult]:
+    """Results of one decoded batch, in order: `PredictionResult.failed` for an input that could not be
+    decoded, `PredictionResult.withhold` for one the gate (run in the workers) flagged."""
     ok = [it for it in items if it.error is None]
     preps = [Prepared(path=it.path, xray=None, image=it.image, geometry=it.geometry) for it in ok]  # type: ignore[arg-type]
     predicted = iter(predictor.predict_prepared(preps))
-    out = []
-    for it in items:
-        if it.error is not None:
-            out.append({"path": it.path, "class": None, "probabilities": None, "error": it.error, "flags": []})
-            continue
-        res = next(predicted)
-        if it.flags:
-            res.update(flags=it.flags, **{"class": None, "probabilities": None})
-            if "boxes" in res:
-                res["boxes"] = []
-        out.append(res)
-    return out
+    return [PredictionResult.failed(it.path, it.error) if it.error is not None else next(predicted).withhold(it.flags)
+            for it in items]
 
 
 def screen(
@@ -376,7 +366,7 @@ def screen(
     shard: Shard | None = None,
     gate: Any = None,
     progress_factory: Callable[[int], Any] | None = None,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_row: Callable[[PredictionResult], None] | None = None,
     problems: Sequence[CXRError] = (),
 ) -> BatchSummary:
     """Screen `inputs` (this shard's, minus those already in the output when resuming) into `out_path`.
@@ -396,7 +386,7 @@ def screen(
     t0 = time.monotonic()
     errors = 0
     try:
-        bad = [_problem_row(p) for p in problems if not writer.has(str(p.path))]
+        bad = [PredictionResult.failed(p.path, p.problem) for p in problems if not writer.has(str(p.path))]
         writer.write(bad)
         errors += len(bad)
         loader = decode_loader([i.path for i in todo], predictor.run.preprocess, gate,
@@ -404,7 +394,7 @@ def screen(
         for items in loader:
             rows = results_of_batch(predictor, items)
             writer.write(rows)
-            errors += sum(r["error"] is not None for r in rows)
+            errors += sum(r.error is not None for r in rows)
             if on_row is not None:
                 for r in rows:
                     on_row(r)
@@ -419,8 +409,3 @@ def screen(
                         seconds=round(time.monotonic() - t0, 3),
                         output=str(out_path), shard=str(shard))
 
-
-def _problem_row(problem: CXRError) -> dict[str, Any]:
-    """The error row of an input that could not be read or listed."""
-    return {"path": str(problem.path), "class": None, "probabilities": None, "error": problem.problem,
-            "flags": []}

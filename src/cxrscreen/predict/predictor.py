@@ -1,12 +1,13 @@
 """Prediction on files, folders or uploaded bytes, with the bundled model or a run directory.
 
-Each input yields one result dict: `path`, `class`, `probabilities{class: p}`, `decision` (the rule that
-chose the class, see `cxrscreen.decision`), and where they apply
-`error`, `flags`, `heatmap`, and for detectors `boxes` (list of {box: [x0, y0, x1, y1] in original
-image pixels, label, class, score}; see `models.detection.result_boxes`). A bad file yields a result
-with `error` set and the batch goes on. An input the gate flags gets `class` and `probabilities` None:
-no output shows a diagnosis or the model's probabilities for it. With a severity scorer
-(`cxrscreen.severity.scorer`) each result also has `severity` (None for a normal call or a flagged input).
+Each input yields one typed result (`results.result.PredictionResult`): its path, class, probabilities,
+the decision rule that chose the class (see `runs.decision`), the gate's flags, an error, severity, the
+source's DICOM identity and the task's own fields in `extra` (detectors: "boxes", a list of {box: [x0, y0,
+x1, y1] in original image pixels, label, class, score}; see `models.detection.result_boxes`). A bad file
+yields a result with `error` set (`PredictionResult.failed`) and the batch goes on. An input the gate flags
+has class and probabilities None (`PredictionResult.withhold`): no output shows a diagnosis or the model's
+probabilities for it. With a severity scorer (`cxrscreen.severity.scorer`) each result also has `severity`
+(None for a normal call or a flagged input).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from cxrscreen.errors import CXRError
 from cxrscreen.io.xray import XRay, read_xray
 from cxrscreen.predict.prepared import Prepared
+from cxrscreen.results.result import PredictionResult
 from cxrscreen.runs.decision import DecisionRule, decide_names
 from cxrscreen.runs.run_dir import LoadedRun, load_run
 from cxrscreen.transforms.preprocess import Preprocessor
@@ -69,60 +71,51 @@ class Predictor:
         """The predicted class of one probability row under this predictor's decision rule."""
         return decide_names(probs[None], self.run.classes, self.rule)[0]
 
-    def result(self, prep: Prepared, probs: np.ndarray, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The result dict of one prepared input from its probabilities and the task's result fields
-        (detectors: "boxes", in original pixels; empty for a flagged input: a labelled box reads as a
-        diagnosis)."""
-        res: dict[str, Any] = {
-            "path": prep.path,
-            "class": self.decide(probs),
-            "probabilities": {c: float(p) for c, p in zip(self.run.classes, probs, strict=True)},
-            "decision": self.rule.to_dict(),
-            "error": None,
-            "flags": [],
-        }
+    def result(self, prep: Prepared, probs: np.ndarray, extra: dict[str, Any] | None = None) -> PredictionResult:
+        """The result of one prepared input from its probabilities and the task's result fields (detectors:
+        "boxes", in original pixels; emptied for a flagged input: a labelled box reads as a diagnosis)."""
+        res = PredictionResult(
+            path=prep.path, label=self.decide(probs),
+            probabilities={c: float(p) for c, p in zip(self.run.classes, probs, strict=True)},
+            decision=self.rule.to_dict(), dicom=getattr(prep.xray, "dicom", None), extra=dict(extra or {}))
         if self.gate is not None:
-            flags = self.gate.flags(prep.xray)
-            if flags:
-                res["flags"] = flags
-                res["class"] = None  # no diagnosis for an input that is not a frontal chest X-ray
-                res["probabilities"] = None  # nor the model's probabilities, which would read as one
-        for key, value in (extra or {}).items():
-            res[key] = [] if res["flags"] else value
+            res.withhold(self.gate.flags(prep.xray))  # not a frontal chest X-ray: no diagnosis
         if self.severity is not None:  # None for a normal call or a flagged image
-            self.severity.annotate(res, prep.xray)
+            res.severity = self.severity.score(prep.xray) if self.severity.applies(res.to_dict()) else None
+            res.severity_scored = True
         return res
 
-    def predict_prepared(self, preps: Sequence[Prepared]) -> list[dict[str, Any]]:
+    def predict_prepared(self, preps: Sequence[Prepared]) -> list[PredictionResult]:
+        """Results of prepared inputs, in order: one model pass for the batch."""
         if not preps:
             return []
         return [self.result(p, pr, ex) for p, (pr, ex) in zip(preps, self.outputs(preps), strict=True)]
 
-    def predict_xray(self, xray: XRay) -> dict[str, Any]:
+    def predict_xray(self, xray: XRay) -> PredictionResult:
         """Result for one decoded X-ray."""
         return self.predict_prepared([self.prepare(xray)])[0]
 
-    def predict_files(self, files: Iterable[str | Path]) -> Iterator[tuple[dict[str, Any], Prepared | None]]:
+    def predict_files(self, files: Iterable[str | Path]) -> Iterator[tuple[PredictionResult, Prepared | None]]:
         """(result, prepared input or None on error) per file, in order, batched; bad files never stop it."""
         batch: list[Prepared] = []
-        pending: list[tuple[int, dict[str, Any] | Prepared]] = []
+        pending: list[PredictionResult | Prepared] = []
         for f in files:
             try:
-                item: dict[str, Any] | Prepared = self.prepare(read_xray(f))
+                item: PredictionResult | Prepared = self.prepare(read_xray(f))
                 batch.append(item)
             except CXRError as exc:
-                item = {"path": str(f), "class": None, "probabilities": None, "error": exc.problem, "flags": []}
-            pending.append((len(pending), item))
+                item = PredictionResult.failed(f, exc.problem)
+            pending.append(item)
             if len(batch) >= self.batch_size:
                 yield from self._flush(pending, batch)
                 pending, batch = [], []
         yield from self._flush(pending, batch)
 
-    def _flush(self, pending: list[tuple[int, Any]], batch: list[Prepared]) -> Iterator[tuple[dict, Prepared | None]]:
+    def _flush(self, pending: list[PredictionResult | Prepared], batch: list[Prepared]
+               ) -> Iterator[tuple[PredictionResult, Prepared | None]]:
         results = iter(self.predict_prepared(batch))
-        for _, item in pending:
+        for item in pending:
             if isinstance(item, Prepared):
                 yield next(results), item
             else:
                 yield item, None
-

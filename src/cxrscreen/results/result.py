@@ -48,9 +48,21 @@ class PredictionResult:
         return self.error is None and self.probabilities is None and bool(self.flags)
 
     @classmethod
-    def failed(cls, path: str, error: str) -> PredictionResult:
-        """The result of an input that could not be read or predicted."""
+    def failed(cls, path: str | Any, error: str) -> PredictionResult:
+        """The result (the error row) of an input that could not be read or predicted: the one place it is
+        made, for the CLI, batch screening and the PACS command alike."""
         return cls(path=str(path), error=error)
+
+    def withhold(self, flags: list[str]) -> PredictionResult:
+        """The gate flagged the input (`flags`: its reasons): no class, no probabilities and no task fields
+        (a detector's labelled boxes read as a diagnosis too). The one place the gate's withholding is
+        written. Returns self."""
+        if flags:
+            self.flags = list(flags)
+            self.label = None
+            self.probabilities = None
+            self.extra = {k: [] for k in self.extra}
+        return self
 
     @classmethod
     def from_dict(cls, res: dict[str, Any], *, dicom: DicomIdentity | None = None,
@@ -64,8 +76,9 @@ class PredictionResult:
                    heatmap_in_lungs=res.get("heatmap_in_lungs"), heatmap_array=heatmap_array,
                    dicom=dicom, extra={k: v for k, v in res.items() if k not in _KNOWN})
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object of this result (keys as the predictor's dict; `dicom` holds UIDs only)."""
+    def to_dict(self, *, identity: bool = True) -> dict[str, Any]:
+        """The JSON object of this result; `dicom` (UIDs only) for a DICOM input unless `identity` is False
+        (the server's answer has no such key)."""
         out: dict[str, Any] = {"path": self.path, "class": self.label, "probabilities": self.probabilities}
         if self.decision is not None:
             out["decision"] = self.decision
@@ -78,6 +91,6 @@ class PredictionResult:
             out["heatmap"] = self.heatmap
         if self.heatmap_in_lungs is not None:
             out["heatmap_in_lungs"] = self.heatmap_in_lungs
-        if self.dicom is not None:
+        if identity and self.dicom is not None:
             out["dicom"] = self.dicom.to_dict()
         return out

@@ -242,7 +242,7 @@ class _Service:
             raise CXRError("heatmaps (Grad-CAM) need the PyTorch engine; this server runs ONNX Runtime", name)
         prep = self.decode(data, name)
         probs, extra = self.batcher(prep)
-        result = self.predictor.result(prep, probs, extra)
+        result = self.predictor.result(prep, probs, extra).to_dict(identity=False)  # the JSON object (no UIDs)
         if severity:
             with self.lock:
                 if self._severity is None:

@@ -4,8 +4,8 @@ Starts Orthanc with its DICOMweb plugin in its own network namespace (`tests/ort
 Debian packages orthanc and orthanc-dicomweb), makes one DX study per real chest X-ray of ``--data``
 (12-bit, MONOCHROME1 and MONOCHROME2 in turn, the classes in turn), then for each study: STOW-RS it
 (store), screen it as `cxrscreen pacs run --study UID` does (QIDO, WADO-RS of the original instance, decode,
-predict + gate, Grad-CAM, build SR + SC, STOW-RS), and read the SR back (QIDO + WADO-RS + highdicom parse).
-A second pass over the same studies times the idempotent rerun (QIDO only, nothing stored). Prints one JSON
+predict + gate, Grad-CAM, build SR + SC, one STOW-RS request for both), and read the SR back (QIDO + WADO-RS +
+highdicom parse). A second pass over the same studies times the idempotent rerun (QIDO only, nothing stored). Prints one JSON
 object (and writes it to ``--out``): seconds per study end to end (mean, median, p90), the time per phase,
 the model load, the target (< 1 s per study) and whether it is met, threads, CPU count, load average, versions.
 
@@ -148,8 +148,9 @@ def _run(server: Any, images: list[Any], dx_dataset: Any, user: str, password: s
         "flagged_by_gate": sum(o[3] == 1 for o in outcomes),
         "phases": "store_source: STOW of the source study (the modality's part); query: QIDO of the study's "
                   "instances; fetch: WADO-RS of the original instance; decode: read_xray; predict: preprocessing,"
-                  " gate and forward pass; heatmap: Grad-CAM; build_and_store: SR + SC with highdicom and their "
-                  "STOW; read_back_sr: QIDO + WADO + highdicom parse of the SR",
+                  " gate and forward pass; heatmap: Grad-CAM (its backward pass stops at the target layer: "
+                  "explain.head_grad); build_and_store: SR + SC with highdicom and their STOW (one request); "
+                  "read_back_sr: QIDO + WADO + highdicom parse of the SR (the parsed answer, not re-encoded)",
     }
 
 

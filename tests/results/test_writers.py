@@ -54,3 +54,12 @@ def test_jsonl_and_text() -> None:
     t.write([PredictionResult.from_dict(r) for r in (OK, FLAGGED, FAILED)])
     assert lines == ["a.png: covid  covid 60.0 %, normal 30.0 %, pneumonia 10.0 %",
                      "=cmd|x.png: no diagnosis (blank image)"]
+
+
+def test_withhold_and_failed_give_the_rows_every_writer_showed() -> None:
+    boxes = [{"box": [0, 0, 5, 5], "label": 1, "class": "covid", "score": 0.9}]
+    res = PredictionResult.from_dict({**OK, "boxes": boxes}).withhold(["blank image"])
+    assert res.withheld and res.label is None and res.probabilities is None and res.extra == {"boxes": []}
+    assert res.to_dict() == {**FLAGGED, "path": "a.png", "decision": {"rule": "argmax"}, "boxes": []}
+    assert PredictionResult.from_dict(OK).withhold([]).to_dict() == OK  # no flag: nothing withheld
+    assert PredictionResult.failed("bad\n.png", "empty file (0 bytes)").to_dict() == FAILED

@@ -5,9 +5,10 @@ Debian packages orthanc and orthanc-dicomweb), makes one DX study per real chest
 (12-bit, MONOCHROME1 and MONOCHROME2 in turn, the classes in turn), then for each study: STOW-RS it
 (store), screen it as `cxrscreen pacs run --study UID` does (QIDO, WADO-RS of the original instance, decode,
 predict + gate, Grad-CAM, build SR + SC, one STOW-RS request for both), and read the SR back (QIDO + WADO-RS +
-highdicom parse). A second pass over the same studies times the idempotent rerun (QIDO only, nothing stored). Prints one JSON
-object (and writes it to ``--out``): seconds per study end to end (mean, median, p90), the time per phase,
-the model load, the target (< 1 s per study) and whether it is met, threads, CPU count, load average, versions.
+highdicom parse). A second pass over the same studies times the idempotent rerun (QIDO only, nothing
+stored). Prints one JSON object (and writes it to ``--out``): seconds per study end to end (mean, median,
+p90), the time per phase, the model load, the target (< 1 s per study) and whether it is met, threads, CPU
+count, load average, versions.
 
     sudo python benchmarks/pacs_roundtrip.py [--data ../shared/data/cxr] [--studies 50] [--threads 2]
         [--out docs/results/pacs_roundtrip.json]

@@ -52,32 +52,13 @@ def predict(
     get no class and no probabilities (`no diagnosis` and the reasons).
     Exit status: 0 all done, 1 some input failed, 2 bad usage or no usable input.
     """
-    from cxrscreen.predict.guard import check_target
-    from cxrscreen.predict.inputs import gather
-    from cxrscreen.predict.onnx_engine import load_for_engine
     from cxrscreen.predict.predictor import Predictor
 
     _check_usage(as_json=as_json, as_csv=as_csv, heatmap=heatmap, severity=severity, engine=engine,
                  out_file=out_file, resume=resume, shard=shard, dicom_out=dicom_out, batch_size=batch_size,
                  argmax=argmax, threshold=threshold, workers=workers)
-    if threads is not None and engine == "torch":  # ONNX Runtime takes its threads in load_for_engine
-        import torch
-
-        torch.set_num_threads(max(1, threads))
-    try:
-        with console.status("loading " + ("the bundled model" if model is None else _shown(model)) + " ..."):
-            run = load_for_engine(model, engine, threads=threads)  # a spinner on a terminal, nothing when piped
-        check_target(target, run.classes)
-        gathered = gather(paths)
-    except CXRError as exc:
-        _fail(exc)
+    run, gathered = _load(model, engine, threads, target, paths)
     inputs, empty = gathered.inputs, gathered.empty
-    for folder in empty:
-        console.print(f"error: {_shown(folder)}: no image files (PNG, JPEG, TIFF, BMP or DICOM) in this folder",
-                      markup=False)
-    _report_gathered(gathered)
-    if not inputs:
-        raise typer.Exit(2)
     gate = _gate_with_options(run, lung_check)
     try:
         rule = run.decision_rule(argmax=argmax, threshold=threshold)
@@ -126,6 +107,34 @@ def _check_usage(*, as_json: bool, as_csv: bool, heatmap: Path | None, severity:
                               heatmap=heatmap, out_file=out_file, resume=resume, shard=shard)
     except CXRError as exc:
         _fail(exc)
+
+
+def _load(model: Path | None, engine: str, threads: int | None, target: str | None, paths: list[Path]
+          ) -> tuple[Any, Any]:
+    """(the loaded run, the gathered inputs); errors on stderr: a bad model, target or argument exits 2 (also
+    when no input is left), folders without images and unreadable inputs are reported."""
+    from cxrscreen.predict.guard import check_target
+    from cxrscreen.predict.inputs import gather
+    from cxrscreen.predict.onnx_engine import load_for_engine
+
+    if threads is not None and engine == "torch":  # ONNX Runtime takes its threads in load_for_engine
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    try:
+        with console.status("loading " + ("the bundled model" if model is None else _shown(model)) + " ..."):
+            run = load_for_engine(model, engine, threads=threads)  # a spinner on a terminal, nothing when piped
+        check_target(target, run.classes)
+        gathered = gather(paths)
+    except CXRError as exc:
+        _fail(exc)
+    for folder in gathered.empty:
+        console.print(f"error: {_shown(folder)}: no image files (PNG, JPEG, TIFF, BMP or DICOM) in this folder",
+                      markup=False)
+    _report_gathered(gathered)
+    if not gathered.inputs:
+        raise typer.Exit(2)
+    return run, gathered
 
 
 def _gate_with_options(run: Any, lung_check: bool) -> Any:

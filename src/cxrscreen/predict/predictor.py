@@ -47,7 +47,7 @@ class Predictor:
     def __init__(self, run: LoadedRun, *, batch_size: int = 32, gate: Any = None,
                  rule: DecisionRule | None = None, severity: Any = None) -> None:
         self.run = run
-        self.severity = severity  # a severity.SeverityScorer: adds res["severity"] (issue 13)
+        self.severity = severity  # a severity.SeverityScorer: fills the result's severity (issue 13)
         self.rule = rule if rule is not None else run.decision_rule()
         self.batch_size = batch_size
         self.preprocess = Preprocessor(run.preprocess)

@@ -67,7 +67,8 @@ class PredictionResult:
     @classmethod
     def from_dict(cls, res: dict[str, Any], *, dicom: DicomIdentity | None = None,
                   heatmap_array: np.ndarray | None = None) -> PredictionResult:
-        """From a predictor result dict (`predict.predictor`); unknown keys go to `extra`."""
+        """From a result's JSON object (`to_dict`'s shape: a JSONL row, the server's answer); unknown keys go to
+        `extra`."""
         probs = res.get("probabilities")
         return cls(path=str(res["path"]), label=res.get("class"),
                    probabilities=None if probs is None else {k: float(v) for k, v in probs.items()},

@@ -33,7 +33,8 @@ class ResultSink(Protocol):
 
 
 def as_result(res: PredictionResult | dict[str, Any]) -> PredictionResult:
-    """A result dict (the predictor's) as a PredictionResult; a PredictionResult unchanged."""
+    """A result's JSON object (`PredictionResult.to_dict`'s shape) as a PredictionResult; a PredictionResult
+    unchanged."""
     return res if isinstance(res, PredictionResult) else PredictionResult.from_dict(res)
 
 

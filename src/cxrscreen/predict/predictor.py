@@ -69,10 +69,11 @@ class Predictor:
         """The predicted class of one probability row under this predictor's decision rule."""
         return decide_names(probs[None], self.run.classes, self.rule)[0]
 
-    def result(self, prep: Prepared, probs: np.ndarray, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def result(self, prep: Prepared, probs: np.ndarray, extra: dict[str, Any] | None = None,
+               flags: list[str] | None = None) -> dict[str, Any]:
         """The result dict of one prepared input from its probabilities and the task's result fields
         (detectors: "boxes", in original pixels; empty for a flagged input: a labelled box reads as a
-        diagnosis)."""
+        diagnosis). `flags`: the gate's, when already computed for the batch."""
         res: dict[str, Any] = {
             "path": prep.path,
             "class": self.decide(probs),
@@ -82,7 +83,7 @@ class Predictor:
             "flags": [],
         }
         if self.gate is not None:
-            flags = self.gate.flags(prep.xray)
+            flags = self.gate.flags(prep.xray) if flags is None else flags
             if flags:
                 res["flags"] = flags
                 res["class"] = None  # no diagnosis for an input that is not a frontal chest X-ray
@@ -96,7 +97,9 @@ class Predictor:
     def predict_prepared(self, preps: Sequence[Prepared]) -> list[dict[str, Any]]:
         if not preps:
             return []
-        return [self.result(p, pr, ex) for p, (pr, ex) in zip(preps, self.outputs(preps), strict=True)]
+        many = getattr(self.gate, "flags_many", None)  # the gate's lungs rule segments the batch at once
+        flags = many([p.xray for p in preps]) if many is not None else [None] * len(preps)
+        return [self.result(p, pr, ex, fl) for p, (pr, ex), fl in zip(preps, self.outputs(preps), flags, strict=True)]
 
     def predict_xray(self, xray: XRay) -> dict[str, Any]:
         """Result for one decoded X-ray."""

@@ -104,8 +104,8 @@ class LungResult:
         return {lg: lung_box(self.mask, lg) for lg in LUNG_LABELS}
 
     def summary(self) -> dict[str, Any]:
-        """{area_fraction: {right, left}, boxes: {right, left}} rounded for JSON."""
-        return {"area_fraction": {k: round(v, 4) for k, v in self.fractions.items()},
+        """{area_fraction: {right, left}, boxes: {right, left}} of the full-size mask, rounded for JSON."""
+        return {"area_fraction": {k: round(v, 4) for k, v in lung_fractions(self.mask).items()},
                 "boxes": {k: None if b is None else [round(c, 1) for c in b] for k, b in self.boxes().items()}}
 
 

@@ -138,10 +138,28 @@ def test_lung_mask_pooling_weights_the_cells_each_lung_covers(sev_run) -> None: 
         ext.features(maps, [geom])
 
 
-def test_lung_mask_candidates_are_measured_not_shipped(tmp_path: Path) -> None:
-    from cxrscreen.severity.cv import DEFAULT_CANDIDATES, LUNG_MASK_CANDIDATES, fit_shipped
+def test_lung_mask_spatial_map_sums_to_the_prediction() -> None:
+    """Weighted regions: M's mean over each region's cells, summed as for boxes, gives the prediction."""
+    from cxrscreen.severity.features import pool_weighted
 
-    assert LUNG_MASK_CANDIDATES and not set(LUNG_MASK_CANDIDATES) & set(DEFAULT_CANDIDATES)
-    assert all(s.pooling == "lung_masks" for s in LUNG_MASK_CANDIDATES.values())
-    with pytest.raises(CXRError, match="pools over segmented lungs"):
-        fit_shipped(tmp_path, tmp_path, next(iter(LUNG_MASK_CANDIDATES)))
+    rng = np.random.default_rng(2)
+    maps = [rng.normal(size=(30, 5, 8, 8))]
+    right, left = np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32)
+    right[1:7, 0:3] = 1
+    left[2:7, 5:8] = rng.uniform(0.2, 1.0, size=(5, 3))  # partial cover, as at a lung's edge
+    x = pool_weighted(maps, [[right, left]] * 30)
+    y = np.clip(np.stack([x[:, 0] * 2 + 4, x[:, 6] + 3], 1), 0, [8, 6])
+    reg = SeverityRegressor.fit(x, y, [str(i // 3) for i in range(30)], FeatureSpec(pooling="lung_masks"), [5])
+    smap = reg.spatial_map([maps[0][0]], 8, weights=[right, left])
+    total = reg.intercept + sum(smap[:, w > 0].mean(axis=1) - reg.intercept for w in (right, left))
+    np.testing.assert_allclose(total, reg.predict_raw(x[:1])[0], atol=1e-4)
+
+
+def test_lung_mask_candidates_are_the_atlas_ones_with_segmented_lungs() -> None:
+    from cxrscreen.severity.cv import ATLAS_BOX_CANDIDATES, CANDIDATES, DEFAULT_CANDIDATES, LUNG_MASK_CANDIDATES
+
+    assert LUNG_MASK_CANDIDATES and not set(LUNG_MASK_CANDIDATES) & set(ATLAS_BOX_CANDIDATES)
+    assert len(DEFAULT_CANDIDATES) == len(ATLAS_BOX_CANDIDATES) and set(LUNG_MASK_CANDIDATES) <= set(DEFAULT_CANDIDATES)
+    assert not any(CANDIDATES[n].pooling == "lungs" for n in DEFAULT_CANDIDATES)
+    for name, spec in LUNG_MASK_CANDIDATES.items():
+        assert spec.pooling == "lung_masks" and CANDIDATES[name.replace("lung_masks", "lungs")].pooling == "lungs"

@@ -8,8 +8,8 @@ right and left lung, each averaged separately; "lung_masks", the segmented right
 weighted by the share of it the lung covers, the atlas box standing in for a lung not found) and whether the
 maps of the horizontally flipped image, flipped back, are averaged in (``flip``). The region averages are
 concatenated (region-major, then stage); because the regressor is linear in those averages,
-``SeverityRegressor.spatial_map`` can spread its prediction back over the positions. "lung_masks" is measured by
-the cross-validation only (`severity.cv.LUNG_MASK_CANDIDATES`); a regressor is not fitted or shipped with it.
+``SeverityRegressor.spatial_map`` can spread its prediction back over the positions. For "lung_masks" the scorer
+segments the X-ray with the bundled lung segmenter (`SeverityScorer.score`).
 """
 
 from __future__ import annotations

@@ -41,17 +41,22 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=TrainOptions.image_size,
+                    help="the network's input side in pixels (a multiple of 32)")
+    ap.add_argument("--decoder-channels", type=int, nargs="+", default=list(TrainOptions.decoder_channels),
+                    help="the U-Net decoder's channels, coarse to fine (five numbers)")
     ap.add_argument("--skip-cv", action="store_true", help="only the final fit (no figures recorded)")
     ap.add_argument("--cv-only", action="store_true", help="only the figures, recorded in --out's lungs.json")
     ap.add_argument("--part", choices=("all", "cv", "cross-source"), default="all",
                     help="with --cv-only: only the grouped CV or only the cross-source check (to run them apart; "
                          "each writes its own results file next to --results)")
     args = ap.parse_args()
-    opts = TrainOptions(epochs=args.epochs, seed=args.seed, threads=args.threads)
+    opts = TrainOptions(epochs=args.epochs, seed=args.seed, threads=args.threads, image_size=args.image_size,
+                        decoder_channels=tuple(args.decoder_channels))
     t0 = time.monotonic()
     args.results.parent.mkdir(parents=True, exist_ok=True)  # before hours of training, not after
     table = lung_mask_table(args.data, args.lesions)
-    examples = load_examples(table)
+    examples = load_examples(table, opts.preprocess)
     print(f"{len(table)} masks loaded ({time.monotonic() - t0:.0f} s)", flush=True)
     record: dict = {}
     if not args.skip_cv:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import cv2
 import numpy as np
 import pytest
 
@@ -9,6 +12,7 @@ from cxrscreen.gate.model import Gate, bundled_gate_path
 from cxrscreen.io.xray import XRay
 from cxrscreen.lungs import segmenter
 from cxrscreen.lungs.segmenter import LungResult
+from tests.conftest import synthetic_cxr
 
 
 class FixedLungs:
@@ -60,3 +64,56 @@ def test_lungs_rule_round_trips() -> None:
     d = gate.to_dict()
     del d["lungs_rule"], d["min_lung_fraction"]
     assert not Gate.from_dict(d).lungs_rule  # gate files written before the rule: off
+
+
+class BatchLungs(FixedLungs):
+    """FixedLungs that also segments a batch, recording the batch sizes."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        super().__init__(mask)
+        self.batches: list[int] = []
+
+    def segment_many(self, pixels: list[np.ndarray]) -> list[LungResult]:
+        self.batches.append(len(pixels))
+        return [LungResult(self.mask) for _ in pixels]
+
+
+def _two_lungs(n: int = 100) -> np.ndarray:
+    mask = np.zeros((n, n), np.uint8)
+    mask[20:80, 10:45] = 1
+    mask[20:80, 55:90] = 2
+    return mask
+
+
+def test_flags_many_segments_what_passes_the_other_rules_as_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = _gate()
+    gate.lungs_rule = True
+    fake = BatchLungs(_two_lungs())
+    monkeypatch.setattr(segmenter, "_BUNDLED", fake)
+    monkeypatch.setattr(Gate, "rules", lambda self, xray: ["a blank image"] if xray.path == "blank.png" else [])
+    monkeypatch.setattr(Gate, "scores", lambda self, xray: {"p": 0.0, "novelty": -1e9})
+    xrays = [XRay(np.zeros((100, 100), np.float32), f"{i}.png", {}) for i in range(4)]
+    xrays.insert(2, XRay(np.zeros((100, 100), np.float32), "blank.png", {}))
+    out = gate.flags_many(xrays)
+    assert fake.batches == [4]  # one batch, without the image refused already
+    assert out == [gate.flags(x) for x in xrays] and out[2] == ["a blank image"]
+    fake.mask[fake.mask == 2] = 0
+    assert all(f[0].startswith("two lungs") for i, f in enumerate(gate.flags_many(xrays)) if i != 2)
+
+
+def test_predict_segments_each_batch_once_with_the_lungs_rule(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cxrscreen.gate.model import gate_for_run
+    from cxrscreen.predict.predictor import Predictor, load_model
+
+    fake = BatchLungs(_two_lungs())
+    monkeypatch.setattr(segmenter, "_BUNDLED", fake)
+    run = load_model(None)
+    gate = gate_for_run(run)
+    gate.lungs_rule = True
+    monkeypatch.setattr(Gate, "flags_before_lungs", lambda self, xray: [])
+    files = []
+    for i in range(5):
+        files.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(files[-1]), (synthetic_cxr(160, 140) * 255).astype(np.uint8))
+    results = [r for r, _ in Predictor(run, gate=gate, batch_size=3).predict_files(files)]
+    assert fake.batches == [3, 2] and all(r.flags == [] for r in results)

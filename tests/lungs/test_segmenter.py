@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,8 @@ from typer.testing import CliRunner
 from cxrscreen.cli import app
 from cxrscreen.errors import CXRError
 from cxrscreen.io.files import file_sha256
-from cxrscreen.lungs.masks import LEFT, RIGHT, dice_iou
+from cxrscreen.lungs import segmenter
+from cxrscreen.lungs.masks import LEFT, RIGHT, dice_iou, lung_fractions, mask_to_model
 from cxrscreen.lungs.segmenter import (
     CONFIG_FILE,
     DEFAULT_PREPROCESS,
@@ -26,6 +28,7 @@ from cxrscreen.lungs.segmenter import (
     build_unet,
     bundled_dir,
 )
+from cxrscreen.transforms.ops import SquarePreprocessor
 from tests.conftest import synthetic_cxr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -124,3 +127,45 @@ def test_onnx_export_gives_the_same_masks(random_folder: Path, tmp_path: Path) -
     assert (onnx_seg.segment(img).mask == seg.segment(img).mask).mean() > 0.999
     with pytest.raises(CXRError, match="not found"):
         load_lungs_onnx(tmp_path / "none.onnx")
+
+
+class CountingModel:
+    """Wraps a network, counting the images it is run on."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.images = model, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += len(x)
+        return self.model(x)
+
+
+def test_an_xray_is_segmented_once_however_many_parts_ask(random_folder: Path) -> None:
+    seg = LungSegmenter.load(random_folder)
+    seg.model = counting = CountingModel(seg.model)
+    a, b = synthetic_cxr(120, 100), synthetic_cxr(90, 140)
+    first = seg.segment(a)  # e.g. the gate's lungs rule
+    assert seg.segment(a) is first  # then the severity zones, the heat map's share: not segmented again
+    assert seg.segment_many([b, a])[1] is first
+    assert counting.images == 2
+    assert seg.segment(a.copy()) is not first and counting.images == 3  # another array is segmented
+    del a, b
+    gc.collect()
+    assert not seg._memo  # forgotten with the arrays
+
+
+def test_lung_sizes_come_from_the_network_grid_without_the_full_size_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    h, w = 3000, 2000  # a full-size film: its lungs' sizes must not cost work at this resolution
+    prep = SquarePreprocessor(DEFAULT_PREPROCESS)
+    _, geom = prep(np.zeros((h, w), np.float32))
+    truth = synthetic_lungs(h, w)
+    probs = np.eye(3, dtype=np.float32)[mask_to_model(truth, geom)].transpose(2, 0, 1)
+    monkeypatch.setattr(segmenter, "full_size_labels", lambda p, g: pytest.fail("full-size mask computed"))
+    res = segmenter.LungResult(probs=probs, geometry=geom)
+    assert res.grid.shape[1] < res.grid.shape[0] == 128  # the padding cut off
+    for lung, frac in lung_fractions(truth).items():
+        assert abs(res.fractions[lung] - frac) < 0.003
+    monkeypatch.undo()
+    full = res.mask
+    assert full.shape == (h, w) and dice_iou(full == RIGHT, truth == RIGHT)[0] > 0.97
+    assert res.mask is full  # computed once

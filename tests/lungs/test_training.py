@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -43,7 +47,7 @@ def test_cv_is_grouped_and_lesions_duplicates_stay_out_of_training(monkeypatch: 
         return [training.mask_scores(e.truth, e.truth) for e in examples]
 
     monkeypatch.setattr(training, "train_model", fake_train)
-    monkeypatch.setattr(training, "segmenter_of", lambda model: model)
+    monkeypatch.setattr(training, "segmenter_of", lambda model, opts=None: model)
     monkeypatch.setattr(training, "score_examples", fake_score)
     res = training.cross_validate(table, ex, training.TrainOptions(), k=2, log=lambda m: None)
     groups = table["split_group"].to_numpy()
@@ -64,7 +68,7 @@ def test_cross_source_trains_on_v7_only_and_tests_the_other_source(monkeypatch: 
     monkeypatch.setattr(training, "train_model",
                         lambda examples, opts, log=print: seen.setdefault("train", {int(e.image[0, 0])
                                                                                     for e in examples}))
-    monkeypatch.setattr(training, "segmenter_of", lambda model: model)
+    monkeypatch.setattr(training, "segmenter_of", lambda model, opts=None: model)
 
     def fake_score(seg, examples):  # noqa: ANN001, ANN202
         seen["test"] = {int(e.image[0, 0]) for e in examples}
@@ -111,3 +115,17 @@ def test_summary_ci_brackets_the_mean() -> None:
     s = training.summarise(rows, [f"g{i // 2}" for i in range(20)])
     lo, hi = s["dice_right"]["ci95"]
     assert lo <= s["dice_right"]["mean"] <= hi and s["n"] == 20
+
+
+def test_input_side_and_decoder_are_options_recorded_with_the_model(tmp_path: Path) -> None:
+    opts = training.TrainOptions(image_size=96, decoder_channels=(48, 24, 12, 8, 8))
+    seg = training.segmenter_of(training.build_unet(opts.arch), opts)
+    assert seg.preprocess.image_size == 96 and seg.config["arch"]["decoder_channels"] == [48, 24, 12, 8, 8]
+    assert seg.probabilities(np.zeros((1, 96, 96), np.uint8)).shape == (1, 3, 96, 96)
+    # a lungs.json written before these were options records them in "preprocess" and "arch" only
+    old = {k: v for k, v in asdict(training.TrainOptions()).items() if k not in ("image_size", "decoder_channels")}
+    (tmp_path / "lungs.json").write_text(json.dumps({"training": old, "arch": training.arch_record(),
+                                                     "preprocess": training.DEFAULT_PREPROCESS.to_dict()}))
+    training.attach_record(tmp_path, {"cv": {"n": 1}}, training.TrainOptions())
+    with pytest.raises(ValueError, match="was fitted with"):
+        training.attach_record(tmp_path, {"cv": {"n": 1}}, opts)

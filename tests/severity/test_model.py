@@ -111,3 +111,55 @@ def test_flip_averaged_maps_mirror_with_the_image() -> None:
         ext = FeatureExtractor(model, spec)
         a, b = ext.maps([img, np.ascontiguousarray(img[:, ::-1])])[0]
         assert np.allclose(a, b[..., ::-1], atol=1e-5) == flip
+
+
+def test_lung_mask_pooling_weights_the_cells_each_lung_covers(sev_run) -> None:  # noqa: ANN001
+    from dataclasses import replace
+
+    from cxrscreen.severity.features import FeatureExtractor, pool_weighted
+    from tests.severity.conftest import SPEC
+
+    maps = [np.arange(2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4)]  # one image, 2 channels, 4 x 4 cells
+    right = np.zeros((64, 64), np.float32)
+    right[16:48, 0:32] = 1  # cells rows 1-2, columns 0-1 of the 4 x 4 map
+    half = np.zeros((64, 64), np.float32)
+    half[0:16, 56:64] = 1  # half of cell (0, 3)
+    got = pool_weighted(maps, [[right, half]])
+    expect_right = maps[0][0][:, 1:3, 0:2].mean(axis=(1, 2))
+    np.testing.assert_allclose(got[0], np.concatenate([expect_right, maps[0][0][:, 0, 3]]))
+    ext = FeatureExtractor(sev_run.model, replace(SPEC, pooling="lung_masks", flip=False))
+    _, geom = ext.prepare(np.zeros((80, 96), np.float32))
+    only_right = np.zeros((64, 64), np.uint8)
+    only_right[10:50, 5:30] = 1
+    w_right, w_left = ext.lung_weights(only_right, geom)
+    assert w_right.sum() == only_right.sum() and w_left.sum() > 0  # the left lung's atlas box stands in
+    assert np.nonzero(w_left)[1].mean() > 32  # on the image's right: the patient's left
+    with pytest.raises(CXRError, match="one lung label map per image"):
+        ext.features(maps, [geom])
+
+
+def test_lung_mask_spatial_map_sums_to_the_prediction() -> None:
+    """Weighted regions: M's mean over each region's cells, summed as for boxes, gives the prediction."""
+    from cxrscreen.severity.features import pool_weighted
+
+    rng = np.random.default_rng(2)
+    maps = [rng.normal(size=(30, 5, 8, 8))]
+    right, left = np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32)
+    right[1:7, 0:3] = 1
+    left[2:7, 5:8] = rng.uniform(0.2, 1.0, size=(5, 3))  # partial cover, as at a lung's edge
+    x = pool_weighted(maps, [[right, left]] * 30)
+    y = np.clip(np.stack([x[:, 0] * 2 + 4, x[:, 6] + 3], 1), 0, [8, 6])
+    reg = SeverityRegressor.fit(x, y, [str(i // 3) for i in range(30)], FeatureSpec(pooling="lung_masks"), [5])
+    smap = reg.spatial_map([maps[0][0]], 8, weights=[right, left])
+    total = reg.intercept + sum(smap[:, w > 0].mean(axis=1) - reg.intercept for w in (right, left))
+    np.testing.assert_allclose(total, reg.predict_raw(x[:1])[0], atol=1e-4)
+
+
+def test_lung_mask_candidates_are_the_atlas_ones_with_segmented_lungs() -> None:
+    from cxrscreen.severity.cv import ATLAS_BOX_CANDIDATES, CANDIDATES, DEFAULT_CANDIDATES, LUNG_MASK_CANDIDATES
+
+    assert LUNG_MASK_CANDIDATES and not set(LUNG_MASK_CANDIDATES) & set(ATLAS_BOX_CANDIDATES)
+    assert len(DEFAULT_CANDIDATES) == len(ATLAS_BOX_CANDIDATES) and set(LUNG_MASK_CANDIDATES) <= set(DEFAULT_CANDIDATES)
+    assert not any(CANDIDATES[n].pooling == "lungs" for n in DEFAULT_CANDIDATES)
+    for name, spec in LUNG_MASK_CANDIDATES.items():
+        assert spec.pooling == "lung_masks" and CANDIDATES[name.replace("lung_masks", "lungs")].pooling == "lungs"

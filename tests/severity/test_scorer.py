@@ -163,3 +163,38 @@ def test_zones_are_thirds_of_the_segmented_lungs(sev_run: LoadedRun, xray_png: P
     mask[mask == 2] = 0
     sev = SeverityScorer(SeverityRegressor.load(sev_run.run_dir), sev_run, lungs=FixedLungs(mask)).score(xray)
     assert sev["lung_boxes_source"] == {"right": "segmentation", "left": "atlas"}
+
+
+def test_a_lung_mask_pooled_regressor_reads_the_segmented_lungs(sev_run: LoadedRun, xray_png: Path) -> None:
+    from dataclasses import replace
+
+    from cxrscreen.lungs.masks import mask_to_model
+    from cxrscreen.severity.features import FeatureExtractor
+    from cxrscreen.severity.model import SeverityRegressor
+
+    shipped = SeverityRegressor.load(sev_run.run_dir)
+    spec = replace(shipped.spec, pooling="lung_masks")
+    xray = read_xray(xray_png)
+    h, w = xray.pixels.shape
+    mask = np.zeros((h, w), np.uint8)
+    mask[15:105, 10:45] = 1
+    mask[21:99, 55:92] = 2
+    ext = FeatureExtractor(sev_run.model, spec)
+    img, geom = ext.prepare(xray.pixels)
+    maps = ext.maps([img] * 12)
+    x = ext.features(maps, [geom] * 12, [mask_to_model(mask, geom)] * 12)
+    x = x + np.random.default_rng(0).normal(scale=0.1, size=x.shape)  # twelve distinct rows to fit on
+    y = np.stack([np.linspace(0, 8, 12), np.linspace(0, 6, 12)], 1)
+    reg = SeverityRegressor.fit(x, y, [f"g{i // 2}" for i in range(12)], spec, [m.shape[1] for m in maps],
+                                seed=0)
+    reg.meta["classifier_weights_sha256"] = shipped.meta.get("classifier_weights_sha256")
+    sev = SeverityScorer(reg, sev_run, lungs=FixedLungs(mask)).score(xray)
+    _check(sev, (h, w))
+    grid = mask_to_model(mask, geom)
+    want = reg.predict(ext.features(ext.maps([img]), [geom], [grid]))[0]
+    assert sev["geographic_extent"] == pytest.approx(round(float(want[0]), 2))
+    moved = np.zeros_like(mask)
+    moved[60:110, 5:40] = 1
+    moved[60:110, 60:95] = 2
+    other = SeverityScorer(reg, sev_run, lungs=FixedLungs(moved)).score(xray)
+    assert other["geographic_extent"] != sev["geographic_extent"]  # the features follow the masks

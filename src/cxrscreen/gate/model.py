@@ -167,13 +167,23 @@ class Gate:
 
     def lung_flags(self, xray: XRay) -> list[str]:
         """The lungs rule alone: [] when two lungs of at least `min_lung_fraction` of the image are found."""
+        return self.lung_flags_many([xray])[0]
+
+    def lung_flags_many(self, xrays: list[XRay]) -> list[list[str]]:
+        """The lungs rule for several X-rays, segmented as one batch (the bundled segmenter)."""
         from cxrscreen.lungs.segmenter import bundled_segmenter
 
-        fr = bundled_segmenter().segment(xray.pixels).fractions
-        if min(fr.values()) >= self.min_lung_fraction:
-            return []
-        return [f"two lungs of plausible size not found (right {100 * fr['right']:.1f} %, left "
-                f"{100 * fr['left']:.1f} % of the image; each needs {100 * self.min_lung_fraction:.0f} %)"]
+        seg = bundled_segmenter()
+        pixels = [x.pixels for x in xrays]
+        many = getattr(seg, "segment_many", None)
+        found = many(pixels) if many is not None else [seg.segment(p) for p in pixels]
+        out = []
+        for res in found:
+            fr = res.fractions
+            out.append([] if min(fr.values()) >= self.min_lung_fraction else [
+                f"two lungs of plausible size not found (right {100 * fr['right']:.1f} %, left "
+                f"{100 * fr['left']:.1f} % of the image; each needs {100 * self.min_lung_fraction:.0f} %)"])
+        return out
 
     def rules(self, xray: XRay) -> list[str]:
         """The hard rules with this gate's parameters."""
@@ -195,6 +205,13 @@ class Gate:
         The gate works on the decoded image, whose borders, geometry and grey levels the model's cropping
         and CLAHE would hide.
         """
+        out = self.flags_before_lungs(xray)
+        if not out and self.lungs_rule:
+            out += self.lung_flags(xray)
+        return out
+
+    def flags_before_lungs(self, xray: XRay) -> list[str]:
+        """Every rule but the lungs rule (hard rules, fitted scores, squeeze)."""
         out = self.rules(xray)
         if out:
             return out
@@ -211,8 +228,16 @@ class Gate:
             how = "sideways" if w > h else "from the sides"
             out.append(f"looks squeezed {how}: {w}x{h} made square is far more like a chest X-ray (novelty "
                        f"falls by {drop:.0f} > {limit:g}); resend the image at its true shape")
-        if not out and self.lungs_rule:
-            out += self.lung_flags(xray)
+        return out
+
+    def flags_many(self, xrays: list[XRay]) -> list[list[str]]:
+        """`flags` of several X-rays; the lungs rule (when on) segments those that pass the rest as one batch."""
+        out = [self.flags_before_lungs(x) for x in xrays]
+        if not self.lungs_rule:
+            return out
+        todo = [i for i, f in enumerate(out) if not f]
+        for i, f in zip(todo, self.lung_flags_many([xrays[i] for i in todo]), strict=True):
+            out[i] = f
         return out
 
     def squeeze_drop(self, xray: XRay, novelty: float | None = None) -> float | None:

@@ -2,9 +2,11 @@
 
 The network is segmentation_models_pytorch's U-Net on timm's EfficientNet-Lite0 encoder, one grey input
 channel, three classes (0 background, 1 right lung, 2 left lung; the patient's right is the image's left).
-An X-ray is padded to a square and resized to the model's side (128 px; `preprocess` in lungs.json); the class
-probabilities are mapped back to the original grid, the arg-max taken there, and each lung kept as its largest
-connected component with holes filled. Masks come back at the input's size.
+An X-ray is padded to a square and resized to the model's side (`preprocess` in lungs.json). Each lung is kept as
+its largest connected component with holes filled, first on the network's grid (what the lungs' sizes are read
+from: the gate's lungs rule) and, when the full-size mask is asked for, on the original grid, onto which the
+class probabilities are resized before the arg-max. Masks come back at the input's size. A decoded X-ray is
+segmented once however many parts ask for its lungs (`segment_many` remembers results by pixel array).
 
 A model folder holds ``lungs.safetensors`` and ``lungs.json`` (architecture, preprocessing, training record and
 figures, and the weights' sha256, checked on load). The bundled one is in ``cxrscreen/weights``.
@@ -12,8 +14,8 @@ figures, and the weights' sha256, checked on load). The bundled one is in ``cxrs
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,29 +65,69 @@ def build_unet(arch: dict[str, Any] | None = None, *, imagenet: bool = False) ->
     return model
 
 
-def arch_record() -> dict[str, Any]:
+def arch_record(decoder_channels: Sequence[int] = DECODER_CHANNELS) -> dict[str, Any]:
     """The architecture as lungs.json records it."""
     return {"library": "segmentation_models_pytorch", "model": "Unet", "encoder": ENCODER,
-            "decoder_channels": list(DECODER_CHANNELS), "classes": list(CLASSES)}
+            "decoder_channels": [int(c) for c in decoder_channels], "classes": list(CLASSES)}
 
 
-@dataclass
 class LungResult:
-    """One X-ray's lungs: the label map at the input's size and what is derived from it."""
+    """One X-ray's lungs. From the segmenter it holds the network's class probabilities and the cleaned label map on
+    the network's grid (the image's part of the square, padding cut off); the label map at the input's size
+    (`mask`) is computed from the probabilities on first use only, so what needs just the lungs' sizes (the gate's
+    lungs rule) never works at the input's full resolution. `LungResult(mask)` wraps a given full-size map."""
 
-    mask: np.ndarray  # uint8 (H, W): 0 background, 1 right lung, 2 left lung
+    def __init__(self, mask: np.ndarray | None = None, *, probs: np.ndarray | None = None,
+                 geometry: Geometry | None = None) -> None:
+        if mask is None and (probs is None or geometry is None):
+            raise ValueError("a LungResult needs a mask, or probabilities and their geometry")
+        self._mask = None if mask is None else np.asarray(mask, np.uint8)
+        self.probs = probs  # float32 (3, S, S) on the network's square, or None
+        self.geometry = geometry
+        self.grid = self._mask if self._mask is not None else clean_label_map(
+            image_part(probs, geometry).argmax(axis=0).astype(np.uint8))
+
+    @property
+    def mask(self) -> np.ndarray:
+        """uint8 (H, W) at the input's size: 0 background, 1 right lung, 2 left lung (computed once)."""
+        if self._mask is None:
+            assert self.probs is not None and self.geometry is not None
+            self._mask = full_size_labels(self.probs, self.geometry)
+        return self._mask
 
     @property
     def fractions(self) -> dict[str, float]:
-        return lung_fractions(self.mask)
+        """{right, left}: each lung's share of the image's area, counted on the network's grid (`grid`)."""
+        return lung_fractions(self.grid)
 
     def boxes(self) -> dict[str, list[float] | None]:
         return {lg: lung_box(self.mask, lg) for lg in LUNG_LABELS}
 
     def summary(self) -> dict[str, Any]:
-        """{area_fraction: {right, left}, boxes: {right, left}} rounded for JSON."""
-        return {"area_fraction": {k: round(v, 4) for k, v in self.fractions.items()},
+        """{area_fraction: {right, left}, boxes: {right, left}} of the full-size mask, rounded for JSON."""
+        return {"area_fraction": {k: round(v, 4) for k, v in lung_fractions(self.mask).items()},
                 "boxes": {k: None if b is None else [round(c, 1) for c in b] for k, b in self.boxes().items()}}
+
+
+def image_part(probs: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The part of a (C, S, S) map on the network's square that shows the image (the padding cut off)."""
+    size = probs.shape[-1]
+    s = size / geometry.square
+    left, top, right, bottom = geometry.pad
+    r0, r1 = int(round(top * s)), size - int(round(bottom * s))
+    c0, c1 = int(round(left * s)), size - int(round(right * s))
+    if r1 <= r0 or c1 <= c0:  # an image so thin that it covers less than a grid cell: keep the middle cell
+        r0, r1 = min(r0, size - 1), min(r0, size - 1) + 1
+        c0, c1 = min(c0, size - 1), min(c0, size - 1) + 1
+    return probs[..., r0:r1, c0:c1]
+
+
+def full_size_labels(probs: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """One image's probabilities (3, S, S) -> the cleaned uint8 label map at the original size: the probabilities
+    are resized onto the original grid (bilinear), the arg-max taken there, each lung kept as its largest
+    component with holes filled."""
+    full = np.stack([geometry.to_original(p, fill=1.0 if c == 0 else 0.0) for c, p in enumerate(probs)])
+    return clean_label_map(full.argmax(axis=0).astype(np.uint8))
 
 
 class LungSegmenter:
@@ -97,6 +139,7 @@ class LungSegmenter:
         self.folder = folder
         self.preprocess = PreprocessConfig.from_dict(config["preprocess"])
         self._prep = SquarePreprocessor(self.preprocess)
+        self._memo: dict[int, tuple[weakref.ref, LungResult]] = {}
 
     @classmethod
     def load(cls, folder: str | Path | None = None) -> LungSegmenter:
@@ -134,22 +177,40 @@ class LungSegmenter:
 
     def masks_from_probabilities(self, probs: np.ndarray, geometry: Geometry) -> np.ndarray:
         """One image's probabilities (3, S, S) -> cleaned uint8 label map at the original size."""
-        full = np.stack([geometry.to_original(p, fill=1.0 if c == 0 else 0.0) for c, p in enumerate(probs)])
-        return clean_label_map(full.argmax(axis=0).astype(np.uint8))
+        return full_size_labels(probs, geometry)
 
     def segment(self, pixels: np.ndarray) -> LungResult:
         """Lungs of one grey X-ray (float [0, 1], H x W)."""
         return self.segment_many([pixels])[0]
 
     def segment_many(self, images: Sequence[np.ndarray], batch_size: int = 16) -> list[LungResult]:
-        """Lungs of several grey X-rays, `batch_size` at a time."""
-        out: list[LungResult] = []
-        for i in range(0, len(images), batch_size):
-            prepared = [self.prepare(p) for p in images[i : i + batch_size]]
+        """Lungs of several grey X-rays, `batch_size` at a time through the network.
+
+        Each result is remembered for as long as its pixel array lives: the same array segmented again (the
+        gate's lungs rule, then the severity zones, then the heat map's share inside the lungs, all on one
+        decoded X-ray) is not segmented again. An array changed in place after segmentation is not noticed."""
+        out: list[LungResult | None] = [self._remembered(p) for p in images]
+        todo = [i for i, r in enumerate(out) if r is None]
+        for j in range(0, len(todo), batch_size):
+            chunk = todo[j : j + batch_size]
+            prepared = [self.prepare(images[i]) for i in chunk]
             probs = self.probabilities(np.stack([img for img, _ in prepared]))
-            out += [LungResult(self.masks_from_probabilities(p, g)) for p, (_, g) in zip(probs, prepared,
-                                                                                        strict=True)]
-        return out
+            for i, p, (_, g) in zip(chunk, probs, prepared, strict=True):
+                out[i] = self._remember(images[i], LungResult(probs=p, geometry=g))
+        return [r for r in out if r is not None]
+
+    def _remembered(self, pixels: np.ndarray) -> LungResult | None:
+        entry = self._memo.get(id(pixels))
+        return entry[1] if entry is not None and entry[0]() is pixels else None
+
+    def _remember(self, pixels: np.ndarray, result: LungResult) -> LungResult:
+        key, memo = id(pixels), self._memo
+        try:  # dropped when the array is freed (its id may then be reused)
+            ref = weakref.ref(pixels, lambda _ref: memo.pop(key, None))
+        except TypeError:  # not weak-referenceable (not an ndarray): not remembered
+            return result
+        memo[key] = (ref, result)
+        return result
 
 
 _BUNDLED: LungSegmenter | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from cxrscreen.errors import CXRError
 from cxrscreen.lungs.masks import LEFT, LUNG_LABELS, RIGHT, dice_iou, mask_to_model, read_mask
 from cxrscreen.lungs.segmenter import (
     CONFIG_FILE,
+    DECODER_CHANNELS,
     DEFAULT_PREPROCESS,
     WEIGHTS_FILE,
     LungSegmenter,
@@ -36,7 +37,8 @@ from cxrscreen.transforms.preprocess import PreprocessConfig, Preprocessor
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """epochs, batch size, learning rate (AdamW, cosine to 0), weight decay, seed, torch threads."""
+    """epochs, batch size, learning rate (AdamW, cosine to 0), weight decay, seed, torch threads; the network's
+    input side (pixels, a multiple of 32) and the U-Net's decoder channels (coarse to fine)."""
 
     epochs: int = 12
     batch_size: int = 16
@@ -45,6 +47,18 @@ class TrainOptions:
     seed: int = 0
     threads: int = 1
     imagenet: bool = True
+    image_size: int = DEFAULT_PREPROCESS.image_size
+    decoder_channels: tuple[int, ...] = DECODER_CHANNELS
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """The segmenter's preprocessing at this input side."""
+        return replace(DEFAULT_PREPROCESS, image_size=self.image_size)
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        """The architecture record (lungs.json "arch") with these decoder channels."""
+        return arch_record(self.decoder_channels)
 
 
 def lung_mask_table(data_dir: str | Path, lesions_dir: str | Path | None = None) -> pd.DataFrame:
@@ -122,17 +136,18 @@ def _loss(logits: Any, target: Any) -> Any:
     return ce + (1 - dice[1:]).mean()
 
 
-def train_model(examples: Sequence[Example], opts: TrainOptions, preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
+def train_model(examples: Sequence[Example], opts: TrainOptions, preprocess: PreprocessConfig | None = None,
                 log: Callable[[str], None] = print) -> Any:
     """Fit a fresh U-Net on `examples`; returns it in eval mode."""
     import torch
 
     from cxrscreen.transforms.preprocess import to_model_array
 
+    preprocess = preprocess or opts.preprocess
     torch.manual_seed(opts.seed)
     torch.set_num_threads(opts.threads)
     rng = np.random.default_rng(opts.seed)
-    model = build_unet(imagenet=opts.imagenet)
+    model = build_unet(opts.arch, imagenet=opts.imagenet)
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     steps = opts.epochs * math.ceil(len(examples) / opts.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=steps, pct_start=0.1)
@@ -207,9 +222,10 @@ def summarise(rows: Sequence[dict[str, float]], groups: Sequence[str] | None = N
     return out
 
 
-def segmenter_of(model: Any, preprocess: PreprocessConfig = DEFAULT_PREPROCESS) -> LungSegmenter:
-    """A LungSegmenter around a just-trained model (for scoring)."""
-    return LungSegmenter(model, {"preprocess": preprocess.to_dict(), "arch": arch_record()})
+def segmenter_of(model: Any, opts: TrainOptions | None = None) -> LungSegmenter:
+    """A LungSegmenter around a just-trained model (for scoring), with `opts`' preprocessing and arch."""
+    opts = opts or TrainOptions()
+    return LungSegmenter(model, {"preprocess": opts.preprocess.to_dict(), "arch": opts.arch})
 
 
 def grouped_folds(groups: Sequence[str], k: int, seed: int) -> np.ndarray:
@@ -241,7 +257,7 @@ def cross_validate(table: pd.DataFrame, examples: Sequence[Example], opts: Train
         fold_of[test_idx] = f
         fold_of[les_idx] = f
         log(f"fold {f + 1}/{k}: train {len(train_idx)} images, test {len(test_idx)} cxr + {len(les_idx)} lesions")
-        seg = segmenter_of(train_model([examples[i] for i in train_idx], opts, log=log))
+        seg = segmenter_of(train_model([examples[i] for i in train_idx], opts, log=log), opts)
         for key, idx in (("cv", test_idx), ("lesions", les_idx)):
             per[key] += score_examples(seg, [examples[i] for i in idx])
             per[f"atlas_{key}"] += [mask_scores(atlas_label_map(examples[i].truth.shape), examples[i].truth)
@@ -260,7 +276,7 @@ def cross_source(table: pd.DataFrame, examples: Sequence[Example], opts: TrainOp
     train_idx = [i for i in range(len(table)) if table["source"].iloc[i] == "v7" and table["set"].iloc[i] == "cxr"
                  and table["split_group"].iloc[i] not in gb_groups]
     log(f"cross-source: train on {len(train_idx)} v7 masks, test on {len(gb)} generalblockchain masks")
-    seg = segmenter_of(train_model([examples[i] for i in train_idx], opts, log=log))
+    seg = segmenter_of(train_model([examples[i] for i in train_idx], opts, log=log), opts)
     rows = score_examples(seg, [examples[i] for i in gb])
     groups = list(table["split_group"].iloc[gb])
     return {"train": "v7", "test": "generalblockchain", "n_train": len(train_idx),
@@ -287,7 +303,7 @@ def fit_and_save(table: pd.DataFrame, examples: Sequence[Example], opts: TrainOp
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    cfg = {"arch": arch_record(), "preprocess": DEFAULT_PREPROCESS.to_dict(), "training": asdict(opts),
+    cfg = {"arch": opts.arch, "preprocess": opts.preprocess.to_dict(), "training": asdict(opts),
            "seed": opts.seed, "data": {"n_images": len(idx), "sources": table["source"].iloc[idx].value_counts()
                                        .to_dict(), "masks": "../shared/data/cxr/annotations/lung_masks (CC BY 4.0)"},
            **record, **provenance(), "weights_dtype": "float16", "weights_sha256": file_sha256(out / WEIGHTS_FILE)}
@@ -304,8 +320,14 @@ def attach_record(out_dir: str | Path, record: dict[str, Any], opts: TrainOption
 
     path = Path(out_dir) / CONFIG_FILE
     cfg = json.loads(path.read_text())  # read just before writing: two parts may attach in turn
-    if cfg.get("training") != asdict(opts):
-        raise ValueError(f"{path} was fitted with {cfg.get('training')}, not {asdict(opts)}")
+    fitted = dict(cfg.get("training") or {})
+    if fitted:  # recorded before the input side and decoder were options: read them from the model's record
+        fitted.setdefault("image_size", cfg.get("preprocess", {}).get("image_size"))
+        fitted.setdefault("decoder_channels", cfg.get("arch", {}).get("decoder_channels"))
+        fitted["decoder_channels"] = [int(c) for c in fitted["decoder_channels"] or []]
+    wanted = {**asdict(opts), "decoder_channels": [int(c) for c in opts.decoder_channels]}
+    if fitted != wanted:
+        raise ValueError(f"{path} was fitted with {cfg.get('training')}, not {wanted}")
     cfg.update(record)
     write_json(path, cfg)
     return path

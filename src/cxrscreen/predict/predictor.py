@@ -71,15 +71,18 @@ class Predictor:
         """The predicted class of one probability row under this predictor's decision rule."""
         return decide_names(probs[None], self.run.classes, self.rule)[0]
 
-    def result(self, prep: Prepared, probs: np.ndarray, extra: dict[str, Any] | None = None) -> PredictionResult:
+    def result(self, prep: Prepared, probs: np.ndarray, extra: dict[str, Any] | None = None,
+               flags: list[str] | None = None) -> PredictionResult:
         """The result of one prepared input from its probabilities and the task's result fields (detectors:
-        "boxes", in original pixels; emptied for a flagged input: a labelled box reads as a diagnosis)."""
+        "boxes", in original pixels; emptied for a flagged input: a labelled box reads as a diagnosis).
+        `flags`: the gate's, when already computed for the batch."""
         res = PredictionResult(
             path=prep.path, label=self.decide(probs),
             probabilities={c: float(p) for c, p in zip(self.run.classes, probs, strict=True)},
             decision=self.rule.to_dict(), dicom=getattr(prep.xray, "dicom", None), extra=dict(extra or {}))
         if self.gate is not None:
-            res.withhold(self.gate.flags(prep.xray))  # not a frontal chest X-ray: no diagnosis
+            # not a frontal chest X-ray: no diagnosis
+            res.withhold(self.gate.flags(prep.xray) if flags is None else flags)
         if self.severity is not None:  # None for a normal call or a flagged image
             res.severity = self.severity.score(prep.xray) if self.severity.applies(res.to_dict()) else None
             res.severity_scored = True
@@ -89,7 +92,9 @@ class Predictor:
         """Results of prepared inputs, in order: one model pass for the batch."""
         if not preps:
             return []
-        return [self.result(p, pr, ex) for p, (pr, ex) in zip(preps, self.outputs(preps), strict=True)]
+        many = getattr(self.gate, "flags_many", None)  # the gate's lungs rule segments the batch at once
+        flags = many([p.xray for p in preps]) if many is not None else [None] * len(preps)
+        return [self.result(p, pr, ex, fl) for p, (pr, ex), fl in zip(preps, self.outputs(preps), flags, strict=True)]
 
     def predict_xray(self, xray: XRay) -> PredictionResult:
         """Result for one decoded X-ray."""

@@ -40,7 +40,8 @@ def goals_status(cv: dict[str, Any]) -> str:
 
 def _describe(f: dict[str, Any]) -> str:
     p = f["preprocess"]
-    pooling = "each lung's atlas box averaged separately" if f.get("pooling") == "lungs" else "averaged"
+    pooling = {"lungs": "each lung's atlas box averaged separately",
+               "lung_masks": "each segmented lung averaged separately"}.get(f.get("pooling", "image"), "averaged")
     return (f"{f['backbone']} {f['arch'].removeprefix('tf_')} features ({', '.join(f['blocks'])}, {pooling}"
             f"{', averaged with the mirrored image' if f.get('flip') else ''}; {p['image_size']} px, "
             f"{p['resize_mode']}, CLAHE {'on' if p['clahe'] else 'off'})")
@@ -49,9 +50,10 @@ def _describe(f: dict[str, Any]) -> str:
 def card_section(info: dict[str, Any]) -> list[str]:
     """Markdown lines of the severity section."""
     alphas = ", ".join(f"{k} {v:.3g}" for k, v in info["alphas"].items())
+    n = (info.get("data") or {}).get("n_images", 90)  # regressors saved before the count was recorded: 90
     lines = [START, "## COVID-19 severity (`predict --severity`)", "",
              f"Ridge regression ({info['regressor']}; penalty {alphas}, chosen by an inner grouped "
-             f"5-fold) of the geographic extent (0-8) and opacity (0-6) scores of Cohen et al. (90 COVID images "
+             f"5-fold) of the geographic extent (0-8) and opacity (0-6) scores of Cohen et al. ({n} COVID images "
              f"of `../shared/data/cxr`, mean of three radiologists), on {_describe(info['features'])}; feature set "
              f"`{info.get('candidate')}`.", ""]
     cv = info.get("cv")
@@ -78,15 +80,17 @@ def card_section(info: dict[str, Any]) -> list[str]:
                       f"{_ci(own['geographic_extent']['mae'])}, opacity MAE {_ci(own['opacity']['mae'])}, are "
                       "optimistic as a choice among the candidates.", ""]
         lines += [goals_status(cv) + " Cohen et al.'s features were pretrained on large CXR collections; these "
-                  "are ImageNet features fitted on 90 images.", ""]
+                  f"are ImageNet features fitted on {n} images.", ""]
     lines += [
         "- Given only for an image the classifier does not call normal and the gate does not flag.",
         "- Per lung (right, left: 0-4) and six zones: " + ESTIMATE_NOTE,
-        "- Lung boxes: the atlas (mean annotated boxes) unless `--localizer RUN` is given; no localizer is "
+        "- Lung boxes: the segmented lungs' (`cxrscreen.lungs`); for a lung the segmenter does not find, the atlas "
+        "(mean annotated boxes) unless `--localizer RUN` is given; no localizer is "
         "bundled (its grouped-CV mean IoU, 0.735, is close to the atlas's 0.701)."
-        + (" The regressor's per-lung features always use the atlas boxes, as fitted."
-           if info["features"].get("pooling") == "lungs" else ""),
-        "- Trained on 90 web-collected images (figures from papers, Radiopaedia, ...): nothing is known of how it "
+        + {"lungs": " The regressor's per-lung features always use the atlas boxes, as fitted.",
+           "lung_masks": " The regressor's per-lung features are averaged over the segmented lungs (the atlas box "
+                         "for a lung not found), as fitted."}.get(info["features"].get("pooling"), ""),
+        f"- Trained on {n} web-collected images (figures from papers, Radiopaedia, ...): nothing is known of how it "
         "scores films from a hospital; the scores are not validated for any clinical use.",
         END, ""]
     return lines

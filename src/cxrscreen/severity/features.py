@@ -4,10 +4,12 @@ A :class:`FeatureSpec` names the backbone ("model": the classifier the regressor
 the same architecture with its offline ImageNet weights), the preprocessing (its own, not necessarily the
 classifier's) and the stages whose maps are read ("blocks.4", ..., "head" = after conv_head + bn2), the
 regions each map is averaged over (``pooling``: "image", the whole map; "lungs", the atlas boxes of the
-right and left lung, each averaged separately) and whether the maps of the horizontally flipped image,
-flipped back, are averaged in (``flip``). The region averages are concatenated (region-major, then stage);
-because the regressor is linear in those averages, ``SeverityRegressor.spatial_map`` can spread its
-prediction back over the positions.
+right and left lung, each averaged separately; "lung_masks", the segmented right and left lung, each map cell
+weighted by the share of it the lung covers, the atlas box standing in for a lung not found) and whether the
+maps of the horizontally flipped image, flipped back, are averaged in (``flip``). The region averages are
+concatenated (region-major, then stage); because the regressor is linear in those averages,
+``SeverityRegressor.spatial_map`` can spread its prediction back over the positions. For "lung_masks" the scorer
+segments the X-ray with the bundled lung segmenter (`SeverityScorer.score`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from cxrscreen.errors import CXRError
 from cxrscreen.transforms.preprocess import Geometry, PreprocessConfig, Preprocessor, to_model_tensor
 
 BACKBONES = ("model", "imagenet")
-POOLINGS: dict[str, tuple[str, ...]] = {"image": ("image",), "lungs": ("right", "left")}  # pooling -> regions
+POOLINGS: dict[str, tuple[str, ...]] = {"image": ("image",), "lungs": ("right", "left"),
+                                        "lung_masks": ("right", "left")}  # pooling -> regions
 Box = tuple[float, float, float, float]
 
 
@@ -105,9 +108,33 @@ class FeatureExtractor:
             maps = [(m + f[..., ::-1]) / 2 for m, f in zip(maps, mirrored, strict=True)]
         return maps
 
-    def features(self, maps: Sequence[np.ndarray], geoms: Sequence[Geometry]) -> np.ndarray:
-        """(N, D) region averages of maps (N, C, h, w) of images with these geometries."""
-        return pool(maps, [self.regions(g) for g in geoms], self.spec.preprocess.image_size)
+    def features(self, maps: Sequence[np.ndarray], geoms: Sequence[Geometry],
+                 lung_masks: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """(N, D) region averages of maps (N, C, h, w) of images with these geometries; "lung_masks" pooling
+        needs each image's lung label map on the model's input grid (`lungs.masks.mask_to_model`)."""
+        size = self.spec.preprocess.image_size
+        if self.spec.pooling != "lung_masks":
+            return pool(maps, [self.regions(g) for g in geoms], size)
+        if lung_masks is None or len(lung_masks) != len(geoms):
+            raise CXRError("lung-mask pooling needs one lung label map per image")
+        return pool_weighted(maps, [self.lung_weights(m, g) for m, g in zip(lung_masks, geoms, strict=True)])
+
+    def lung_weights(self, model_mask: np.ndarray, geom: Geometry) -> list[np.ndarray]:
+        """[right, left] float32 (S, S) weights on the model's input grid: 1 inside the segmented lung, 0
+        outside; a lung the segmenter did not find falls back to its atlas box."""
+        from cxrscreen.lungs.masks import LUNG_LABELS
+
+        size = self.spec.preprocess.image_size
+        atlas = None
+        out = []
+        for lg in ("right", "left"):
+            w = (np.asarray(model_mask) == LUNG_LABELS[lg]).astype(np.float32)
+            if not w.any():
+                if atlas is None:
+                    atlas = _AtlasBoxes(self, geom)
+                w = atlas.weight(lg, size)
+            out.append(w)
+        return out
 
     @torch.no_grad()
     def _maps(self, images: Sequence[np.ndarray], batch_size: int) -> list[np.ndarray]:
@@ -155,6 +182,41 @@ def pool(maps: Sequence[np.ndarray], regions: Sequence[Sequence[Box]] | None = N
             for m in maps:
                 ys, xs = region_cells(box, m.shape[2:], size)
                 parts.append(m[i, :, ys, xs].mean(axis=(1, 2)))
+        rows.append(np.concatenate(parts))
+    return np.stack(rows).astype(np.float64)
+
+
+class _AtlasBoxes:
+    """The atlas boxes of one image (model pixels) as filled weight maps."""
+
+    def __init__(self, ext: FeatureExtractor, geom: Geometry) -> None:
+        self.boxes = dict(zip(("right", "left"), FeatureExtractor(ext.module, FeatureSpec(
+            ext.spec.backbone, ext.spec.arch, ext.spec.preprocess, ext.spec.blocks, "lungs")).regions(geom),
+            strict=True))
+
+    def weight(self, lung: str, size: int) -> np.ndarray:
+        ys, xs = region_cells(self.boxes[lung], (size, size), size)
+        w = np.zeros((size, size), np.float32)
+        w[ys, xs] = 1.0
+        return w
+
+
+def pool_weighted(maps: Sequence[np.ndarray], weights: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """(N, R x sum C) weighted averages of maps (N, C, h, w), region-major: image i's R weight maps (S, S) on
+    the model's input grid are area-resized to each map's (h, w) (the share of each cell they cover)."""
+    import cv2
+
+    rows = []
+    for i, regions in enumerate(weights):
+        parts = []
+        for wt in regions:
+            for m in maps:
+                h, w = m.shape[2:]
+                cell = cv2.resize(np.asarray(wt, np.float32), (w, h), interpolation=cv2.INTER_AREA)
+                total = float(cell.sum())
+                if total <= 0:
+                    raise CXRError("an empty pooling region")
+                parts.append((m[i] * cell).sum(axis=(1, 2)) / total)
         rows.append(np.concatenate(parts))
     return np.stack(rows).astype(np.float64)
 

@@ -108,9 +108,13 @@ class SeverityRegressor:
         return clip_scores(self.predict_raw(x))
 
     def spatial_map(self, maps: Sequence[np.ndarray], size: int,
-                    regions: Sequence[tuple[float, float, float, float]] | None = None) -> np.ndarray:
+                    regions: Sequence[tuple[float, float, float, float]] | None = None,
+                    weights: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """(2, size, size) per-position contribution maps of one image's feature maps [(C, h, w) per stage]
-        and its pooling regions (boxes in model pixels, as ``FeatureExtractor.regions``; None: the whole image).
+        and its pooling regions (boxes in model pixels, as ``FeatureExtractor.regions``; None: the whole image)
+        or, for "lung_masks" pooling, its regions' weight maps (S, S) on the model grid
+        (``FeatureExtractor.lung_weights``): each cell's contribution is scaled by its weight over the region's
+        mean weight, so M's mean over the region's cells is again that region's part of the prediction.
 
         The prediction is intercept + sum over regions and stages of coef . (region mean of map - mean) / scale,
         so with ``M = intercept + sum over regions of [inside the region] coef . (map - mean) / scale`` (each
@@ -120,7 +124,8 @@ class SeverityRegressor:
         """
         from cxrscreen.severity.features import region_cells
 
-        boxes = list(regions) if regions is not None else [(0.0, 0.0, float(size), float(size))]
+        boxes: list[Any] = list(weights) if weights is not None else list(regions) if regions is not None else [
+            (0.0, 0.0, float(size), float(size))]
         width = sum(self.block_dims)
         if len(boxes) * width != len(self.mean):
             raise CXRError(f"{len(boxes)} region(s) do not fit the regressor's {len(self.mean)} features")
@@ -132,7 +137,12 @@ class SeverityRegressor:
                 start += d
                 z = (m.astype(np.float64) - self.mean[sl, None, None]) / self.scale[sl, None, None]
                 contrib = np.einsum("td,dhw->thw", self.coef[:, sl], z)
-                if regions is not None:
+                if weights is not None:
+                    cell = cv2.resize(np.asarray(box, np.float32), (m.shape[2], m.shape[1]),
+                                      interpolation=cv2.INTER_AREA).astype(np.float64)
+                    inside = cell > 0
+                    contrib = contrib * (cell * inside.sum() / max(float(cell.sum()), 1e-12))
+                elif regions is not None:
                     mask = np.zeros(m.shape[1:])
                     mask[region_cells(box, m.shape[1:], size)] = 1.0
                     contrib = contrib * mask
@@ -179,5 +189,5 @@ def severity_info(folder: str | Path) -> dict[str, Any] | None:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    keys = ("targets", "ranges", "regressor", "features", "alphas", "candidate", "cv", "reference")
+    keys = ("targets", "ranges", "regressor", "features", "alphas", "candidate", "cv", "reference", "data")
     return {k: cfg.get(k) for k in keys}

@@ -7,8 +7,9 @@ lung's height) spread the geographic extent over the lungs by the regressor's sp
 (``zones.ESTIMATE_NOTE``). The lungs are those the lung segmenter finds (``cxrscreen.lungs``); a lung it does
 not find (under MIN_LUNG_FRACTION of the image) falls back to its box from a localizer run when one is given
 (best box per lung scoring >= 0.3), else from the atlas (``lung_boxes_source`` says which, per lung). A
-regressor on per-lung features ("lungs" pooling) always averages its features over the atlas boxes, as it was
-fitted; the lungs only share out its extent.
+regressor on per-lung features averages its features as it was fitted: over the atlas boxes ("lungs" pooling) or
+over the segmented lungs ("lung_masks", the atlas box standing in for a lung not found), whose spatial map then
+shares out its extent.
 """
 
 from __future__ import annotations
@@ -111,17 +112,26 @@ class SeverityScorer:
         """The severity dict of one X-ray (see the module)."""
         img, geom = self.extractor.prepare(xray.pixels)
         maps = self.extractor.maps([img])
-        pred = self.regressor.predict(self.extractor.features(maps, [geom]))[0]
-        total = float(pred[TARGETS.index("geographic_extent")])
         size = img.shape[0]
-        regions = self.extractor.regions(geom) if self.regressor.spec.pooling != "image" else None
-        smap = self.regressor.spatial_map([m[0] for m in maps], size, regions)[TARGETS.index("geographic_extent")]
+        mask = self.lung_mask(xray.pixels)
+        if self.regressor.spec.pooling == "lung_masks":  # the segmented lungs (atlas boxes for one not found)
+            from cxrscreen.lungs.masks import mask_to_model
+
+            grid = mask_to_model(mask if mask is not None else np.zeros(geom.original_hw, np.uint8), geom)
+            pred = self.regressor.predict(self.extractor.features(maps, [geom], [grid]))[0]
+            smap = self.regressor.spatial_map([m[0] for m in maps], size,
+                                              weights=self.extractor.lung_weights(grid, geom))
+        else:
+            pred = self.regressor.predict(self.extractor.features(maps, [geom]))[0]
+            regions = self.extractor.regions(geom) if self.regressor.spec.pooling != "image" else None
+            smap = self.regressor.spatial_map([m[0] for m in maps], size, regions)
+        smap = smap[TARGETS.index("geographic_extent")]
+        total = float(pred[TARGETS.index("geographic_extent")])
         boxes, source = self.lung_boxes(xray.pixels)
         heat = geom.to_original(smap, fill=0.0)  # the spatial map on the original grid
         h, w = heat.shape
         regions: dict[str, np.ndarray] = {}  # lung -> boolean region; zone letter -> boolean region
         zones = lung_zones(boxes)
-        mask = self.lung_mask(xray.pixels)
         seg_zones = {z["brixia"]: z for z in zone_masks(mask)} if mask is not None else {}
         for lg in LUNGS:
             found = mask is not None and (mask == LUNG_LABELS[lg]).mean() >= MIN_LUNG_FRACTION

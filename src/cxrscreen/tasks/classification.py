@@ -67,11 +67,6 @@ class ClassificationTask:
         return probs, [{} for _ in range(len(probs))]
 
     def drawer(self, run: LoadedRun) -> Drawer:
-        from cxrscreen.explain.cam import Explainer
+        from cxrscreen.explain.cam import CamDrawer  # pytorch-grad-cam: imported on the first picture
 
-        explainer = Explainer(run)
-
-        def draw(prep: Any, result: dict[str, Any], target: str | None, *, caption: bool = True) -> np.ndarray:
-            return explainer.picture(prep, result, target=target, caption=caption)
-
-        return draw
+        return CamDrawer(run)

@@ -103,15 +103,18 @@ class Predictor:
         return self.predict_prepared([self.prepare(xray)])[0]
 
     def predict_files(self, files: Iterable[str | Path]) -> Iterator[tuple[dict[str, Any], Prepared | None]]:
-        """(result, prepared input or None on error) per file, in order, batched; bad files never stop it."""
+        """(result, prepared input or None on error) per file, in order, batched; bad files never stop it. Files
+        are read and preprocessed by a reader thread ahead of the model (`predict.inputs.read_ahead`)."""
+        from cxrscreen.predict.inputs import read_ahead
+
         batch: list[Prepared] = []
         pending: list[tuple[int, dict[str, Any] | Prepared]] = []
-        for f in files:
-            try:
-                item: dict[str, Any] | Prepared = self.prepare(read_xray(f))
+        for f, read in read_ahead(files, lambda f: self.prepare(read_xray(f))):
+            if isinstance(read, Prepared):
+                item: dict[str, Any] | Prepared = read
                 batch.append(item)
-            except CXRError as exc:
-                item = {"path": str(f), "class": None, "probabilities": None, "error": exc.problem, "flags": []}
+            else:
+                item = {"path": str(f), "class": None, "probabilities": None, "error": read.problem, "flags": []}
             pending.append((len(pending), item))
             if len(batch) >= self.batch_size:
                 yield from self._flush(pending, batch)

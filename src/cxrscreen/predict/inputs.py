@@ -16,8 +16,9 @@ from cxrscreen.io.xray import is_supported_file
 
 T = TypeVar("T")
 R = TypeVar("R")
-READ_AHEAD = 64
-"""Most inputs read ahead of the model by `read_ahead` (two batches of 32: bounded memory)."""
+READ_AHEAD = 32
+"""Most inputs `read_ahead` holds ready beyond the one being consumed (the predictor passes its batch size: while
+the model runs one batch the next is decoded, and at most two batches of decoded X-rays are held)."""
 
 
 def iter_image_files(inputs: Iterable[str | Path]) -> Iterator[Path]:

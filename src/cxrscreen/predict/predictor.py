@@ -104,12 +104,13 @@ class Predictor:
 
     def predict_files(self, files: Iterable[str | Path]) -> Iterator[tuple[dict[str, Any], Prepared | None]]:
         """(result, prepared input or None on error) per file, in order, batched; bad files never stop it. Files
-        are read and preprocessed by a reader thread ahead of the model (`predict.inputs.read_ahead`)."""
+        are read and preprocessed by a reader thread up to one batch ahead of the model
+        (`predict.inputs.read_ahead`)."""
         from cxrscreen.predict.inputs import read_ahead
 
         batch: list[Prepared] = []
         pending: list[tuple[int, dict[str, Any] | Prepared]] = []
-        for f, read in read_ahead(files, lambda f: self.prepare(read_xray(f))):
+        for f, read in read_ahead(files, lambda f: self.prepare(read_xray(f)), depth=self.batch_size):
             if isinstance(read, Prepared):
                 item: dict[str, Any] | Prepared = read
                 batch.append(item)

@@ -198,8 +198,9 @@ def main() -> None:
     run = load_model(args.model)
     ours_info = {"model": str(args.model or "bundled"), "arch": run.arch, "image_size": run.preprocess.image_size,
                  "params": sum(p.numel() for p in run.model.parameters()),
-                 "pipeline": "cxrscreen Predictor.predict_files: read_xray -> preprocess (run config) -> model "
-                             "-> calibrated softmax"}
+                 "pipeline": "cxrscreen Predictor.predict_files: read_xray -> preprocess (run config), in a reader "
+                             "thread ahead of the model -> model (torch: the BatchNorm-folded forward copy) -> "
+                             "calibrated softmax"}
     ours = measure(ours_side(run), paths, args.latency_images)
     del run
     onnx_run = load_for_engine(args.model, "onnxruntime", threads=args.threads)

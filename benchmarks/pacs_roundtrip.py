@@ -150,7 +150,7 @@ def _run(server: Any, images: list[Any], dx_dataset: Any, user: str, password: s
         "phases": "store_source: STOW of the source study (the modality's part); query: QIDO of the study's "
                   "instances; fetch: WADO-RS of the original instance; decode: read_xray; predict: preprocessing,"
                   " gate and forward pass; heatmap: Grad-CAM (its backward pass stops at the target layer: "
-                  "explain.head_grad); build_and_store: SR + SC with highdicom and their STOW (one request); "
+                  "explain.cam.gradients_from); build_and_store: SR + SC with highdicom and their STOW (one request); "
                   "read_back_sr: QIDO + WADO + highdicom parse of the SR (the parsed answer, not re-encoded)",
     }
 

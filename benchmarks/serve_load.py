@@ -5,7 +5,8 @@ each of a fixed sample of real X-rays of ../shared/data/cxr once, one at a time,
 (the sequential references), then a bounded load: `--clients` concurrent clients sending `--requests`
 requests each without heatmap, then `--heatmap-requests` each with heatmap, and stops the server. Reports
 per phase p50 / p95 latency, requests/s, errors, whether every response equals the sequential one for the
-same image (class and flags exactly, probabilities within 1e-5), the server's peak RSS (VmHWM), and the
+same image (class and flags exactly, probabilities within 1e-5, the heatmap picture within one grey level),
+the server's peak RSS (VmHWM), and the
 load conditions (CPUs, load average before and after). By default it does this twice: with torch's own
 thread count (one per core) and with one torch thread (`cxrscreen serve --threads 1`), which is faster
 when the CPUs are shared (here: with the clients themselves).
@@ -105,6 +106,20 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return pa.keys() == pb.keys() and all(abs(pa[k] - pb[k]) <= TOLERANCE for k in pa)
 
 
+def _same_picture(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Both without a picture, or both pictures (base64 PNG) of one size within one grey level per pixel."""
+    pa, pb = a.get("heatmap_png_base64"), b.get("heatmap_png_base64")
+    if not pa or not pb:
+        return not pa and not pb
+    import base64
+
+    import cv2
+
+    ia, ib = (cv2.imdecode(np.frombuffer(base64.b64decode(p), np.uint8), cv2.IMREAD_COLOR) for p in (pa, pb))
+    return ia is not None and ib is not None and ia.shape == ib.shape and int(
+        np.abs(ia.astype(np.int16) - ib.astype(np.int16)).max()) <= 1
+
+
 def _post(client: Any, base: str, name: str, data: bytes, heatmap: bool) -> tuple[float, int, dict | None]:
     t = time.perf_counter()
     try:
@@ -129,8 +144,8 @@ def _phase(base: str, images: list[tuple[str, bytes]], refs: list[dict], n_reque
         k = i % len(images)
         dt, status, body = _post(local.client, base, images[k][0], images[k][1], heatmap)
         ok = status == 200 and body is not None
-        return dt, status, ok and _same(body, refs[k]) and (not heatmap or body.get("class") is None
-                                                            or bool(body.get("heatmap_png_base64")))
+        return dt, status, ok and _same(body, refs[k]) and (not heatmap or (
+            (body.get("class") is None or bool(body.get("heatmap_png_base64"))) and _same_picture(body, refs[k])))
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -433,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             "load": f"{args.clients} concurrent clients x {args.requests} requests without heatmap, then "
                     f"{args.clients} x {args.heatmap_requests} with heatmap, over {len(images)} real X-rays",
         },
-        "equality": f"class and flags exactly, probabilities within {TOLERANCE:g}, against one-at-a-time requests",
+        "equality": f"class and flags exactly, probabilities within {TOLERANCE:g}, and with heatmap the picture within "
+                "one grey level per pixel, against one-at-a-time requests",
         "runs": runs,
     }
     print(json.dumps(report, indent=1))

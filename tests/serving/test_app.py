@@ -353,3 +353,34 @@ def test_served_detector_draws_its_boxes_instead_of_refusing_a_heatmap(tmp_path:
     x0, y0, x1, y1 = (round(v) for v in d["boxes"][0]["box"])
     coloured = np.ptp(img.astype(int), axis=2) > 40  # the grey X-ray has none; a box outline and label do
     assert coloured[y0:y1 + 1, x0:x1 + 1].any() and not coloured[y1 + 3:, x1 + 3:].any()
+
+
+def test_concurrent_heatmaps_share_grad_cam_passes_and_equal_sequential(run: LoadedRun, monkeypatch: Any) -> None:
+    """N heatmap requests at once make fewer than N Grad-CAM passes (each request used to run its own, one after
+    another under the model lock), and every picture equals the one its image gets alone."""
+    import cxrscreen.explain.cam as cam_module
+
+    passes: list[int] = []
+
+    class CountingGradCAM(cam_module.GradCAM):
+        def __call__(self, input_tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            passes.append(len(input_tensor))
+            return super().__call__(input_tensor, *args, **kwargs)
+
+    monkeypatch.setattr(cam_module, "GradCAM", CountingGradCAM)
+    uploads = [png_bytes(64 + 4 * i, 96, seed=20 + i) for i in range(8)]
+    alone = TestClient(create_app(run))
+    expected = [post(alone, u, heatmap="true").json() for u in uploads]
+    assert len(passes) == 8
+    passes.clear()
+    app = create_app(run, batch_wait_s=1.0, cam_max_batch=4)
+    c = TestClient(app)
+    with ThreadPoolExecutor(8) as pool:
+        got = [r.json() for r in pool.map(lambda u: post(c, u, heatmap="true"), uploads)]
+    assert sum(passes) == 8 and len(passes) < 8, passes
+    assert max(passes) <= 4  # the Grad-CAM batch is capped
+    for g, e in zip(got, expected, strict=True):
+        assert g["heatmap_target"] == e["heatmap_target"] and g["heatmap_in_lungs"] == e["heatmap_in_lungs"]
+        a, b = (cv2.imdecode(np.frombuffer(base64.b64decode(d["heatmap_png_base64"]), np.uint8), cv2.IMREAD_COLOR)
+                for d in (g, e))
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

@@ -242,8 +242,6 @@ class _DicomOut:
     def prepare(self, result: Any, prep: Any) -> None:
         """Before the result is written: its Grad-CAM for the SC (unless --heatmap's picture is on it) and
         the X-ray's pixels; a note for an input that is no DICOM image."""
-        from cxrscreen.explain.head_grad import grad_cam_heatmap
-
         if result.error:
             return
         if result.dicom is None:
@@ -253,7 +251,7 @@ class _DicomOut:
         if prep is None:
             return
         if self.explainer is not None and result.picture is None and result.probabilities:
-            result.heatmap_array = grad_cam_heatmap(self.explainer, prep, self.target or result.label)
+            result.heatmap_array = self.explainer.heatmap(prep, self.target or result.label)
         self.pixels[result.path] = prep.xray.pixels
 
 

@@ -64,10 +64,9 @@ class StudyScreener:
             self.explainer = Explainer(run)
 
     def _heatmap(self, prep: Any, target: str) -> Any:
-        """Grad-CAM of `target` on the original grid, its backward pass stopping at the target layer."""
-        from cxrscreen.explain.head_grad import grad_cam_heatmap
-
-        return grad_cam_heatmap(self.explainer, prep, target)
+        """Grad-CAM of `target` on the original grid (`Explainer.heatmap`: its backward pass stops at the
+        target layer, `explain.cam.gradients_from`)."""
+        return self.explainer.heatmap(prep, target)
 
     def _timed(self, out: StudyOutcome, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         t0 = time.perf_counter()

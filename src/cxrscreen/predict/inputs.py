@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+import queue
 import stat
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cxrscreen.errors import CXRError
 from cxrscreen.io.xray import is_supported_file
+
+T = TypeVar("T")
+R = TypeVar("R")
+READ_AHEAD = 32
+"""Most inputs `read_ahead` holds ready beyond the one being consumed (the predictor passes its batch size: while
+the model runs one batch the next is decoded, and at most two batches of decoded X-rays are held)."""
 
 
 def iter_image_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
@@ -188,3 +197,54 @@ class OutputNames:
         folder.mkdir(parents=True, exist_ok=True)
         return out
 
+
+
+_DONE = object()
+
+
+def read_ahead(items: Iterable[T], fn: Callable[[T], R], *, depth: int = READ_AHEAD
+               ) -> Iterator[tuple[T, R | CXRError]]:
+    """(item, fn(item)) for each item, in order, with `fn` run by one background thread up to `depth` items ahead
+    of the consumer: files are decoded and preprocessed while the model runs on the previous batch (the decoders
+    of Pillow, OpenCV and numpy release the GIL). A CXRError raised by `fn` is yielded in place of the result (a
+    bad file never stops the others); any other exception is raised in the consumer. Closing the iterator early
+    stops the thread."""
+    out: queue.Queue[tuple[Any, Any, BaseException | None]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                try:
+                    entry: tuple[Any, Any, BaseException | None] = (item, fn(item), None)
+                except CXRError as exc:
+                    entry = (item, exc, None)
+                if not put(entry):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((None, None, exc))
+            return
+        put((_DONE, None, None))
+
+    worker = threading.Thread(target=work, name="cxrscreen-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, result, error = out.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item, result
+    finally:
+        stop.set()
+        worker.join(timeout=5)

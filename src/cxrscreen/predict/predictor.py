@@ -101,15 +101,19 @@ class Predictor:
         return self.predict_prepared([self.prepare(xray)])[0]
 
     def predict_files(self, files: Iterable[str | Path]) -> Iterator[tuple[PredictionResult, Prepared | None]]:
-        """(result, prepared input or None on error) per file, in order, batched; bad files never stop it."""
+        """(result, prepared input or None on error) per file, in order, batched; bad files never stop it. Files
+        are read and preprocessed by a reader thread up to one batch ahead of the model
+        (`predict.inputs.read_ahead`)."""
+        from cxrscreen.predict.inputs import read_ahead
+
         batch: list[Prepared] = []
         pending: list[PredictionResult | Prepared] = []
-        for f in files:
-            try:
-                item: PredictionResult | Prepared = self.prepare(read_xray(f))
+        for f, read in read_ahead(files, lambda f: self.prepare(read_xray(f)), depth=self.batch_size):
+            if isinstance(read, Prepared):
+                item: PredictionResult | Prepared = read
                 batch.append(item)
-            except CXRError as exc:
-                item = PredictionResult.failed(f, exc.problem)
+            else:
+                item = PredictionResult.failed(f, read.problem)
             pending.append(item)
             if len(batch) >= self.batch_size:
                 yield from self._flush(pending, batch)

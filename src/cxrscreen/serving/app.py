@@ -6,7 +6,11 @@ Each upload is handled in the threadpool: decoded (at most `max_decodes` at once
 to a long side of at most `DECODE_MAX_SIDE`; the upload's name is a label, never opened), preprocessed,
 gated, then its forward pass is batched with the other requests waiting at that moment
 (:class:`MicroBatcher`: one forward pass for up to `max_batch` images collected for a few milliseconds).
-Forward passes and Grad-CAM share one lock because the Grad-CAM hooks see every forward pass.
+Heatmap requests are batched the same way a second time: the model's part of their pictures (a classifier's
+Grad-CAM, `Drawer.explain`) runs as one forward + backward pass for up to `CAM_MAX_BATCH` of them; each picture
+is then drawn outside the model lock, at most `MAX_CONCURRENT_DRAWS` at once (they hold the X-ray at up to
+`DECODE_MAX_SIDE`). Forward passes and Grad-CAM passes share one lock because the Grad-CAM hooks see every
+forward pass.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ MAX_BATCH = 16
 """Most images in one batched forward pass."""
 BATCH_WAIT_S = 0.004
 """How long the batcher waits for more requests after the first one arrives."""
+CAM_MAX_BATCH = 8
+"""Most heatmap requests in one Grad-CAM forward + backward pass (bounds its memory)."""
+MAX_CONCURRENT_DRAWS = 2
+"""Pictures drawn at once (heat map to the original size, share of heat in the lungs, overlay, PNG)."""
 
 
 def upload_label(filename: str | None) -> str:
@@ -209,7 +217,8 @@ class _Service:
     """The loaded model with its predictor, batcher and (created on first use) the task's drawer."""
 
     def __init__(self, run: LoadedRun, gate: Any, *, max_decodes: int = MAX_CONCURRENT_DECODES,
-                 max_batch: int = MAX_BATCH, batch_wait_s: float = BATCH_WAIT_S) -> None:
+                 max_batch: int = MAX_BATCH, batch_wait_s: float = BATCH_WAIT_S,
+                 cam_max_batch: int = CAM_MAX_BATCH) -> None:
         self.run = run
         self.predictor = Predictor(run, gate=gate)
         self.lock = threading.Lock()  # forward passes and Grad-CAM
@@ -217,6 +226,11 @@ class _Service:
         self.big_decode_slot = threading.BoundedSemaphore(1)  # see decode()
         self.batcher = MicroBatcher(self.predictor.outputs, max_batch=max_batch, wait_s=batch_wait_s,
                                     lock=self.lock)
+        # the model's part of the pictures of the heatmap requests waiting together (Drawer.explain), one pass
+        self.explain_batcher = MicroBatcher(self._explain, max_batch=cam_max_batch, wait_s=batch_wait_s,
+                                            lock=self.lock)
+        self.draw_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DRAWS)
+        self.draw_lock = threading.Lock()  # making the drawer
         self._draw: Drawer | None = None  # the task's drawer (Grad-CAM or boxes), made on the first heatmap
         self._severity: Any = None  # severity.SeverityScorer, created on the first request that asks for it
 
@@ -233,6 +247,18 @@ class _Service:
                 return self.predictor.prepare(xray)
             finally:
                 release_freed_memory()
+
+    def _drawer(self) -> Drawer:
+        """The task's drawer, made on first use (a classifier's imports pytorch-grad-cam: seconds)."""
+        with self.draw_lock:
+            if self._draw is None:
+                self._draw = self.run.task.drawer(self.run)
+            return self._draw
+
+    def _explain(self, items: Sequence[tuple[Prepared, str]]) -> list[Any]:
+        """The model's part of the pictures of waiting heatmap requests (Grad-CAM), in batched passes; runs under
+        the model lock (the explain batcher's)."""
+        return self._drawer().explain([prep for prep, _ in items], [target for _, target in items])
 
     def analyse(self, data: bytes, name: str, heatmap: bool, target: str | None,
                 severity: bool = False) -> dict[str, Any]:
@@ -258,13 +284,12 @@ class _Service:
             return result
         probs = result["probabilities"]
         target = target or result["class"] or max(probs, key=probs.get)
-        with self.lock:  # the Grad-CAM hooks see every forward pass
-            if self._draw is None:
-                self._draw = self.run.task.drawer(self.run)
+        explanation = self.explain_batcher((prep, target))  # batched with the other heatmap requests
+        with self.draw_slots:
             # the same picture as the CLI's (a classifier's heat map, a detector's boxes; the six zones' scores
             # in a band below with severity) without the caption band: the page shows the class, the
             # probabilities and the caption beside the image
-            img = self._draw(prep, result, target, caption=False)
+            img = self._drawer()(prep, result, target, caption=False, explanation=explanation)
         result["heatmap_target"] = target if self.run.task.drawing == "heatmap" else None
         result["heatmap_png_base64"] = png_base64(img, prep.path)
         return result
@@ -272,21 +297,25 @@ class _Service:
 
 def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_decodes: int = MAX_CONCURRENT_DECODES, max_batch: int = MAX_BATCH,
-               batch_wait_s: float = BATCH_WAIT_S, allowed_hosts: Sequence[str] | None = None,
+               batch_wait_s: float = BATCH_WAIT_S, cam_max_batch: int = CAM_MAX_BATCH,
+               allowed_hosts: Sequence[str] | None = None,
                body_timeout_s: float = BODY_TIMEOUT_S, api_docs: bool = False) -> FastAPI:
     """The web app for one loaded model; `gate` (optional) has `flags(xray, image) -> list[str]` and
     withholds the class and probabilities of an input it flags. Uploads over `max_upload_bytes` are refused
     with 413; at most `max_decodes` uploads are decoded at once; forward passes are batched (`max_batch`
-    images collected for `batch_wait_s`). `allowed_hosts`: Host header values accepted (400 for others;
+    images collected for `batch_wait_s`), and so are the Grad-CAM passes of heatmap requests (`cam_max_batch`).
+    `allowed_hosts`: Host header values accepted (400 for others;
     None: any); a request body chunk slower than `body_timeout_s` gets 408; `api_docs`: serve
     /openapi.json (never the CDN-loaded /docs and /redoc pages). Every response carries the security
     headers (`cxrscreen.serving.security`)."""
-    service = _Service(run, gate, max_decodes=max_decodes, max_batch=max_batch, batch_wait_s=batch_wait_s)
+    service = _Service(run, gate, max_decodes=max_decodes, max_batch=max_batch, batch_wait_s=batch_wait_s,
+                       cam_max_batch=cam_max_batch)
     model_card = _read_model_card(run.run_dir)
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         service.batcher.close()
+        service.explain_batcher.close()
 
     app = FastAPI(title="cxrscreen", version="0.1.0", lifespan=lifespan,
                   description="Chest X-ray screening (covid / normal / pneumonia). "

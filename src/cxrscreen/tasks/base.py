@@ -30,10 +30,17 @@ class Drawer(Protocol):
     above it when `caption` (the kind's own text: class, probabilities), and a band of the six zones' scores below
     it when the result has severity. Nothing is written: the CLI writes it as PNG (`explain.overlay.write_png`),
     the server encodes it (`explain.overlay.png_base64`). May set result fields (a classifier's
-    "heatmap_in_lungs"). `target`: the class a heatmap explains (None: the result's class)."""
+    "heatmap_in_lungs"). `target`: the class a heatmap explains (None: the result's class). `explanation`: this
+    input's item of `explain` when the caller computed it (batched), else the drawer computes it itself."""
 
-    def __call__(self, prep: Prepared, result: dict[str, Any], target: str | None, *, caption: bool = True
-                 ) -> np.ndarray: ...
+    def explain(self, preps: Sequence[Prepared], targets: Sequence[str]) -> list[Any]:
+        """The part of the pictures of several inputs that runs the model, in batched passes (a classifier's
+        Grad-CAM maps; None per input for a drawing that needs no model pass), one item per input. The server
+        calls it for the heatmap requests waiting together, under its model lock, then draws each picture
+        outside the lock with `explanation=` its item."""
+
+    def __call__(self, prep: Prepared, result: dict[str, Any], target: str | None, *, caption: bool = True,
+                 explanation: Any = None) -> np.ndarray: ...
 
 
 class Task(Protocol):

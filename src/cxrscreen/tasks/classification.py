@@ -54,10 +54,13 @@ class ClassificationTask:
             return np.concatenate([np.asarray(run.model(x), np.float64) for x in batches])
         import torch
 
+        from cxrscreen.models.fused import forward_model
+
         run.model.eval()
+        model = forward_model(run.model)  # BatchNorms folded into the convolutions: same logits, fewer passes
         device = next(run.model.parameters()).device
         with torch.no_grad():
-            out = [run.model(torch.from_numpy(x).to(device)).float().cpu() for x in batches]
+            out = [model(torch.from_numpy(x).to(device)).float().cpu() for x in batches]
         return torch.cat(out).numpy().astype(np.float64)
 
     def outputs(self, run: LoadedRun, images: Sequence[np.ndarray] | np.ndarray,
@@ -67,11 +70,6 @@ class ClassificationTask:
         return probs, [{} for _ in range(len(probs))]
 
     def drawer(self, run: LoadedRun) -> Drawer:
-        from cxrscreen.explain.cam import Explainer
+        from cxrscreen.explain.cam import CamDrawer  # pytorch-grad-cam: imported on the first picture
 
-        explainer = Explainer(run)
-
-        def draw(prep: Any, result: dict[str, Any], target: str | None, *, caption: bool = True) -> np.ndarray:
-            return explainer.picture(prep, result, target=target, caption=caption)
-
-        return draw
+        return CamDrawer(run)

@@ -148,11 +148,19 @@ class DetectionTask:
         return probs, [{"boxes": result_boxes(d, g, run.classes)} for d, g in zip(dets, geometries, strict=True)]
 
     def drawer(self, run: LoadedRun) -> Drawer:
+        return BoxDrawer()
+
+
+class BoxDrawer:
+    """A detector's `tasks.base.Drawer`: the result's boxes on the X-ray; no model pass (`explain` gives None per
+    input), no caption band (each box carries its class and score), the severity zones in a band below."""
+
+    def explain(self, preps: Sequence[Any], targets: Sequence[str | None]) -> list[None]:
+        return [None] * len(preps)
+
+    def __call__(self, prep: Any, result: dict[str, Any], target: str | None, *, caption: bool = True,
+                 explanation: Any = None) -> np.ndarray:
         from cxrscreen.explain.overlay import boxes_picture
         from cxrscreen.severity.zones import with_zones
 
-        def draw(prep: Any, result: dict[str, Any], target: str | None, *, caption: bool = True) -> np.ndarray:
-            # each box carries its class and score: no caption band; the severity zones in a band below
-            return with_zones(boxes_picture(prep.xray.pixels, result.get("boxes", [])), result)
-
-        return draw
+        return with_zones(boxes_picture(prep.xray.pixels, result.get("boxes", [])), result)

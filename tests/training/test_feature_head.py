@@ -104,6 +104,20 @@ def test_select_stages_takes_columns_in_the_asked_order() -> None:
         select_stages(feats, ["a"], {"a": 6}, ["z"])
 
 
+def test_feature_cache_key_ignores_the_lung_margin_outside_the_lungs_mode() -> None:
+    """The lungs mode's margin joined PreprocessConfig after the crop/pad feature caches were written: it must not
+    change their keys (every cached extraction would be recomputed), but it must separate lungs-mode caches."""
+    def key(**kw: object) -> str:
+        return FeatureCache("lite0_features", PreprocessConfig(**kw), cache_dir=None).key  # type: ignore[arg-type]
+
+    assert key(resize_mode="crop", lung_margin=0.1) == key(resize_mode="crop", lung_margin=0.3)
+    assert key(resize_mode="pad", lung_margin=0.1) == key(resize_mode="pad", lung_margin=0.3)
+    assert key(resize_mode="lungs", lung_margin=0.1) != key(resize_mode="lungs", lung_margin=0.3)
+    assert key(resize_mode="crop") != key(resize_mode="pad") != key(resize_mode="lungs")
+    assert key(clahe=True) != key(clahe=False) and key(image_size=224) != key(image_size=256)
+    assert key(mean=0.5, std=0.5) != key(mean=0.4, std=0.5)  # the features see the normalisation
+
+
 def test_recipe_rejects_bad_keys(tmp_path: Path) -> None:
     bad = tmp_path / "r.yaml"
     bad.write_text("head: {arch: resnet18}\n")

@@ -1,9 +1,10 @@
 """Cached pooled features of a frozen feature-head backbone, so heads, penalties and data mixes compare in minutes.
 
 Features are computed once per (preprocessed image, recipe) and kept on disk: the key of a recipe is the hash of
-the architecture, the preprocessing and the flip option; the key of an image is the sha1 of its preprocessed
-uint8 pixels. What is cached is the global average of **every** stage the backbone offers (so which stages a head
-reads is free to change); `select_stages` picks the chosen ones' columns, in the order the model concatenates them.
+the architecture, the preprocessing (the lungs mode's margin only in that mode) and the flip option; the key of an
+image is the sha1 of its preprocessed uint8 pixels. What is cached is the global average of **every** stage the
+backbone offers (so which stages a head reads is free to change); `select_stages` picks the chosen ones' columns,
+in the order the model concatenates them.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class FeatureCache:
         self._create = lambda: create_model(arch, num_classes=1, in_chans=1, weights="imagenet",
                                             options={"stages": list(self.all_stages), "flip": self.flip})
         self.all_stages, self.dims = _stage_layout(arch)
-        recipe = {"v": CACHE_VERSION, "arch": arch, "preprocess": preprocess.to_dict(), "flip": self.flip}
+        recipe = {"v": CACHE_VERSION, "arch": arch, "preprocess": _key_fields(preprocess), "flip": self.flip}
         self.key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
         root = default_cache_dir() / "features" if cache_dir == "default" else cache_dir
         self.dir = None if root is None else Path(root) / self.key
@@ -114,6 +115,16 @@ class FeatureCache:
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, vec.astype(np.float32))
         os.replace(tmp, path)
+
+
+def _key_fields(preprocess: PreprocessConfig) -> dict[str, Any]:
+    """The preprocessing fields that change the features: all of them (the normalisation too), except the lungs
+    mode's margin outside that mode, so that the crop and pad keys stay those of the caches written before the
+    margin existed (as `PreprocessConfig.cache_key` keeps the preprocessed images' keys)."""
+    d = preprocess.to_dict()
+    if preprocess.resize_mode != "lungs":
+        d.pop("lung_margin", None)
+    return d
 
 
 def _stage_layout(arch: str) -> tuple[tuple[str, ...], dict[str, int]]:

@@ -20,7 +20,7 @@ from cxrscreen.models.feature_head import cam_layer_for, check_options
 from cxrscreen.models.registry import create_model
 from cxrscreen.training.feature_cache import FeatureCache, select_stages
 from cxrscreen.training.head import HeadRecipe, fit_logistic
-from cxrscreen.transforms.preprocess import PreprocessConfig
+from cxrscreen.transforms.preprocess import PreprocessConfig, to_model_array
 from tests.conftest import synthetic_cxr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,6 +61,26 @@ def test_flip_averaging_makes_the_output_mirror_invariant() -> None:
         with torch.no_grad():
             close = torch.allclose(m(x), m(flipped), atol=1e-5)
         assert close is same
+
+
+def test_flip_features_reuse_the_unflipped_cache_and_equal_the_flipping_model(tmp_path: Path) -> None:
+    pre = PreprocessConfig(image_size=64)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    plain = FeatureCache("lite0_features", pre, cache_dir=tmp_path, batch_size=2)
+    plain.features(images)
+    flip = FeatureCache("lite0_features", pre, flip=True, cache_dir=tmp_path, batch_size=2)
+    got = flip.features(images)
+    assert (flip.hits, flip.misses) == (3, 3)  # the images were cached; only their mirror images were computed
+    assert flip.dir == plain.dir and flip.key != plain.key
+    model = create_model("lite0_features", num_classes=1, in_chans=1, weights="imagenet",
+                         options={"stages": list(flip.all_stages), "flip": True}).eval()
+    with torch.no_grad():
+        want = model.pooled(torch.from_numpy(to_model_array(list(images), pre))).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    again = FeatureCache("lite0_features", pre, flip=True, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.features(images), got)
+    assert (again.hits, again.misses) == (6, 0)
 
 
 def test_grouped_cv_is_not_fooled_by_copies_within_a_group() -> None:

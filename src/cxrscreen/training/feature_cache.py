@@ -33,7 +33,9 @@ class FeatureCache:
     Args:
         arch: a registered feature-head architecture ("lite0_features", ...).
         preprocess: the preprocessing the images went through (its normalisation is applied here).
-        flip: average with the mirrored image's features.
+        flip: average with the mirrored image's features. These are the unflipped recipe's features of the image
+            and of its mirror image (kept in the unflipped recipe's folder, the mirror image under its own pixel
+            hash), so a flip recipe costs one pass more than an unflipped one that is already cached.
         cache_dir: root of the cache (default: `default_cache_dir()` / "features"); None disables the disk.
     """
 
@@ -49,8 +51,11 @@ class FeatureCache:
         recipe = {"v": CACHE_VERSION, "arch": arch, "preprocess": _key_fields(preprocess), "flip": self.flip}
         self.key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
         root = default_cache_dir() / "features" if cache_dir == "default" else cache_dir
+        self._unflipped = FeatureCache(arch, preprocess, cache_dir=cache_dir, batch_size=batch_size) if flip else None
         self.dir = None if root is None else Path(root) / self.key
-        if self.dir is not None:
+        if self._unflipped is not None:
+            self.dir = self._unflipped.dir
+        elif self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0
@@ -64,6 +69,12 @@ class FeatureCache:
     def features(self, images: np.ndarray | Sequence[np.ndarray],
                  progress: Callable[[int], None] | None = None) -> np.ndarray:
         """float32 (N, D_all) pooled features of every stage for preprocessed uint8 images (N, S, S)."""
+        if self._unflipped is not None:
+            base = self._unflipped
+            mirrored = [np.ascontiguousarray(np.asarray(im)[:, ::-1]) for im in images]
+            f = (base.features(images) + base.features(mirrored, progress)) / 2
+            self.hits, self.misses = base.hits, base.misses
+            return f
         n = len(images)
         width = sum(self.dims.values())
         out = np.zeros((n, width), np.float32)

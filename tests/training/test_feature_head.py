@@ -197,7 +197,8 @@ def test_fit_head_writes_a_calibrated_run_with_its_options(fitted: dict) -> None
     assert "temperature" in cfg["calibration"] and "decision" in cfg
     assert cfg["feature_cache"]["misses"] > 0
     cfg2 = json.loads((fitted["run2"] / "config.json").read_text())
-    assert cfg2["feature_cache"]["misses"] == 0 and cfg2["feature_cache"]["hits"] == cfg["data"]["train_images"]
+    # a flip recipe looks up each image and its mirror image: two cached passes per image
+    assert cfg2["feature_cache"]["misses"] == 0 and cfg2["feature_cache"]["hits"] == 2 * cfg["data"]["train_images"]
     assert cfg2["weights_sha256"] == cfg["weights_sha256"]
 
 

@@ -164,6 +164,7 @@ def select_stages(feats: np.ndarray, all_stages: Sequence[str], dims: dict[str, 
 
 
 def cache_summary(cache: FeatureCache) -> dict[str, Any]:
-    """What a report records of the cache: its key, folder and hit/miss counts."""
+    """What a report records of the cache: its key, folder and hit/miss counts (of passes: a flip recipe looks
+    up each image and its mirror image)."""
     return {"key": cache.key, "dir": None if cache.dir is None else str(cache.dir), "hits": cache.hits,
             "misses": cache.misses}

@@ -20,7 +20,7 @@ from cxrscreen.models.feature_head import cam_layer_for, check_options
 from cxrscreen.models.registry import create_model
 from cxrscreen.training.feature_cache import FeatureCache, select_stages
 from cxrscreen.training.head import HeadRecipe, fit_logistic
-from cxrscreen.transforms.preprocess import PreprocessConfig
+from cxrscreen.transforms.preprocess import PreprocessConfig, to_model_array
 from tests.conftest import synthetic_cxr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,6 +63,26 @@ def test_flip_averaging_makes_the_output_mirror_invariant() -> None:
         assert close is same
 
 
+def test_flip_features_reuse_the_unflipped_cache_and_equal_the_flipping_model(tmp_path: Path) -> None:
+    pre = PreprocessConfig(image_size=64)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    plain = FeatureCache("lite0_features", pre, cache_dir=tmp_path, batch_size=2)
+    plain.features(images)
+    flip = FeatureCache("lite0_features", pre, flip=True, cache_dir=tmp_path, batch_size=2)
+    got = flip.features(images)
+    assert (flip.hits, flip.misses) == (3, 3)  # the images were cached; only their mirror images were computed
+    assert flip.dir == plain.dir and flip.key != plain.key
+    model = create_model("lite0_features", num_classes=1, in_chans=1, weights="imagenet",
+                         options={"stages": list(flip.all_stages), "flip": True}).eval()
+    with torch.no_grad():
+        want = model.pooled(torch.from_numpy(to_model_array(list(images), pre))).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    again = FeatureCache("lite0_features", pre, flip=True, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.features(images), got)
+    assert (again.hits, again.misses) == (6, 0)
+
+
 def test_grouped_cv_is_not_fooled_by_copies_within_a_group() -> None:
     """Each group: 10 near-copies of one random vector and one random label. Image-level CV would reward
     memorising (the weakest penalty); grouped CV sees no signal and picks the strongest penalty."""
@@ -102,6 +122,20 @@ def test_select_stages_takes_columns_in_the_asked_order() -> None:
     assert got.tolist() == [[3, 4, 5, 0], [9, 10, 11, 6]]
     with pytest.raises(CXRError, match="no stage"):
         select_stages(feats, ["a"], {"a": 6}, ["z"])
+
+
+def test_feature_cache_key_ignores_the_lung_margin_outside_the_lungs_mode() -> None:
+    """The lungs mode's margin joined PreprocessConfig after the crop/pad feature caches were written: it must not
+    change their keys (every cached extraction would be recomputed), but it must separate lungs-mode caches."""
+    def key(**kw: object) -> str:
+        return FeatureCache("lite0_features", PreprocessConfig(**kw), cache_dir=None).key  # type: ignore[arg-type]
+
+    assert key(resize_mode="crop", lung_margin=0.1) == key(resize_mode="crop", lung_margin=0.3)
+    assert key(resize_mode="pad", lung_margin=0.1) == key(resize_mode="pad", lung_margin=0.3)
+    assert key(resize_mode="lungs", lung_margin=0.1) != key(resize_mode="lungs", lung_margin=0.3)
+    assert key(resize_mode="crop") != key(resize_mode="pad") != key(resize_mode="lungs")
+    assert key(clahe=True) != key(clahe=False) and key(image_size=224) != key(image_size=256)
+    assert key(mean=0.5, std=0.5) != key(mean=0.4, std=0.5)  # the features see the normalisation
 
 
 def test_recipe_rejects_bad_keys(tmp_path: Path) -> None:
@@ -163,7 +197,8 @@ def test_fit_head_writes_a_calibrated_run_with_its_options(fitted: dict) -> None
     assert "temperature" in cfg["calibration"] and "decision" in cfg
     assert cfg["feature_cache"]["misses"] > 0
     cfg2 = json.loads((fitted["run2"] / "config.json").read_text())
-    assert cfg2["feature_cache"]["misses"] == 0 and cfg2["feature_cache"]["hits"] == cfg["data"]["train_images"]
+    # a flip recipe looks up each image and its mirror image: two cached passes per image
+    assert cfg2["feature_cache"]["misses"] == 0 and cfg2["feature_cache"]["hits"] == 2 * cfg["data"]["train_images"]
     assert cfg2["weights_sha256"] == cfg["weights_sha256"]
 
 

@@ -1,9 +1,10 @@
 """Cached pooled features of a frozen feature-head backbone, so heads, penalties and data mixes compare in minutes.
 
 Features are computed once per (preprocessed image, recipe) and kept on disk: the key of a recipe is the hash of
-the architecture, the preprocessing and the flip option; the key of an image is the sha1 of its preprocessed
-uint8 pixels. What is cached is the global average of **every** stage the backbone offers (so which stages a head
-reads is free to change); `select_stages` picks the chosen ones' columns, in the order the model concatenates them.
+the architecture, the preprocessing (the lungs mode's margin only in that mode) and the flip option; the key of an
+image is the sha1 of its preprocessed uint8 pixels. What is cached is the global average of **every** stage the
+backbone offers (so which stages a head reads is free to change); `select_stages` picks the chosen ones' columns,
+in the order the model concatenates them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class FeatureCache:
     Args:
         arch: a registered feature-head architecture ("lite0_features", ...).
         preprocess: the preprocessing the images went through (its normalisation is applied here).
-        flip: average with the mirrored image's features.
+        flip: average with the mirrored image's features. These are the unflipped recipe's features of the image
+            and of its mirror image (kept in the unflipped recipe's folder, the mirror image under its own pixel
+            hash), so a flip recipe costs one pass more than an unflipped one that is already cached.
         cache_dir: root of the cache (default: `default_cache_dir()` / "features"); None disables the disk.
     """
 
@@ -45,11 +48,14 @@ class FeatureCache:
         self._create = lambda: create_model(arch, num_classes=1, in_chans=1, weights="imagenet",
                                             options={"stages": list(self.all_stages), "flip": self.flip})
         self.all_stages, self.dims = _stage_layout(arch)
-        recipe = {"v": CACHE_VERSION, "arch": arch, "preprocess": preprocess.to_dict(), "flip": self.flip}
+        recipe = {"v": CACHE_VERSION, "arch": arch, "preprocess": _key_fields(preprocess), "flip": self.flip}
         self.key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
         root = default_cache_dir() / "features" if cache_dir == "default" else cache_dir
+        self._unflipped = FeatureCache(arch, preprocess, cache_dir=cache_dir, batch_size=batch_size) if flip else None
         self.dir = None if root is None else Path(root) / self.key
-        if self.dir is not None:
+        if self._unflipped is not None:
+            self.dir = self._unflipped.dir
+        elif self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0
@@ -63,6 +69,12 @@ class FeatureCache:
     def features(self, images: np.ndarray | Sequence[np.ndarray],
                  progress: Callable[[int], None] | None = None) -> np.ndarray:
         """float32 (N, D_all) pooled features of every stage for preprocessed uint8 images (N, S, S)."""
+        if self._unflipped is not None:
+            base = self._unflipped
+            mirrored = [np.ascontiguousarray(np.asarray(im)[:, ::-1]) for im in images]
+            f = (base.features(images) + base.features(mirrored, progress)) / 2
+            self.hits, self.misses = base.hits, base.misses
+            return f
         n = len(images)
         width = sum(self.dims.values())
         out = np.zeros((n, width), np.float32)
@@ -116,6 +128,16 @@ class FeatureCache:
         os.replace(tmp, path)
 
 
+def _key_fields(preprocess: PreprocessConfig) -> dict[str, Any]:
+    """The preprocessing fields that change the features: all of them (the normalisation too), except the lungs
+    mode's margin outside that mode, so that the crop and pad keys stay those of the caches written before the
+    margin existed (as `PreprocessConfig.cache_key` keeps the preprocessed images' keys)."""
+    d = preprocess.to_dict()
+    if preprocess.resize_mode != "lungs":
+        d.pop("lung_margin", None)
+    return d
+
+
 def _stage_layout(arch: str) -> tuple[tuple[str, ...], dict[str, int]]:
     """Every stage of `arch`'s backbone and its channel count (from a randomly initialised copy: no weights read)."""
     from cxrscreen.models.registry import create_model, get_spec
@@ -142,6 +164,7 @@ def select_stages(feats: np.ndarray, all_stages: Sequence[str], dims: dict[str, 
 
 
 def cache_summary(cache: FeatureCache) -> dict[str, Any]:
-    """What a report records of the cache: its key, folder and hit/miss counts."""
+    """What a report records of the cache: its key, folder and hit/miss counts (of passes: a flip recipe looks
+    up each image and its mirror image)."""
     return {"key": cache.key, "dir": None if cache.dir is None else str(cache.dir), "hits": cache.hits,
             "misses": cache.misses}

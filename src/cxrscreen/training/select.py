@@ -152,8 +152,26 @@ def _fit(x: np.ndarray, data: SubsetData, mask: np.ndarray, recipe: HeadRecipe, 
                             cs=cs, folds=recipe.cv_folds, seed=recipe.seed)
 
 
-def evaluate_candidate(cand: Candidate, cfg: SelectConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every figure of one candidate (see the module docstring)."""
+@dataclass
+class _Loaded:
+    """A candidate's images and chosen-stage features: every split subset of each part, and the external set."""
+
+    subsets: dict[tuple[str, str], SubsetData]
+    feats: dict[tuple[str, str], np.ndarray]
+    external: SubsetData
+    x_ext: np.ndarray
+    cache: FeatureCache
+    seconds: float
+
+    def train(self, cand: Candidate) -> tuple[SubsetData, np.ndarray, np.ndarray]:
+        """(train images of every part, their features, mask of those in the candidate's `train_on` parts)."""
+        train = _cat([self.subsets[(p, "train")] for p in PARTS])
+        x = np.concatenate([self.feats[(p, "train")] for p in PARTS])
+        in_parts = np.isin(np.asarray([p for p in PARTS for _ in self.subsets[(p, "train")].labels]), cand.train_on)
+        return train, x, in_parts
+
+
+def _load(cand: Candidate, cfg: SelectConfig, log: Callable[[str], None]) -> _Loaded:
     import torch
 
     r = cand.head
@@ -169,10 +187,16 @@ def evaluate_candidate(cand: Candidate, cfg: SelectConfig, *, log: Callable[[str
     x_ext = cache.select_stages(cache.features(external.images), r.stages)
     t_feat = time.monotonic() - t0
     log(f"{cand.name}: features ready in {t_feat:.0f} s (cache hits {cache.hits}, computed {cache.misses})")
+    return _Loaded(subsets, feats, external, x_ext, cache, t_feat)
 
-    train = _cat([subsets[(p, "train")] for p in PARTS])
-    x_train = np.concatenate([feats[(p, "train")] for p in PARTS])
-    in_parts = np.isin(np.asarray([p for p in PARTS for _ in subsets[(p, "train")].labels]), cand.train_on)
+
+def evaluate_candidate(cand: Candidate, cfg: SelectConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every figure of one candidate (see the module docstring)."""
+    r = cand.head
+    t0 = time.monotonic()
+    ld = _load(cand, cfg, log)
+    subsets, feats, external, x_ext, cache, t_feat = ld.subsets, ld.feats, ld.external, ld.x_ext, ld.cache, ld.seconds
+    train, x_train, in_parts = ld.train(cand)
     t1 = time.monotonic()
     head = _fit(x_train, train, in_parts, r, r.cs)
     fit_seconds = time.monotonic() - t1
@@ -213,6 +237,81 @@ def evaluate_candidate(cand: Candidate, cfg: SelectConfig, *, log: Callable[[str
     return out
 
 
+def evaluate_ensemble(cand: Candidate, cfg: SelectConfig, finetuned: Path, c: float, *,
+                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Rows for a fine-tuned run directory alone and for the mean of its probabilities and the candidate's head's.
+
+    The head is fitted as `evaluate_candidate` fits it, with the penalty `c` it chose (no CV); the fine-tuned run's
+    probabilities are its softmax without its temperature (the head's are uncalibrated too), on its own
+    preprocessing of the same images. Only the cxr and siim grouped tests and the external set are reported:
+    leave-one-source-out would need the fine-tuned model retrained without each source, so `loso` is empty and
+    `score` is None. CXRError when the run's classes differ or its images do not line up with the candidate's.
+    """
+    from cxrscreen.evaluation.evaluate import run_probabilities
+    from cxrscreen.predict.predictor import load_model
+
+    t0 = time.monotonic()
+    ld = _load(cand, cfg, log)
+    train, x_train, in_parts = ld.train(cand)
+    head = _fit(x_train, train, in_parts, cand.head, [c])
+    run = load_model(finetuned)
+    if list(run.classes) != list(CLASSES):
+        raise CXRError(f"the fine-tuned run's classes {run.classes} are not {list(CLASSES)}", finetuned)
+    pre = PreprocessedCache(run.preprocess, default_cache_dir())
+    where = {"cxr_test": (cfg.data["cxr"], cfg.splits["cxr"], "test", ld.subsets[("cxr", "test")],
+                          ld.feats[("cxr", "test")]),
+             "siim_test": (cfg.data["siim"], cfg.splits["siim"], "test", ld.subsets[("siim", "test")],
+                           ld.feats[("siim", "test")]),
+             "external": (cfg.data["external"], None, None, ld.external, ld.x_ext)}
+    name = Path(finetuned).name or str(finetuned)
+    note = ("no leave-one-source-out: it needs the fine-tuned model retrained without each held-out source; "
+            "probabilities without temperature")
+    alone: dict[str, Any] = {"name": f"finetuned:{name}", "train_on": list(cand.train_on),
+                             "recipe": f"fine-tuned run {finetuned} ({run.arch}, {run.preprocess.image_size} px)",
+                             "chosen_C": None, "train_images": (run.config.get("data") or {}).get("train_images"),
+                             "loso": {}, "worst_held_out": None, "score": None, "note": note}
+    both: dict[str, Any] = {**alone, "name": f"mean:{cand.name}+{name}", "chosen_C": head.c,
+                            "train_images": int(in_parts.sum()),
+                            "recipe": f"mean of {cand.name} ({cand.head.to_dict()}) and {alone['recipe']}"}
+    for key, (data_dir, split, subset, data, x) in where.items():
+        other = load_subset(data_dir, split, subset, pre, list(CLASSES))
+        if other.paths != data.paths:
+            raise CXRError(f"the fine-tuned run's preprocessing kept other images of {key} than the head's "
+                           f"({len(other.paths)} vs {len(data.paths)})", data_dir)
+        p_ft = run_probabilities(run, other.images, calibrated=False)
+        alone[key] = _report(data, p_ft, cfg.n_boot)
+        both[key] = _report(data, (p_ft + softmax(head.logits(x))) / 2, cfg.n_boot)
+        log(f"{key}: fine-tuned COVID AUC {alone[key]['covid_vs_rest']['auc']['value']:.3f}, "
+            f"mean {both[key]['covid_vs_rest']['auc']['value']:.3f}")
+    seconds = {"total": round(time.monotonic() - t0, 1)}
+    return [{**alone, "seconds": seconds}, {**both, "seconds": seconds}]
+
+
+def merge_results(results: Sequence[dict[str, Any]], names: Sequence[str] = ()) -> dict[str, Any]:
+    """One selection result holding the candidates of several `select.json` files (`names`: where they came from).
+
+    CXRError when a candidate name repeats or when the files differ in protocol (data, splits, resamples): their
+    figures would not compare. The best is named among the candidates with a score.
+    """
+    if not results:
+        raise CXRError("no selection results to merge")
+    cands = [c for r in results for c in r["candidates"]]
+    seen: set[str] = set()
+    for c in cands:
+        if c["name"] in seen:
+            raise CXRError(f"candidate {c['name']!r} appears in more than one result")
+        seen.add(c["name"])
+    for key in ("data", "splits", "n_boot"):
+        values = [r.get(key) for r in results]
+        if any(v != values[0] for v in values):
+            raise CXRError(f"the results were measured with different {key}: {values}")
+    r0 = results[0]
+    scored = [c for c in cands if c.get("score") is not None]
+    return {"best": max(scored, key=lambda c: c["score"])["name"] if scored else None,
+            "chosen_by": r0["chosen_by"], "candidates": cands, "n_boot": r0["n_boot"], "data": r0["data"],
+            "splits": r0["splits"], "merged_from": list(names), "versions": package_versions()}
+
+
 def run_select(cfg: SelectConfig, *, only: Sequence[str] | None = None, log: Callable[[str], None] = print,
                on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Evaluate every candidate (or those named in `only`) and name the best by `score`. `on_result` receives
@@ -223,15 +322,16 @@ def run_select(cfg: SelectConfig, *, only: Sequence[str] | None = None, log: Cal
             continue
         results.append(evaluate_candidate(cand, cfg, log=log))
         if on_result is not None:
-            on_result(_summary(cfg, results))
+            on_result(summarise(cfg, results))
     if not results:
         raise CXRError(f"no candidate is named {', '.join(only or [])}")
-    return _summary(cfg, results)
+    return summarise(cfg, results)
 
 
-def _summary(cfg: SelectConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
-    best = max(results, key=lambda c: c["score"])
-    return {"best": best["name"],
+def summarise(cfg: SelectConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The selection result of evaluated candidates: the best by score (None when none has one), the protocol."""
+    scored = [c for c in results if c.get("score") is not None]
+    return {"best": max(scored, key=lambda c: c["score"])["name"] if scored else None,
             "chosen_by": "mean of the external set's COVID-vs-rest AUC and the worst held-out source's figure "
                          "(its AUC, or the recall of its one class); never fitted on the external set",
             "candidates": results, "n_boot": cfg.n_boot,
@@ -248,25 +348,32 @@ def _f(v: dict[str, Any] | float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def _worst(c: dict[str, Any]) -> str:
+    w = c.get("worst_held_out")
+    return f"{w['source']} {w['figure']:.3f} ({w['kind']})" if w else "n/a"
+
+
 def select_markdown(result: dict[str, Any]) -> str:
     """The selection tables: internal tests, external set, leave-one-source-out, scores."""
     cands = result["candidates"]
     lines = ["# Feature-head selection (`cxrscreen select`)", "",
-             f"Best: **{result['best']}**, chosen by {result['chosen_by']}. Grouped 95 % CIs, "
+             f"Best: **{result['best'] or 'n/a (no candidate with a score)'}**, chosen by {result['chosen_by']}. "
+             "Grouped 95 % CIs, "
              f"{result['n_boot']} resamples. Arg-max decisions.", "",
              "## Internal grouped tests and the external selection set", "",
              "| candidate | train images | C | cxr acc | cxr macro-F1 | cxr COVID sens | cxr COVID spec "
              "| cxr COVID AUC | siim COVID AUC | external COVID found | external others not COVID "
-             "| external COVID AUC | score |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| external COVID AUC | worst held-out source | score |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cands:
         cx, si, ex = c["cxr_test"], c["siim_test"], c["external"]
-        lines.append(f"| {c['name']} | {c['train_images']} | {c['chosen_C']} | {_f(cx['accuracy'])} | "
+        lines.append(f"| {c['name']} | {c.get('train_images') or 'n/a'} | {c.get('chosen_C') or 'n/a'} | "
+                     f"{_f(cx['accuracy'])} | "
                      f"{_f(cx['macro_f1'])} | {_f(cx['covid_vs_rest']['sensitivity'])} | "
                      f"{_f(cx['covid_vs_rest']['specificity'])} | {_f(cx['covid_vs_rest']['auc'])} | "
                      f"{_f(si['covid_vs_rest']['auc'])} | {_f(ex['covid_vs_rest']['sensitivity'])} | "
                      f"{_f(ex['covid_vs_rest']['specificity'])} | {_f(ex['covid_vs_rest']['auc'])} | "
-                     f"{c['score']:.3f} |")
+                     f"{_worst(c)} | {_f(c.get('score'))} |")
     sources = sorted({s for c in cands for s in c["loso"]})
     lines += ["", "## Leave-one-source-out (held-out source: all its images; head refitted without it)", "",
               "| candidate | " + " | ".join(sources) + " | worst |", "|---|" + "---|" * (len(sources) + 1)]
@@ -280,9 +387,10 @@ def select_markdown(result: dict[str, Any]) -> str:
             rec = ", ".join(f"{k} {_f(v, 2)}" for k, v in e["recall"].items())
             auc = f"{e['auc_kind']} AUC {_f(e['auc'])}; " if e["auc"] else ""
             cells.append(f"{auc}recall {rec}")
-        w = c["worst_held_out"]
-        lines.append(f"| {c['name']} | " + " | ".join(cells) + f" | {w['source']} {w['figure']:.3f} ({w['kind']}) |")
+        lines.append(f"| {c['name']} | " + " | ".join(cells) + f" | {_worst(c)} |")
     lines += ["", "## Recipes", ""]
     for c in cands:
-        lines.append(f"- {c['name']}: train on {', '.join(c['train_on'])}; `{c['recipe']}`; seconds {c['seconds']}")
+        note = f"; {c['note']}" if c.get("note") else ""
+        lines.append(f"- {c['name']}: train on {', '.join(c['train_on'])}; `{c['recipe']}`; "
+                     f"seconds {c.get('seconds')}{note}")
     return "\n".join(lines) + "\n"

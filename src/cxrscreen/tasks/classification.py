@@ -54,13 +54,10 @@ class ClassificationTask:
             return np.concatenate([np.asarray(run.model(x), np.float64) for x in batches])
         import torch
 
-        from cxrscreen.models.fused import forward_model
-
         run.model.eval()
-        model = forward_model(run.model)  # BatchNorms folded into the convolutions: same logits, fewer passes
         device = next(run.model.parameters()).device
         with torch.no_grad():
-            out = [model(torch.from_numpy(x).to(device)).float().cpu() for x in batches]
+            out = [run.model(torch.from_numpy(x).to(device)).float().cpu() for x in batches]
         return torch.cat(out).numpy().astype(np.float64)
 
     def outputs(self, run: LoadedRun, images: Sequence[np.ndarray] | np.ndarray,

@@ -199,7 +199,7 @@ def main() -> None:
     ours_info = {"model": str(args.model or "bundled"), "arch": run.arch, "image_size": run.preprocess.image_size,
                  "params": sum(p.numel() for p in run.model.parameters()),
                  "pipeline": "cxrscreen Predictor.predict_files: read_xray -> preprocess (run config), in a reader "
-                             "thread ahead of the model -> model (torch: the BatchNorm-folded forward copy) -> "
+                             "thread ahead of the model -> model -> "
                              "calibrated softmax"}
     ours = measure(ours_side(run), paths, args.latency_images)
     del run

@@ -170,3 +170,22 @@ def test_predict_heatmap_with_onnx_engine(exported: tuple[Path, Path], tmp_path:
     r = CliRunner().invoke(app, ["predict", str(folder), "--model", str(bare), "--engine", "onnxruntime",
                                  "--heatmap", str(tmp_path / "h")])
     assert r.exit_code == 2 and "bare .onnx file" in " ".join(r.stderr.split())
+
+
+def test_dicom_out_secondary_capture_with_onnx_engine(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    """`--dicom-out` with the ONNX engine writes the heatmap Secondary Capture beside the SR when the PyTorch
+    weights lie beside the export (before: the SR only); a bare .onnx file writes the SR and says why not the SC."""
+    import pydicom
+
+    from tests.conftest import synthetic_cxr
+    from tests.dicom_fixtures import write_dx
+
+    run_dir, bare = exported
+    dx = write_dx(tmp_path / "in" / "dx.dcm", synthetic_cxr(260, 240, seed=3))
+    for model, want in ((run_dir / "model.onnx", ["OT", "SR"]), (bare, ["SR"])):
+        out = tmp_path / f"out_{len(want)}"
+        r = CliRunner().invoke(app, ["predict", str(dx), "--model", str(model), "--engine", "onnxruntime",
+                                     "--json", "--dicom-out", str(out)])
+        assert r.exit_code == 0, r.output
+        assert sorted(pydicom.dcmread(p).Modality for p in out.iterdir()) == want
+    assert "no heatmap Secondary Capture" in " ".join(r.stderr.split())

@@ -11,7 +11,15 @@ load conditions (CPUs, load average before and after). By default it does this t
 thread count (one per core) and with one torch thread (`cxrscreen serve --threads 1`), which is faster
 when the CPUs are shared (here: with the clients themselves).
 
+`--engine onnxruntime` serves the bundled model's ONNX export instead (classification in ONNX Runtime, Grad-CAM
+on the PyTorch weights beside it, loaded by the first heatmap request; the thread counts are then ONNX Runtime's
+and, once loaded, PyTorch's). Before each run it starts a PyTorch-engine server with the same threads for its
+one-at-a-time answers and reports whether the ONNX engine's one-at-a-time answers equal them (class and flags
+exactly, probabilities within `ENGINE_TOLERANCE`, the picture within one grey level). Without `--engine` it runs
+the PyTorch engine, as before.
+
     python benchmarks/serve_load.py > docs/results/serve_load.json
+    python benchmarks/serve_load.py --engine onnxruntime > docs/results/serve_load_onnxruntime.json
     python benchmarks/serve_load.py --hostile --clients 4 --requests 40 > docs/results/serve_load_hostile.json
 
 `--hostile` runs only the hostile phase (issue 21): normal requests beside clients uploading small
@@ -42,6 +50,9 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = (REPO / ".." / "shared" / "data" / "cxr").resolve()
 TOLERANCE = 1e-5
+ENGINE_TOLERANCE = 1e-4
+"""Probabilities of ONNX Runtime against PyTorch (the export's parity tests use the same)."""
+ENGINES = ("torch", "onnxruntime")
 
 
 def _free_port() -> int:
@@ -68,14 +79,21 @@ def _peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def _start_server(port: int, torch_threads: int | None) -> subprocess.Popen:
+def _start_server(port: int, torch_threads: int | None, engine: str = "torch") -> subprocess.Popen:
+    """The bundled model and gate served on `port` with `engine`; `torch_threads`: intra-op threads (torch's,
+    or ONNX Runtime's and then PyTorch's for Grad-CAM; None: the library's default)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    threads = "" if torch_threads is None else f"import torch; torch.set_num_threads({int(torch_threads)}); "
+    if engine == "torch":
+        threads = "" if torch_threads is None else f"import torch; torch.set_num_threads({int(torch_threads)}); "
+        load = "from cxrscreen.predict.predictor import load_model; run = load_model(None); "
+    else:  # as `cxrscreen serve --engine onnxruntime [--threads N]`: no torch until a heatmap needs it
+        threads = ""
+        load = ("from cxrscreen.predict.onnx_engine import load_for_engine; "
+                f"run = load_for_engine(None, {engine!r}, threads={torch_threads!r}); ")
     code = (threads + "import sys, uvicorn; from cxrscreen.serving.app import create_app; "
             "from cxrscreen.serving.security import allowed_hosts_for, uvicorn_config; "
-            "from cxrscreen.gate.model import gate_for_run; "
-            "from cxrscreen.predict.predictor import load_model; run = load_model(None); app = create_app(run, "
+            "from cxrscreen.gate.model import gate_for_run; " + load + "app = create_app(run, "
             "gate=gate_for_run(run), allowed_hosts=allowed_hosts_for('127.0.0.1')); "
             f"uvicorn.Server(uvicorn_config(app, '127.0.0.1', {port}, log_level='warning')).run()")
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
@@ -96,14 +114,14 @@ def _wait_ready(client: Any, base: str, proc: subprocess.Popen, timeout: float =
     raise SystemExit("server did not start in time")
 
 
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Class and flags exactly, probabilities within TOLERANCE."""
+def _same(a: dict[str, Any], b: dict[str, Any], tolerance: float = TOLERANCE) -> bool:
+    """Class and flags exactly, probabilities within `tolerance`."""
     if a.get("class") != b.get("class") or a.get("flags") != b.get("flags"):
         return False
     pa, pb = a.get("probabilities"), b.get("probabilities")
     if pa is None or pb is None:
         return pa is pb
-    return pa.keys() == pb.keys() and all(abs(pa[k] - pb[k]) <= TOLERANCE for k in pa)
+    return pa.keys() == pb.keys() and all(abs(pa[k] - pb[k]) <= tolerance for k in pa)
 
 
 def _same_picture(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -166,29 +184,74 @@ def _phase(base: str, images: list[tuple[str, bytes]], refs: list[dict], n_reque
     }
 
 
+def _sequential(client: Any, base: str, images: list[tuple[str, bytes]]
+                ) -> tuple[list[dict], list[dict], list[float]]:
+    """Each image sent once, one request at a time, without then with heatmap: (answers, answers with heatmap,
+    latencies without heatmap in ms)."""
+    refs, refs_hm, seq_lat = [], [], []
+    for name, data in images:
+        dt, status, body = _post(client, base, name, data, heatmap=False)
+        if status != 200 or body is None:
+            raise SystemExit(f"sequential request for {name} failed: HTTP {status}")
+        refs.append(body)
+        seq_lat.append(dt * 1000)
+    for name, data in images:
+        _, status, body = _post(client, base, name, data, heatmap=True)
+        refs_hm.append(body if status == 200 and body is not None else {})
+    return refs, refs_hm, seq_lat
+
+
+def torch_references(images: list[tuple[str, bytes]], torch_threads: int | None) -> tuple[list[dict], list[dict]]:
+    """The PyTorch engine's one-at-a-time answers (without, with heatmap) from a server of its own with
+    `torch_threads` (the same count as the server compared: Grad-CAM's float sums depend on it, and a 3e-6
+    difference moves a few pixels across a colour-map step)."""
+    import httpx
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/"
+    proc = _start_server(port, torch_threads, "torch")
+    try:
+        with httpx.Client() as client:
+            _wait_ready(client, base, proc)
+            refs, refs_hm, _ = _sequential(client, base, images)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return refs, refs_hm
+
+
+def _compare_engines(refs: list[dict], refs_hm: list[dict], torch_refs: tuple[list[dict], list[dict]]
+                     ) -> dict[str, Any]:
+    """This server's one-at-a-time answers against the PyTorch engine's for the same images."""
+    plain = [_same(a, b, ENGINE_TOLERANCE) for a, b in zip(refs, torch_refs[0], strict=True)]
+    heat = [_same(a, b, ENGINE_TOLERANCE) and _same_picture(a, b) for a, b in zip(refs_hm, torch_refs[1], strict=True)]
+    return {"images": len(plain), "equal_without_heatmap": int(sum(plain)), "equal_with_heatmap": int(sum(heat)),
+            "all_equal": all(plain) and all(heat),
+            "equality": f"class and flags exactly, probabilities within {ENGINE_TOLERANCE:g}, the picture within "
+                        "one grey level per pixel"}
+
+
 def run_server_load(images: list[tuple[str, bytes]], *, clients: int, per_client: int, heatmap_per_client: int,
-                    torch_threads: int | None) -> dict[str, Any]:
-    """Start a server, take the sequential references, run both load phases, stop it; the report."""
+                    torch_threads: int | None, engine: str = "torch") -> dict[str, Any]:
+    """Start a server, take the sequential references, run both load phases, stop it; the report. With an
+    engine other than torch, a PyTorch-engine server with the same threads is run first (`torch_references`) and
+    this server's one-at-a-time answers are compared with its."""
+    torch_refs = torch_references(images, torch_threads) if engine != "torch" else None
     import httpx
 
     load_before = os.getloadavg()
     port = _free_port()
     base = f"http://127.0.0.1:{port}/"
-    proc = _start_server(port, torch_threads)
+    proc = _start_server(port, torch_threads, engine)
     try:
         with httpx.Client() as client:
             _wait_ready(client, base, proc)
             model = client.get(base + "api/model").json()
-            refs, refs_hm, seq_lat = [], [], []
-            for name, data in images:  # sequential references, one request at a time
-                dt, status, body = _post(client, base, name, data, heatmap=False)
-                if status != 200 or body is None:
-                    raise SystemExit(f"sequential request for {name} failed: HTTP {status}")
-                refs.append(body)
-                seq_lat.append(dt * 1000)
-            for name, data in images:
-                _, status, body = _post(client, base, name, data, heatmap=True)
-                refs_hm.append(body if status == 200 and body is not None else {})
+            rss_before_requests = _peak_rss_mb(proc.pid)
+            refs, refs_hm, seq_lat = _sequential(client, base, images)  # sequential references
             rss_after_warmup = _peak_rss_mb(proc.pid)
         plain = _phase(base, images, refs, clients * per_client, clients, heatmap=False)
         heat = _phase(base, images, refs_hm, clients * heatmap_per_client, clients, heatmap=True)
@@ -199,8 +262,13 @@ def run_server_load(images: list[tuple[str, bytes]], *, clients: int, per_client
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return {
-        "server_torch_threads": torch_threads or "torch default (one per core)",
+    if engine == "torch":
+        threads: dict[str, Any] = {"server_torch_threads": torch_threads or "torch default (one per core)"}
+    else:
+        threads = {"server_threads": torch_threads or "ONNX Runtime's and torch's default (one per core)"}
+    report = {
+        "engine": engine,
+        **threads,
         "load_average_1_5_15_before": [round(v, 2) for v in load_before],
         "load_average_1_5_15_after": [round(v, 2) for v in os.getloadavg()],
         "model": {"arch": model.get("arch"), "weights_sha256": (model.get("weights_sha256") or "")[:12],
@@ -210,6 +278,7 @@ def run_server_load(images: list[tuple[str, bytes]], *, clients: int, per_client
         "without_heatmap": plain,
         "with_heatmap": heat,
         "server_peak_rss_mb": peak,
+        "server_rss_mb_before_requests": rss_before_requests,
         "server_rss_mb_after_warmup": rss_after_warmup,
         "targets": {
             "zero_errors": plain["errors"] == 0 and heat["errors"] == 0,
@@ -219,6 +288,10 @@ def run_server_load(images: list[tuple[str, bytes]], *, clients: int, per_client
             "peak_rss_le_2_gb": peak is not None and peak <= 2048,
         },
     }
+    if torch_refs is not None:
+        report["sequential_vs_torch_engine"] = _compare_engines(refs, refs_hm, torch_refs)
+        report["targets"]["equal_torch_engine_sequential"] = report["sequential_vs_torch_engine"]["all_equal"]
+    return report
 
 
 # ------------------------------------------------------------------------------------------- hostile phase
@@ -297,7 +370,7 @@ def _slow_socket(port: int, kind: str, stop: threading.Event, log: list[dict[str
 
 
 def run_hostile(images: list[tuple[str, bytes]], *, clients: int, per_client: int, bomb_clients: int,
-                slow_sockets: int, torch_threads: int | None) -> dict[str, Any]:
+                slow_sockets: int, torch_threads: int | None, engine: str = "torch") -> dict[str, Any]:
     """Normal traffic (`clients` x `per_client` real X-rays) alone, then again while `bomb_clients` threads upload the
     hostile payloads in a loop and `slow_sockets` slow-header plus as many slow-body connections are held
     open; the server's RSS sampled every 0.2 s, and again 10 s after the burst."""
@@ -307,7 +380,7 @@ def run_hostile(images: list[tuple[str, bytes]], *, clients: int, per_client: in
     load_before = os.getloadavg()
     port = _free_port()
     base = f"http://127.0.0.1:{port}/"
-    proc = _start_server(port, torch_threads)
+    proc = _start_server(port, torch_threads, engine)
     stop = threading.Event()
     stop_slow = threading.Event()
     rss: list[float] = []
@@ -375,6 +448,7 @@ def run_hostile(images: list[tuple[str, bytes]], *, clients: int, per_client: in
                                                   if r["kind"] == kind and r["closed_by_server"]], default=None)}
             for kind in ("header", "body")}
     return {
+        "engine": engine,
         "server_torch_threads": torch_threads or "torch default (one per core)",
         "load_average_1_5_15_before": [round(v, 2) for v in load_before],
         "load_average_1_5_15_after": [round(v, 2) for v in os.getloadavg()],
@@ -404,9 +478,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=200, help="requests per client without heatmap")
     ap.add_argument("--heatmap-requests", type=int, default=50, help="requests per client with heatmap")
+    ap.add_argument("--engine", choices=ENGINES, default="torch",
+                    help="the server's engine (onnxruntime: the bundled model's ONNX export, compared with a "
+                         "PyTorch-engine server's one-at-a-time answers)")
     ap.add_argument("--torch-threads", type=int, action="append", default=None,
-                    help="torch intra-op threads in the server, repeatable: one server run per value "
-                         "(default: torch's own, one per core, then 1)")
+                    help="intra-op threads in the server (torch's; with --engine onnxruntime ONNX Runtime's and, "
+                         "for Grad-CAM, torch's), repeatable: one server run per value (default: the library's "
+                         "own, one per core, then 1)")
     ap.add_argument("--note", default=None, help="free text about the machine's load, kept in the JSON")
     ap.add_argument("--hostile", action="store_true",
                     help="only the hostile phase: --clients x --requests normal requests while --bomb-clients "
@@ -430,19 +508,22 @@ def main(argv: list[str] | None = None) -> int:
                                    f"real X-rays, beside {args.bomb_clients} clients uploading bombs in a loop and "
                                    f"{args.slow_sockets} slow-header + {args.slow_sockets} slow-body sockets"},
             "hostile": run_hostile(images, clients=args.clients, per_client=args.requests,
-                                   bomb_clients=args.bomb_clients, slow_sockets=args.slow_sockets, torch_threads=t),
+                                   bomb_clients=args.bomb_clients, slow_sockets=args.slow_sockets, torch_threads=t,
+                                   engine=args.engine),
         }
         print(json.dumps(report, indent=1))
         return 0
     settings = args.torch_threads or [None, 1]
     runs = [run_server_load(images, clients=args.clients, per_client=args.requests,
-                            heatmap_per_client=args.heatmap_requests, torch_threads=t) for t in settings]
+                            heatmap_per_client=args.heatmap_requests, torch_threads=t, engine=args.engine)
+            for t in settings]
     report = {
         "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "conditions": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "note": args.note,
+            "engine": args.engine,
             "server": "uvicorn, one process, bundled model and gate, forward passes batched by the server; "
                       "the clients run on the same machine",
             "load": f"{args.clients} concurrent clients x {args.requests} requests without heatmap, then "

@@ -32,7 +32,8 @@ def predict(
     localizer: Annotated[Path | None, typer.Option(help="lung localizer run for --severity's lung boxes "
                                                         "(default: the atlas)")] = None,
     engine: Annotated[str, typer.Option(help="torch (a run directory) | onnxruntime (--model FILE.onnx from "
-                                             "`cxrscreen export`)")] = "torch",
+                                             "`cxrscreen export`; --heatmap needs its run's weights beside it)")
+                      ] = "torch",
     out_file: Annotated[Path | None, typer.Option("--out", help="batch screening: stream one row per input to "
                                                               "this .csv or .jsonl file (see README)")] = None,
     workers: Annotated[int, typer.Option(help="--out: decoding worker processes (0: decode in this one)")] = 1,
@@ -98,9 +99,6 @@ def _check_usage(*, as_json: bool, as_csv: bool, heatmap: Path | None, severity:
     if out_file is not None and (as_json or as_csv or heatmap is not None or severity or dicom_out is not None):
         console.print("error: --out writes its own format (from its suffix), without heatmaps or severity; drop "
                       "--json, --csv, --heatmap, --severity and --dicom-out", markup=False)
-        raise typer.Exit(2)
-    if engine != "torch" and heatmap is not None:
-        console.print("error: heatmaps (Grad-CAM) need gradients: use --engine torch", markup=False)
         raise typer.Exit(2)
     try:
         check_predict_options(batch_size=batch_size, argmax=argmax, threshold=threshold, workers=workers,
@@ -193,10 +191,12 @@ class _Pictures:
 
     def __init__(self, run: Any, folder: Path, target: str | None) -> None:
         from cxrscreen.predict.inputs import OutputNames
+        from cxrscreen.predict.onnx_engine import drawing_run
 
         self.names, self.tag, self.target = OutputNames(folder), run.task.drawing, target
         try:
-            self.draw = run.task.drawer(run)
+            draw_run = drawing_run(run)  # ONNX Runtime: the PyTorch model beside the export draws Grad-CAM
+            self.draw = draw_run.task.drawer(draw_run)
         except CXRError as exc:
             _fail(exc)
 
@@ -230,11 +230,17 @@ class _DicomOut:
         self.target = target
         self.pixels: dict[str, Any] = {}  # the X-ray behind each result being written, for its SC
         self.writer = DicomWriter(run, folder_store(folder), pixels_of=lambda r: self.pixels.get(r.path))
-        self.explainer = None
-        if run.task.has_logits and not getattr(run.model, "takes_numpy", False):
-            from cxrscreen.explain.cam import Explainer
+        from cxrscreen.predict.onnx_engine import heatmap_problem
 
-            self.explainer = Explainer(run)
+        self.explainer = None
+        if run.task.has_logits and heatmap_problem(run) is None:
+            from cxrscreen.explain.cam import Explainer
+            from cxrscreen.predict.onnx_engine import drawing_run
+
+            try:
+                self.explainer = Explainer(drawing_run(run))  # ONNX Runtime: the PyTorch model beside the export
+            except CXRError as exc:
+                _fail(exc)
         else:
             console.print("note: no heatmap Secondary Capture with this model or engine (Grad-CAM needs a "
                           "PyTorch classifier); the SR is written", markup=False)

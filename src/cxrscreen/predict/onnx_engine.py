@@ -15,14 +15,19 @@
 The .onnx file alone is enough to predict and to serve: `load_onnx_run(path)` reads everything from the
 metadata and returns a `LoadedRun` whose `model` runs the graph in ONNX Runtime (:class:`OnnxModel`), so
 `Predictor` and the web app use it unchanged; nothing on that path imports torch. What is exported is the
-run as it is at export time: a run calibrated afterwards needs a new export. Grad-CAM needs gradients and stays
-with the PyTorch engine. The bundled model ships its export (`weights/model.onnx`, its sha256 in the bundle's
-config.json as ``onnx_sha256``), so `--engine onnxruntime` needs no export step.
+run as it is at export time: a run calibrated afterwards needs a new export. Grad-CAM needs gradients: it runs on
+the PyTorch model the export was made from when its weights lie beside the .onnx file (a run directory holding
+model.onnx, the bundled model), loaded on the first heatmap (`OnnxLoadedRun.pytorch_run`, `drawing_run`); the class
+and probabilities stay ONNX Runtime's. A bare .onnx file draws no heatmap. The bundled model ships its export
+(`weights/model.onnx`, its sha256 in the bundle's config.json as ``onnx_sha256``), so `--engine onnxruntime` needs
+no export step.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +111,78 @@ class OnnxModel:
         return self.run(x)[LOGITS_NAME]
 
 
+@dataclass
 class OnnxLoadedRun(LoadedRun):
-    """A LoadedRun read from an .onnx file: `model` is an OnnxModule, `embedded_gate` the gate it carries."""
+    """A LoadedRun read from an .onnx file: `model` is an OnnxModel, `embedded_gate` the gate it carries,
+    `threads` the intra-op threads it was loaded with (also given to PyTorch when Grad-CAM loads it)."""
 
     embedded_gate: Any = None
+    threads: int | None = None
+    _pytorch: LoadedRun | None = field(default=None, init=False, repr=False)
+    _pytorch_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def onnx_file(self) -> Path:
+        return Path(self.config["engine"]["onnx_file"])
+
+    def pytorch_problem(self) -> str | None:
+        """Why no PyTorch model can draw this export's heatmaps (None: its weights lie beside it, in a run
+        directory whose config.json records the weights the export was made from). Reads config.json only."""
+        from cxrscreen.runs.run_dir import WEIGHTS_FILE
+
+        folder = self.run_dir
+        missing = [n for n in (WEIGHTS_FILE, "config.json") if not (folder / n).is_file()]
+        if missing:
+            return (f"heatmaps (Grad-CAM) need the PyTorch engine or the PyTorch weights beside the ONNX export "
+                    f"({' and '.join(missing)} missing in {folder}); this is a bare .onnx file")
+        try:
+            beside = json.loads((folder / "config.json").read_text()).get("weights_sha256")
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            return f"heatmaps (Grad-CAM): the config.json beside the ONNX export is unreadable ({exc})"
+        exported = self.config.get("weights_sha256")
+        if exported and beside != exported:
+            return (f"heatmaps (Grad-CAM): the PyTorch weights beside the ONNX export (sha256 {str(beside)[:12]}) "
+                    f"are not the ones it was exported from ({str(exported)[:12]}); export it again")
+        return None
+
+    def pytorch_run(self) -> LoadedRun:
+        """The PyTorch run this export was made from (the weights beside the .onnx file, sha256-checked by
+        `load_run`), loaded on the first call, once, whichever thread asks first: what Grad-CAM runs on.
+        CXRError when there is none (`pytorch_problem`) or it does not match the export's classes and
+        preprocessing."""
+        with self._pytorch_lock:
+            if self._pytorch is None:
+                problem = self.pytorch_problem()
+                if problem is not None:
+                    raise CXRError(problem, self.onnx_file)
+                from cxrscreen.runs.run_dir import load_run
+
+                if self.threads:
+                    import torch
+
+                    torch.set_num_threads(max(1, int(self.threads)))
+                run = load_run(self.run_dir)
+                if run.classes != self.classes or run.preprocess != self.preprocess:
+                    raise CXRError("heatmaps (Grad-CAM): the PyTorch run beside the ONNX export has other classes "
+                                   "or preprocessing; export it again", self.onnx_file)
+                self._pytorch = run
+            return self._pytorch
+
+
+def drawing_run(run: LoadedRun) -> LoadedRun:
+    """The run whose model draws the pictures of `run`'s predictions: `run` itself, or for an ONNX Runtime
+    classifier the PyTorch run its export was made from (Grad-CAM needs gradients), loaded on the first call
+    (torch is imported then, never for classification). CXRError with the reason for a bare .onnx file."""
+    if isinstance(run, OnnxLoadedRun) and run.task.drawing == "heatmap":
+        return run.pytorch_run()
+    return run
+
+
+def heatmap_problem(run: LoadedRun) -> str | None:
+    """Why `run` cannot draw heatmaps with its engine (None when it can); loads nothing."""
+    if isinstance(run, OnnxLoadedRun) and run.task.drawing == "heatmap":
+        return run.pytorch_problem()
+    return None
 
 
 def load_onnx_run(path: str | Path, *, threads: int | None = None) -> OnnxLoadedRun:
@@ -128,7 +201,7 @@ def load_onnx_run(path: str | Path, *, threads: int | None = None) -> OnnxLoaded
     except (ValueError, TypeError) as exc:
         raise CXRError(f"broken cxrscreen metadata in the ONNX model ({exc})", path) from exc
     config["engine"] = {"name": "onnxruntime", "onnx_file": str(path)}
-    run = OnnxLoadedRun(model=OnnxModel(path, threads=threads), config=config, run_dir=path.parent)
+    run = OnnxLoadedRun(model=OnnxModel(path, threads=threads), config=config, run_dir=path.parent, threads=threads)
     if "gate" in meta:
         from cxrscreen.gate.model import Gate
 

@@ -10,7 +10,9 @@ Heatmap requests are batched the same way a second time: the model's part of the
 Grad-CAM, `Drawer.explain`) runs as one forward + backward pass for up to `CAM_MAX_BATCH` of them; each picture
 is then drawn outside the model lock, at most `MAX_CONCURRENT_DRAWS` at once (they hold the X-ray at up to
 `DECODE_MAX_SIDE`). Forward passes and Grad-CAM passes share one lock because the Grad-CAM hooks see every
-forward pass.
+forward pass. With the ONNX Runtime engine the class and probabilities come from ONNX Runtime and torch is not
+imported until the first heatmap request loads the PyTorch model beside the export (`onnx_engine.drawing_run`);
+Grad-CAM then runs on that model under a lock of its own, beside the ONNX forward passes.
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ from cxrscreen.errors import CXRError
 from cxrscreen.explain.overlay import png_base64
 from cxrscreen.gate.model import gate_for_run
 from cxrscreen.io.xray import MAX_PIXELS, decoded_bytes_estimate, read_xray_bytes
-from cxrscreen.predict.onnx_engine import OnnxModel
+from cxrscreen.predict.onnx_engine import drawing_run, heatmap_problem
 from cxrscreen.predict.predictor import Predictor, Prepared
 from cxrscreen.results.result import PredictionResult
 from cxrscreen.runs.run_dir import LoadedRun
 from cxrscreen.serving.page import INDEX_HTML
 from cxrscreen.serving.security import BODY_TIMEOUT_S, allowed_hosts_for, release_freed_memory, uvicorn_config
 from cxrscreen.serving.security import harden as _harden
-from cxrscreen.severity.model import severity_info
+from cxrscreen.severity.info import severity_info
 
 if TYPE_CHECKING:  # a classifier's drawer imports pytorch-grad-cam (seconds): made on the first heatmap
     from cxrscreen.tasks.base import Drawer
@@ -222,13 +224,16 @@ class _Service:
         self.run = run
         self.predictor = Predictor(run, gate=gate)
         self.lock = threading.Lock()  # forward passes and Grad-CAM
+        self.heatmap_problem = heatmap_problem(run)  # why heatmaps are refused (a bare .onnx file), else None
+        # ONNX Runtime: the forward passes are not the PyTorch model's, so its Grad-CAM hooks never see them
+        cam_lock = threading.Lock() if getattr(run.model, "takes_numpy", False) else self.lock
         self.decode_slots = threading.BoundedSemaphore(max_decodes)
         self.big_decode_slot = threading.BoundedSemaphore(1)  # see decode()
         self.batcher = MicroBatcher(self.predictor.outputs, max_batch=max_batch, wait_s=batch_wait_s,
                                     lock=self.lock)
         # the model's part of the pictures of the heatmap requests waiting together (Drawer.explain), one pass
         self.explain_batcher = MicroBatcher(self._explain, max_batch=cam_max_batch, wait_s=batch_wait_s,
-                                            lock=self.lock)
+                                            lock=cam_lock)
         self.draw_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DRAWS)
         self.draw_lock = threading.Lock()  # making the drawer
         self._draw: Drawer | None = None  # the task's drawer (Grad-CAM or boxes), made on the first heatmap
@@ -249,10 +254,12 @@ class _Service:
                 release_freed_memory()
 
     def _drawer(self) -> Drawer:
-        """The task's drawer, made on first use (a classifier's imports pytorch-grad-cam: seconds)."""
+        """The task's drawer, made on first use (a classifier's imports pytorch-grad-cam: seconds; with the ONNX
+        Runtime engine it also loads the PyTorch model beside the export)."""
         with self.draw_lock:
             if self._draw is None:
-                self._draw = self.run.task.drawer(self.run)
+                draw_run = drawing_run(self.run)
+                self._draw = draw_run.task.drawer(draw_run)
             return self._draw
 
     def _explain(self, items: Sequence[tuple[Prepared, str]]) -> list[Any]:
@@ -264,8 +271,8 @@ class _Service:
                 severity: bool = False) -> dict[str, Any]:
         """Decode, predict and optionally explain and score severity of one upload (blocking: call it in a
         worker thread)."""
-        if heatmap and self.run.task.drawing == "heatmap" and isinstance(self.run.model, OnnxModel):
-            raise CXRError("heatmaps (Grad-CAM) need the PyTorch engine; this server runs ONNX Runtime", name)
+        if heatmap and self.heatmap_problem is not None:
+            raise CXRError(self.heatmap_problem, name)
         prep = self.decode(data, name)
         probs, extra = self.batcher(prep)
         result = self.predictor.result(prep, probs, extra).to_dict(identity=False)  # the JSON object (no UIDs)
@@ -397,13 +404,14 @@ def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 
     limits of `cxrscreen.serving.security.uvicorn_config`; Host checked against the bound address plus
     `allowed_hosts`, none for a wildcard bind without `allowed_hosts`).
     `torch_threads`: intra-op threads of the forward passes (None: torch's default, one per core).
-    `engine`: "torch", or "onnxruntime" with `model` an .onnx export (`cxrscreen.predict.onnx_engine`)."""
+    `engine`: "torch", or "onnxruntime" with `model` an .onnx export or a folder holding model.onnx (the bundled
+    export when None; `cxrscreen.predict.onnx_engine`): heatmaps then need the PyTorch weights beside it."""
     import uvicorn
 
     from cxrscreen.predict.onnx_engine import load_for_engine
 
-    if torch_threads is not None:
-        import torch
+    if torch_threads is not None and engine == "torch":  # ONNX Runtime takes them in load_for_engine (and gives
+        import torch  # them to PyTorch when a heatmap loads it): classification imports no torch
 
         torch.set_num_threads(max(1, torch_threads))
     run = load_for_engine(model, engine, threads=torch_threads)

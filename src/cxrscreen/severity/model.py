@@ -8,7 +8,6 @@ penalties, the training data and, once measured, the cross-validated figures) be
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,10 @@ from safetensors.numpy import load_file, save_file
 from cxrscreen.errors import CXRError
 from cxrscreen.io.files import write_json
 from cxrscreen.severity.features import FeatureSpec
+from cxrscreen.severity.info import CONFIG_FILE, severity_info  # noqa: F401  (re-exported)
 from cxrscreen.severity.scores import TARGET_RANGES, TARGETS
 
 WEIGHTS_FILE = "severity.safetensors"
-CONFIG_FILE = "severity.json"
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 5, 22))
 
 
@@ -177,17 +176,3 @@ class SeverityRegressor:
         return cls(FeatureSpec.from_dict(cfg["features"]), t["mean"].astype(np.float64),
                    t["scale"].astype(np.float64), t["coef"].astype(np.float64), t["intercept"].astype(np.float64),
                    [float(cfg["alphas"][k]) for k in TARGETS], list(cfg["block_dims"]), meta)
-
-
-def severity_info(folder: str | Path) -> dict[str, Any] | None:
-    """What a model folder's severity.json says (features, penalties, cross-validated figures), or None
-    when it ships no regressor (what `/api/model` shows)."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    keys = ("targets", "ranges", "regressor", "features", "alphas", "candidate", "cv", "reference", "data")
-    return {k: cfg.get(k) for k in keys}

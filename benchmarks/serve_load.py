@@ -68,15 +68,21 @@ def _sample(data_dir: Path, n: int) -> list[Path]:
     return [data_dir / m["image"][i] for i in idx]
 
 
-def _peak_rss_mb(pid: int) -> float | None:
-    """VmHWM (peak resident set) of a process, MB; None where /proc is missing."""
+def _status_mb(pid: int, field: str) -> float | None:
+    """A memory field of /proc/PID/status ("VmHWM": peak resident set, "VmRSS": resident now), MB; None where
+    /proc is missing."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         return None
     return None
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    """VmHWM (peak resident set) of a process, MB."""
+    return _status_mb(pid, "VmHWM")
 
 
 def _start_server(port: int, torch_threads: int | None, engine: str = "torch") -> subprocess.Popen:
@@ -299,13 +305,7 @@ def run_server_load(images: list[tuple[str, bytes]], *, clients: int, per_client
 
 def _rss_mb(pid: int) -> float | None:
     """VmRSS (resident set now) of a process, MB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
+    return _status_mb(pid, "VmRSS")
 
 
 def hostile_payloads() -> list[tuple[str, bytes]]:

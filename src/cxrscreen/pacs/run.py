@@ -63,11 +63,6 @@ class StudyScreener:
 
             self.explainer = Explainer(run)
 
-    def _heatmap(self, prep: Any, target: str) -> Any:
-        """Grad-CAM of `target` on the original grid (`Explainer.heatmap`: its backward pass stops at the
-        target layer, `explain.cam.gradients_from`)."""
-        return self.explainer.heatmap(prep, target)
-
     def _timed(self, out: StudyOutcome, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         t0 = time.perf_counter()
         try:
@@ -112,7 +107,7 @@ class StudyScreener:
         prep = self.predictor.prepare(xray)
         result = self._timed(out, "predict", lambda: self.predictor.predict_prepared([prep])[0])
         if self.explainer is not None and result.probabilities and result.label is not None:
-            result.heatmap_array = self._timed(out, "heatmap", self._heatmap, prep, result.label)
+            result.heatmap_array = self._timed(out, "heatmap", self.explainer.heatmap, prep, result.label)
         writer = DicomWriter(self.run, self.client.store, pixels_of=lambda _: xray.pixels)
         writer.model = self.model
         self._timed(out, "build_and_store", writer.write, [result])

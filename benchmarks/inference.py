@@ -80,10 +80,10 @@ def latency_stats(ms: Iterable[float]) -> dict[str, float]:
 Side = Callable[[int], Callable[[list[Path]], Iterator[bool]]]
 
 
-def measure(make: Side, paths: list[Path], n_latency: int) -> dict[str, float]:
-    """Same protocol for both sides: warm up on one batch, time all files at batch 32, then batch-1 latency."""
-    run = make(BATCH)
-    for _ in run(paths[:BATCH]):  # warm-up
+def measure(make: Side, paths: list[Path], n_latency: int, batch: int = 32) -> dict[str, float]:
+    """Same protocol for both sides: warm up on one batch, time all files at `batch`, then batch-1 latency."""
+    run = make(batch)
+    for _ in run(paths[:batch]):  # warm-up
         pass
     t0 = time.perf_counter()
     n = sum(run(paths))
@@ -98,9 +98,16 @@ def measure(make: Side, paths: list[Path], n_latency: int) -> dict[str, float]:
     return {"images_per_s": round(rate, 1), **latency_stats(lat), "images": n}
 
 
-def ours_side(run: Any) -> Side:
+def ours_side(run: Any, n_inputs: int, info: dict[str, Any]) -> Side:
+    """Our side. The throughput predictor is told it will see `n_inputs` files, as `cxrscreen predict` is for a
+    folder of them (the torch engine then freezes its graph: `Predictor.expect`); that one-time cost goes into
+    `info["freeze_s"]`, outside the timed run, like model loading. Batch-1 latency is that of one file."""
     def make(batch_size: int) -> Callable[[list[Path]], Iterator[bool]]:
         pred = Predictor(run, batch_size=batch_size)
+        if batch_size > 1:
+            t = time.perf_counter()
+            info["frozen_graph"] = pred.expect(n_inputs)
+            info["freeze_s"] = round(time.perf_counter() - t, 2)
         return lambda paths: (res.error is None for res, _ in pred.predict_files(paths))
     return make
 
@@ -199,17 +206,21 @@ def main() -> None:
     ours_info = {"model": str(args.model or "bundled"), "arch": run.arch, "image_size": run.preprocess.image_size,
                  "params": sum(p.numel() for p in run.model.parameters()),
                  "pipeline": "cxrscreen Predictor.predict_files: read_xray -> preprocess (run config), in a reader "
-                             "thread ahead of the model -> model -> "
-                             "calibrated softmax"}
-    ours = measure(ours_side(run), paths, args.latency_images)
+                             "thread ahead of the model -> model (a frozen TorchScript graph for 64 "
+                             "inputs or more, 8 images per forward pass) -> calibrated softmax"}
+    ours = measure(ours_side(run, len(paths), ours_info), paths, args.latency_images)
     del run
     onnx_run = load_for_engine(args.model, "onnxruntime", threads=args.threads)
-    ours_onnx = measure(ours_side(onnx_run), paths, args.latency_images)
+    onnx_info: dict[str, Any] = {}
+    ours_onnx = measure(ours_side(onnx_run, len(paths), onnx_info), paths, args.latency_images)
     del onnx_run
 
     transform = torchvision.transforms.Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(XRV_SIZE)])
     dense = xrv.models.DenseNet(weights=None).eval()  # random init; weights=None downloads nothing
-    peer = measure(xrv_side(dense, transform), paths, args.latency_images)
+    # ours runs its forward passes 8 images at a time on the CPU (tasks.classification.CPU_FORWARD_CHUNK); the
+    # peer is timed at batch 32 and at 8 too, and the faster of the two is the figure we compare against
+    peer_by_batch = {b: measure(xrv_side(dense, transform), paths, args.latency_images, batch=b) for b in (BATCH, 8)}
+    peer = max(peer_by_batch.values(), key=lambda r: r["images_per_s"])
     peer_info = {
         "pipeline": "skimage.io.imread -> first channel if RGB -> xrv.datasets.normalize(img, 255) -> channel axis "
                     f"-> Compose([XRayCenterCrop(), XRayResizer({XRV_SIZE})]) -> xrv.models.DenseNet(weights=None) "
@@ -218,6 +229,8 @@ def main() -> None:
         "image_size": XRV_SIZE,
         "outputs": dense.classifier.out_features,
         "params": sum(p.numel() for p in dense.parameters()),
+        "images_per_s_by_batch": {str(b): r["images_per_s"] for b, r in peer_by_batch.items()},
+        "batch_compared": max(peer_by_batch, key=lambda b: peer_by_batch[b]["images_per_s"]),
     }
     del dense
 
@@ -229,7 +242,8 @@ def main() -> None:
         "threads": args.threads,
         "batch_size": BATCH,
         "ours": {**ours_info, **ours},
-        "ours_onnxruntime": {"engine": "onnxruntime (the bundled export; no torch in the forward pass)", **ours_onnx},
+        "ours_onnxruntime": {"engine": "onnxruntime (the bundled export; no torch in the forward pass)", **onnx_info,
+                             **ours_onnx},
         "torchxrayvision": {**peer_info, **peer},
         "throughput_ratio": ratio,
         "throughput_ratio_onnxruntime": ratio_onnx,

@@ -159,6 +159,7 @@ def _predict_all(predictor: Any, inputs: Sequence[Any], problems: Sequence[CXREr
     labels = {str(i.path): i.label for i in inputs}
     sink.open()
     sink.write([PredictionResult.failed(p.path, p.problem) for p in problems])
+    predictor.expect(len(inputs))
     bar = _progress(len(inputs))
     for result, prep in predictor.predict_files([i.path for i in inputs]):
         if bar is not None:

@@ -389,6 +389,7 @@ def screen(
         bad = [PredictionResult.failed(p.path, p.problem) for p in problems if not writer.has(str(p.path))]
         writer.write(bad)
         errors += len(bad)
+        predictor.expect(len(todo))  # many inputs: a frozen graph computes the logits
         loader = decode_loader([i.path for i in todo], predictor.run.preprocess, gate,
                                batch_size=predictor.batch_size, workers=workers)
         for items in loader:

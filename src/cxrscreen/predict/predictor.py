@@ -27,6 +27,8 @@ from cxrscreen.runs.decision import DecisionRule, decide_names
 from cxrscreen.runs.run_dir import LoadedRun, load_run
 from cxrscreen.transforms.preprocess import Preprocessor
 
+FREEZE_MIN_IMAGES = 64  # runs of fewer inputs keep the eager model: 2-4 s of tracing would not pay for themselves
+
 
 def default_model_dir() -> Path:
     """The folder of the model bundled inside the package."""
@@ -52,6 +54,14 @@ class Predictor:
         self.batch_size = batch_size
         self.preprocess = Preprocessor(run.preprocess)
         self.gate = gate
+
+    def expect(self, n_inputs: int) -> bool:
+        """Say how many inputs follow. From `FREEZE_MIN_IMAGES` on, a torch classifier computes its logits with
+        a frozen TorchScript graph (`LoadedRun.with_frozen_graph`: same logits within 1e-3, about 1.4x as fast on
+        the CPU); other predictors of the same run are unaffected. True when the frozen graph is in use."""
+        if n_inputs >= FREEZE_MIN_IMAGES:
+            self.run = self.run.with_frozen_graph()
+        return getattr(self.run, "frozen", None) is not None
 
     def prepare(self, xray: XRay) -> Prepared:
         img, geom = self.preprocess(xray.pixels)

@@ -290,3 +290,13 @@ def test_adapt_refuses_a_model_that_is_not_a_feature_head(tmp_path: Path, site_w
     (tmp_path / "run").mkdir()
     res = _invoke("adapt", "--model", tmp_path / "run", "--data", site_without_covid, "--out", tmp_path / "o")
     assert res.exit_code == 2 and "error:" in res.output
+
+
+def test_recipe_carries_the_lungs_margin_into_preprocessing(tmp_path: Path) -> None:
+    r = tmp_path / "r.yaml"
+    r.write_text("head: {resize_mode: lungs, lung_margin: 0.2}\n")
+    pre = HeadRecipe.from_yaml(r).preprocess
+    assert (pre.resize_mode, pre.lung_margin) == ("lungs", 0.2)
+    r.write_text("head: {resize_mode: lungs, lung_margin: 1.5}\n")
+    with pytest.raises(CXRError, match="lung_margin"):
+        HeadRecipe.from_yaml(r)

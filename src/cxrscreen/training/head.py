@@ -72,6 +72,7 @@ class HeadRecipe:
     clahe: bool = True
     resize_mode: str = "crop"
     center_fraction: float = 0.9
+    lung_margin: float = 0.1
     stages: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6"])
     flip: bool = False
     cs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1])
@@ -84,7 +85,8 @@ class HeadRecipe:
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(image_size=self.image_size, clahe=self.clahe, resize_mode=self.resize_mode,  # type: ignore[arg-type]
-                                center_fraction=self.center_fraction, mean=0.5, std=0.5)
+                                center_fraction=self.center_fraction, lung_margin=self.lung_margin,
+                                mean=0.5, std=0.5)
 
     @property
     def model_options(self) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def _start_server(port: int, torch_threads: int | None, engine: str = "torch") -
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
     if engine == "torch":
         threads = "" if torch_threads is None else f"import torch; torch.set_num_threads({int(torch_threads)}); "
-        load = "from cxrscreen.predict.predictor import load_model; run = load_model(None); "
+        load = "from cxrscreen.serving.app import load_for_serving; run = load_for_serving(None, 'torch'); "
     else:  # as `cxrscreen serve --engine onnxruntime [--threads N]`: no torch until a heatmap needs it
         threads = ""
         load = ("from cxrscreen.predict.onnx_engine import load_for_engine; "

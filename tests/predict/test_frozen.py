@@ -50,3 +50,13 @@ def test_predictor_freezes_only_for_many_inputs_and_leaves_the_run_to_others():
     images = [(synthetic_cxr(224, 224, seed=i) * 255).astype(np.uint8) for i in range(3)]
     images = [np.clip(im.astype(int) + rng.integers(-3, 4, im.shape), 0, 255).astype(np.uint8) for im in images]
     assert np.allclose(many.probabilities(images), other.probabilities(images), atol=1e-4)
+
+
+def test_the_server_serves_a_frozen_graph_warmed_for_every_forward_size():
+    from cxrscreen.serving.app import load_for_serving
+
+    run = load_for_serving(None, "torch")
+    assert run.frozen is not None and run.model is not None  # Grad-CAM keeps the eager model
+    eager = load_model(None)
+    images = [(synthetic_cxr(224, 224, seed=i) * 255).astype(np.uint8) for i in range(9)]  # 8 + 1 per pass
+    assert np.allclose(Predictor(run).probabilities(images), Predictor(eager).probabilities(images), atol=1e-4)

@@ -36,3 +36,12 @@ def freeze_classifier(model: torch.nn.Module, image_size: int, in_chans: int = 1
     except Exception:  # noqa: BLE001  (any tracing or scripting failure: the eager module stays)
         return None
     return graph if same else None
+
+
+def warm_up(graph: Any, image_size: int, batch_sizes: range | list[int], in_chans: int = 1) -> None:
+    """Run `graph` on zero batches of each size, twice: TorchScript profiles each new input shape on its first
+    runs (about a second each), which a server would otherwise spend on its first requests of that size."""
+    with torch.no_grad():
+        for n in batch_sizes:
+            for _ in range(2):
+                graph(torch.zeros(n, in_chans, image_size, image_size))

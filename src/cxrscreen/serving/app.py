@@ -398,6 +398,23 @@ def create_app(run: LoadedRun, *, gate: Any = None, max_upload_bytes: int = MAX_
     return app
 
 
+def load_for_serving(model: str | Path | None = None, engine: str = "torch", *, threads: int | None = None
+                     ) -> LoadedRun:
+    """The run `serve` serves (`predict.onnx_engine.load_for_engine`). With the torch engine its classifier
+    logits come from a frozen TorchScript graph (`LoadedRun.with_frozen_graph`; Grad-CAM keeps the eager model),
+    profiled for every forward-pass size the server makes (1 to `CPU_FORWARD_CHUNK`) before the first request."""
+    from cxrscreen.predict.onnx_engine import load_for_engine
+    from cxrscreen.tasks.classification import CPU_FORWARD_CHUNK
+
+    run = load_for_engine(model, engine, threads=threads)
+    frozen = run.with_frozen_graph() if engine == "torch" else run
+    if frozen.frozen is not None:
+        from cxrscreen.models.frozen import warm_up
+
+        warm_up(frozen.frozen, frozen.preprocess.image_size, range(1, CPU_FORWARD_CHUNK + 1))
+    return frozen
+
+
 def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           torch_threads: int | None = None, engine: str = "torch", allowed_hosts: Sequence[str] = ()) -> None:
     """Load a run directory (or the bundled model when None) and serve the app with uvicorn (timeouts and
@@ -408,12 +425,11 @@ def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 
     export when None; `cxrscreen.predict.onnx_engine`): heatmaps then need the PyTorch weights beside it."""
     import uvicorn
 
-    from cxrscreen.predict.onnx_engine import load_for_engine
 
     if torch_threads is not None and engine == "torch":  # ONNX Runtime takes them in load_for_engine (and gives
         import torch  # them to PyTorch when a heatmap loads it): classification imports no torch
 
         torch.set_num_threads(max(1, torch_threads))
-    run = load_for_engine(model, engine, threads=torch_threads)
+    run = load_for_serving(model, engine, threads=torch_threads)
     app = create_app(run, gate=gate_for_run(run), allowed_hosts=allowed_hosts_for(host, allowed_hosts))
     uvicorn.Server(uvicorn_config(app, host, port)).run()

@@ -4,8 +4,9 @@ Same files (``--images`` of ../shared/data/cxr, shuffled with seed 1), same thre
 two sides alternate ``--repeats`` times and the median is kept (the machine may be shared). "without": the
 bundled model and gate as `cxrscreen predict` runs them; "with": the same plus the gate's lungs rule
 (`--lung-check`: the batch's images segmented together, lung sizes read on the network's grid). Also the
-segmenter alone per image (PyTorch, with and without the full-size masks, and ONNX Runtime when installed) and
-the peak RSS of a `cxrscreen predict` process each way (target: within the 1.5 GB limit of benchmarks/inference.py).
+segmenter alone per image (PyTorch, with and without the full-size masks, its frozen graph, and ONNX Runtime
+when installed) and the peak RSS of a `cxrscreen predict` process each way (target: within the 1.5 GB limit of
+benchmarks/inference.py).
 Target: segmentation adds at most 25 % per image. Prints one JSON object.
 
     python benchmarks/lungs_speed.py --images 128 --threads 2 --out docs/results/lungs/speed.json
@@ -64,6 +65,7 @@ def main() -> None:
     lung_gate.lungs_rule = True
     sides = {"without": Predictor(run, gate=plain_gate), "with": Predictor(run, gate=lung_gate)}
     for p in sides.values():
+        p.expect(len(paths))  # as `cxrscreen predict` does (from 64 inputs on: the classifier's frozen graph)
         time_predict(p, paths[:8])  # warm up (the segmenter loads on first use)
     times: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(args.repeats):
@@ -86,6 +88,8 @@ def main() -> None:
         return round(1000 * (time.perf_counter() - t0) / len(fresh), 2)
 
     alone: dict[str, float | None] = {"torch": seg_ms(seg), "torch_full_size_masks": seg_ms(seg, True)}
+    seg._freeze()  # what a segmenter does by itself after FREEZE_AFTER_IMAGES images
+    alone["torch_frozen_graph"] = seg_ms(seg) if seg._graph is not None else None
     try:
         from cxrscreen.lungs.export import export_lungs_onnx, load_lungs_onnx
 

@@ -169,3 +169,15 @@ def test_lung_sizes_come_from_the_network_grid_without_the_full_size_mask(monkey
     full = res.mask
     assert full.shape == (h, w) and dice_iou(full == RIGHT, truth == RIGHT)[0] > 0.97
     assert res.mask is full  # computed once
+
+
+def test_a_segmenter_that_has_seen_many_images_runs_a_frozen_graph_with_the_same_masks() -> None:
+    frozen_seg, eager_seg = segmenter.LungSegmenter.load(), segmenter.LungSegmenter.load()
+    images = [synthetic_cxr(160, 150, seed=i) for i in range(segmenter.FREEZE_AFTER_IMAGES)]
+    frozen_seg.segment_many(images)
+    assert frozen_seg._graph is not None and eager_seg._graph is None
+    later = [synthetic_cxr(170, 160, seed=100 + i) for i in range(3)]
+    fast, slow = frozen_seg.segment_many(later), eager_seg.segment_many([im.copy() for im in later])
+    for a, b in zip(fast, slow, strict=True):
+        assert np.abs(a.probs - b.probs).max() < 1e-3
+        assert all(abs(a.fractions[k] - b.fractions[k]) < 1e-3 for k in a.fractions)

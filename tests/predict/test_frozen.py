@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cxrscreen.models.frozen import freeze_classifier
+from cxrscreen.models.frozen import freeze_for_inference
 from cxrscreen.models.registry import create_model
 from cxrscreen.predict.predictor import FREEZE_MIN_IMAGES, Predictor, load_model
 from tests.conftest import synthetic_cxr
@@ -16,7 +16,7 @@ def test_frozen_feature_head_agrees_with_eager_for_any_batch_size():
     torch.manual_seed(0)
     model = create_model("lite0_features", num_classes=3, in_chans=1, weights=None,
                          options={"stages": ["blocks.2", "blocks.4"], "flip": True}).eval()
-    graph = freeze_classifier(model, 64)
+    graph = freeze_for_inference(model, 64)
     assert graph is not None
     with torch.no_grad():
         for n in (1, 5):
@@ -37,7 +37,7 @@ class _Branchy(torch.nn.Module):
 
 
 def test_a_graph_that_would_differ_from_the_eager_model_is_refused():
-    assert freeze_classifier(_Branchy().eval(), 32) is None
+    assert freeze_for_inference(_Branchy().eval(), 32) is None
 
 
 def test_predictor_freezes_only_for_many_inputs_and_leaves_the_run_to_others():

@@ -14,6 +14,7 @@ figures, and the weights' sha256, checked on load). The bundled one is in ``cxrs
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ WEIGHTS_FILE = "lungs.safetensors"
 CLASSES: tuple[str, ...] = ("background", "right_lung", "left_lung")
 ENCODER = "tf_efficientnet_lite0"
 DECODER_CHANNELS: tuple[int, ...] = (96, 48, 24, 16, 8)
+FREEZE_AFTER_IMAGES = 64  # a segmenter that has seen this many images runs a frozen graph (tracing: about 1 s)
 DEFAULT_PREPROCESS = PreprocessConfig(image_size=128, clahe=True, resize_mode="pad", mean=0.5, std=0.25)
 
 
@@ -140,6 +142,10 @@ class LungSegmenter:
         self.preprocess = PreprocessConfig.from_dict(config["preprocess"])
         self._prep = SquarePreprocessor(self.preprocess)
         self._memo: dict[int, tuple[weakref.ref, LungResult]] = {}
+        self._seen = 0  # images through the network; from FREEZE_AFTER_IMAGES on, a frozen graph runs it
+        self._graph: Any = None
+        self._freeze_lock = threading.Lock()
+        self._freeze_tried = False
 
     @classmethod
     def load(cls, folder: str | Path | None = None) -> LungSegmenter:
@@ -155,7 +161,9 @@ class LungSegmenter:
         model = build_unet(config.get("arch"))
         state = load_file(str(wpath))
         model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})
-        return cls(model.eval(), config, folder)
+        # channels-last: the encoder's depthwise convolutions run faster on the CPU (128 px, 8 images a time, 2
+        # threads: 10.7 -> 8.1 ms per image, idle machine); the probabilities agree within 1e-5
+        return cls(model.eval().to(memory_format=torch.channels_last), config, folder)
 
     def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, Geometry]:
         """Grey X-ray float [0, 1] (H, W) -> the model's uint8 square and its geometry."""
@@ -171,9 +179,23 @@ class LungSegmenter:
             import torch
 
             with torch.no_grad():
-                logits = self.model(torch.from_numpy(x)).float().numpy()
+                logits = (self._graph or self.model)(torch.from_numpy(x)).float().numpy()
+            self._seen += len(x)
+            if self._seen >= FREEZE_AFTER_IMAGES and not self._freeze_tried:
+                self._freeze()
         z = np.exp(logits - logits.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
+
+    def _freeze(self) -> None:
+        """Run the network as a frozen TorchScript graph from now on (`models.frozen`; 128 px, 8 images a time,
+        2 threads: about 8 -> 5-7 ms per image), or keep the eager module where it cannot be frozen."""
+        with self._freeze_lock:
+            if self._freeze_tried:
+                return
+            from cxrscreen.models.frozen import freeze_for_inference
+
+            self._graph = freeze_for_inference(self.model, self.preprocess.image_size)
+            self._freeze_tried = True
 
     def masks_from_probabilities(self, probs: np.ndarray, geometry: Geometry) -> np.ndarray:
         """One image's probabilities (3, S, S) -> cleaned uint8 label map at the original size."""
@@ -183,8 +205,9 @@ class LungSegmenter:
         """Lungs of one grey X-ray (float [0, 1], H x W)."""
         return self.segment_many([pixels])[0]
 
-    def segment_many(self, images: Sequence[np.ndarray], batch_size: int = 16) -> list[LungResult]:
-        """Lungs of several grey X-rays, `batch_size` at a time through the network.
+    def segment_many(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[LungResult]:
+        """Lungs of several grey X-rays, `batch_size` at a time through the network (8 ran faster than 16 or 4
+        on a 2-core CPU).
 
         Each result is remembered for as long as its pixel array lives: the same array segmented again (the
         gate's lungs rule, then the severity zones, then the heat map's share inside the lungs, all on one

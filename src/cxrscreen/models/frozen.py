@@ -1,4 +1,4 @@
-"""A frozen TorchScript graph of a classifier, for runs over many images on the CPU.
+"""A frozen TorchScript graph of a network (the classifier, the lung segmenter), for many images on the CPU.
 
 `torch.jit.freeze` inlines the weights and folds each BatchNorm into its convolution; on 2 CPU threads the
 bundled feature-head model's forward pass runs about 1.4x as fast as the eager module (38 -> 55 images/s at
@@ -7,7 +7,7 @@ Tracing and freezing cost 2-4 s, and each new batch shape costs one slower profi
 images use it (`predict.predictor.FREEZE_MIN_IMAGES`). Grad-CAM keeps the eager module: it needs hooks and gradients.
 
 TorchScript is deprecated in favour of `torch.compile`, which gave the same speed here but took 77 s to compile;
-if tracing or freezing fails, or the graph's logits differ from the eager module's, `freeze_classifier` returns
+if tracing or freezing fails, or the graph's logits differ from the eager module's, `freeze_for_inference` returns
 None and the caller keeps the eager module.
 """
 
@@ -18,14 +18,16 @@ from typing import Any
 
 import torch
 
-PARITY_ATOL = 1e-3  # the frozen graph's logits against the eager module's, on a random batch
+PARITY_ATOL = 1e-3  # the frozen graph's output against the eager module's, on a random batch
 
 
-def freeze_classifier(model: torch.nn.Module, image_size: int, in_chans: int = 1) -> Any | None:
-    """A frozen TorchScript graph computing `model`'s logits for (N, in_chans, image_size, image_size) float32
-    batches (any N), or None when the model cannot be traced and frozen or the graph's logits differ from the
-    eager module's by more than `PARITY_ATOL` on a random batch of 3. `model` is left unchanged."""
-    model.eval()
+def freeze_for_inference(model: torch.nn.Module, image_size: int, in_chans: int = 1) -> Any | None:
+    """A frozen TorchScript graph computing `model`'s output (logits) for (N, in_chans, image_size, image_size)
+    float32 batches (any N), or None when the model cannot be traced and frozen or the graph's output differs
+    from the eager module's by more than `PARITY_ATOL` on a random batch of 3, and for a model in training mode or
+    on a GPU. `model` is left unchanged."""
+    if model.training or any(p.device.type != "cpu" for p in model.parameters()):
+        return None  # a model being trained, or on a GPU: the eager module stays
     example = torch.zeros(2, in_chans, image_size, image_size)
     probe = torch.randn(3, in_chans, image_size, image_size, generator=torch.Generator().manual_seed(0))
     try:

@@ -123,9 +123,9 @@ class LoadedRun:
         if (self.frozen is not None or self.kind != "classifier" or getattr(self.model, "takes_numpy", False)
                 or next(self.model.parameters()).device.type != "cpu"):
             return self
-        from cxrscreen.models.frozen import freeze_classifier
+        from cxrscreen.models.frozen import freeze_for_inference
 
-        graph = freeze_classifier(self.model, self.preprocess.image_size)
+        graph = freeze_for_inference(self.model, self.preprocess.image_size)
         if graph is None:
             return self
         run = copy.copy(self)

@@ -111,14 +111,14 @@ class ImageInput:
 
 
 def manifest_inputs(csv_path: Path) -> list[ImageInput]:
-    """The images of a manifest csv (an ``image`` column, paths relative to the csv's folder), labelled by
-    their ``image`` cell."""
+    """The images of a manifest csv (an ``image`` column, paths relative to the csv's folder or absolute),
+    labelled by their ``image`` cell made relative (`safe_label`)."""
     from cxrscreen.data.manifest import check_columns, read_csv_strings
 
     df = read_csv_strings(csv_path)
     check_columns(df, ["image"], csv_path)
     root = csv_path.parent
-    return [ImageInput(root / img, Path(img)) for img in df["image"] if img]
+    return [ImageInput(root / img, safe_label(img)) for img in df["image"] if img]
 
 
 @dataclass
@@ -177,6 +177,14 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[ImageInput], list
     return files, empty
 
 
+def safe_label(label: str | Path) -> Path:
+    """`label` as a relative path without "." or ".." parts (an absolute one loses its anchor: "/data/a/b.png"
+    -> "data/a/b.png"; "../../x.png" -> "x.png"): output paths built from it stay inside their folder."""
+    p = Path(label)
+    parts = [x for x in (p.parts[1:] if p.anchor else p.parts) if x not in (".", "..")]
+    return Path(*parts) if parts else Path("input")
+
+
 class OutputNames:
     """Unique output paths under one folder: `<folder>/<label's folders>/<stem>_<tag>.png`, mirroring each
     input's label; a path already handed out in this run gets `_2`, `_3`, ... before the tag."""
@@ -186,7 +194,9 @@ class OutputNames:
         self._used: set[Path] = set()
 
     def path(self, label: Path, tag: str) -> Path:
-        """A fresh path for `label`'s output `tag` (its folder is created)."""
+        """A fresh path for `label`'s output `tag` (its folder is created), always inside the root: an absolute
+        label loses its anchor and ".." parts are dropped, so no label writes beside its input or elsewhere."""
+        label = safe_label(label)
         folder = self.root / label.parent
         stem = label.stem or "input"
         out, n = folder / f"{stem}_{tag}.png", 1

@@ -281,3 +281,17 @@ def test_parts_are_optional_and_loso_resumes(audited, tiny, monkeypatch, tmp_pat
     )
     with pytest.raises(CXRError, match="unknown audit part"):
         run_audit(tiny["run"], tiny["root"], tiny["split"], tmp_path / "b", parts=("lungs",), log=_quiet)
+
+
+def test_a_feature_head_run_is_audited_without_training_parts(tiny, tmp_path):
+    # the bundled v3 model is a feature-head run: its config holds a head recipe, which the audit once tried to
+    # read as a fine-tuning recipe ("unknown training options") before any part ran
+    from cxrscreen.predict.predictor import default_model_dir
+
+    res = run_audit(default_model_dir(), tiny["root"], tiny["split"], tmp_path / "a", parts=("per_source",),
+                    log=_quiet)
+    assert res["meta"]["recipe"] is None and res["per_source"]
+    assert "no model trained" in (tmp_path / "a" / "audit.md").read_text()
+    with pytest.raises(CXRError, match="feature-head run"):
+        run_audit(default_model_dir(), tiny["root"], tiny["split"], tmp_path / "b", parts=("per_source", "loso"),
+                  log=_quiet)

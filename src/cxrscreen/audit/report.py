@@ -199,13 +199,16 @@ def _loso_row(source: str, e: dict[str, Any]) -> str:
 
 def _reproducibility(meta: dict[str, Any]) -> list[str]:
     """The seeds, bootstrap, budget, hashes and versions from `meta`, ending the file with a newline."""
+    training = (f"Seed {meta['seed']} (splits, bootstrap; training seed {meta['training_seed']}), "
+                f"bootstrap {meta['n_boot']} resamples of split_group, budget {meta['budget_minutes_per_model']} "
+                f"min per trained model, epochs {meta['loso_epochs'] or 'as the recipe'}. "
+                if meta.get("recipe") else
+                f"Seed {meta['seed']} (bootstrap), {meta['n_boot']} resamples of split_group; no model trained. ")
     return [
         "",
         "## Reproducibility",
         "",
-        f"Seed {meta['seed']} (splits, bootstrap; training seed {meta['training_seed']}), "
-        f"bootstrap {meta['n_boot']} resamples of split_group, budget {meta['budget_minutes_per_model']} min "
-        f"per trained model, epochs {meta['loso_epochs'] or 'as the recipe'}. "
+        training +
         f"Manifest sha256 `{meta['manifest_sha256']}`, split sha256 `{meta['split_sha256']}`. "
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         "",

@@ -37,7 +37,7 @@ from cxrscreen.errors import CXRError
 from cxrscreen.evaluation.evaluate import evaluate_run
 from cxrscreen.io.files import file_sha256, write_json
 from cxrscreen.runs.provenance import provenance
-from cxrscreen.runs.run_dir import load_run
+from cxrscreen.runs.run_dir import LoadedRun, load_run
 
 
 # ------------------------------------------------------------------------------------------------- audit
@@ -82,8 +82,15 @@ def run_audit(
     run = load_run(run_dir, device=eval_device)
     if not run.task.has_logits:
         raise CXRError("the audit needs a classifier run", run_dir)
-    cfg = _recipe(run, budget_minutes=budget_minutes_per_model, epochs=loso_epochs, cache_dir=cache_dir, device=device)
-    eval_cache = cache_dir if cache_dir is not None else (Path(cfg.cache_dir) if cfg.cache_dir else None)
+    trains = [p for p in parts if p in TRAINING_PARTS]
+    if trains and _is_feature_head(run):
+        raise CXRError(f"the audit's {' and '.join(trains)} part(s) retrain the run's fine-tuning recipe, and this "
+                       "is a feature-head run (`cxrscreen fit-head`): its leave-one-source-out figures come from "
+                       "`cxrscreen select` (docs/results/select_all); audit it with --parts per_source,masking",
+                       run_dir)
+    cfg = (_recipe(run, budget_minutes=budget_minutes_per_model, epochs=loso_epochs, cache_dir=cache_dir,
+                   device=device) if trains else None)
+    eval_cache = cache_dir if cache_dir is not None else (Path(cfg.cache_dir) if cfg and cfg.cache_dir else None)
     result: dict[str, Any] = {
         "meta": {
             "model": str(run_dir),
@@ -96,12 +103,12 @@ def run_audit(
             "subset": "test",
             "parts": [p for p in PARTS if p in parts],
             "seed": seed,
-            "training_seed": cfg.seed,
+            "training_seed": cfg.seed if cfg else None,
             "n_boot": n_boot,
             "lung_source": lung_source if "masking" in parts else None,
             "budget_minutes_per_model": budget_minutes_per_model,
             "loso_epochs": loso_epochs,
-            "recipe": cfg.to_dict(),
+            "recipe": cfg.to_dict() if cfg else None,  # the recipe the probe / LOSO models are trained with
             "preprocess": run.preprocess.to_dict(),
             **provenance(),
         },
@@ -126,6 +133,16 @@ def run_audit(
     ctx.save()
     log(f"wrote {out_dir / 'audit.json'} and {out_dir / 'audit.md'}")
     return result
+
+
+TRAINING_PARTS = ("probe", "loso")  # the parts that train models with the audited run's recipe
+
+
+def _is_feature_head(run: LoadedRun) -> bool:
+    """A frozen-backbone feature-head run (`fit-head`): no fine-tuning recipe for the probe / LOSO to retrain."""
+    from cxrscreen.models.registry import get_spec
+
+    return get_spec(run.arch).library == "feature_head"
 
 
 # ------------------------------------------------------------------------------------------------- parts

@@ -3,8 +3,9 @@
 `torch.jit.freeze` inlines the weights and folds each BatchNorm into its convolution; on 2 CPU threads the
 bundled feature-head model's forward pass runs about 1.4x as fast as the eager module (38 -> 55 images/s at
 224 px, batch 32, measured on an idle 2-core machine; `benchmarks/inference.py` gives the end-to-end figure).
-Tracing and freezing cost 2-4 s, and each new batch shape costs one slower profiling pass, so only runs of many
-images use it (`predict.predictor.FREEZE_MIN_IMAGES`). Grad-CAM keeps the eager module: it needs hooks and gradients.
+Tracing and freezing cost about 1 s (4 s on a busy machine), and each new batch shape costs one slower profiling
+pass, so only runs of many images use it (`predict.predictor.FREEZE_MIN_IMAGES`). Grad-CAM keeps the eager
+module: it needs hooks and gradients.
 
 TorchScript is deprecated in favour of `torch.compile`, which gave the same speed here but took 77 s to compile;
 if tracing or freezing fails, or the graph's logits differ from the eager module's, `freeze_for_inference` returns

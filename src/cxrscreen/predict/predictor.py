@@ -27,7 +27,7 @@ from cxrscreen.runs.decision import DecisionRule, decide_names
 from cxrscreen.runs.run_dir import LoadedRun, load_run
 from cxrscreen.transforms.preprocess import Preprocessor
 
-FREEZE_MIN_IMAGES = 64  # runs of fewer inputs keep the eager model: 2-4 s of tracing would not pay for themselves
+FREEZE_MIN_IMAGES = 64  # fewer inputs keep the eager model: tracing (about 1 s idle, 4 s busy) would not pay
 
 
 def default_model_dir() -> Path:

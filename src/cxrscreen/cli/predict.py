@@ -22,7 +22,8 @@ def predict(
     heatmap: Annotated[Path | None, typer.Option(help="folder for Grad-CAM overlay PNGs (folder arguments' "
                                                       "trees mirrored; repeated names numbered)")] = None,
     target: Annotated[str | None, typer.Option(help="class the heatmap explains (default: the predicted)")] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    batch_size: Annotated[int, typer.Option(help="images read ahead, gated and predicted together (on the CPU "
+                                                 "the network takes 8 of them per forward pass)")] = 32,
     argmax: Annotated[bool, typer.Option("--argmax", help="the most probable class, not the stored operating point")
                       ] = False,
     threshold: Annotated[float | None, typer.Option(help="call COVID at p(covid) >= this instead")] = None,

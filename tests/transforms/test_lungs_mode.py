@@ -54,3 +54,38 @@ def test_lungs_mode_config_and_cache_keys() -> None:
         PreprocessConfig(lung_margin=2.0)
     with pytest.raises(ValueError, match="depends on the image"):
         geometry_for(a, (10, 10))
+
+
+class GridSegmenter:
+    """A segmenter whose grid (the network's label map) is `grid` and whose full-size mask must not be read."""
+
+    def __init__(self, grid: np.ndarray) -> None:
+        self.grid = grid
+
+    def segment(self, pixels: np.ndarray) -> LungResult:
+        res = LungResult(np.zeros((1, 1), np.uint8))
+        res.grid = self.grid
+        res._mask = None  # reading .mask would now fail: the grid source must not need it
+        return res
+
+
+def test_grid_box_scales_the_segmenters_grid_to_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    h, w = 200, 240
+    grid = np.zeros((100, 120), np.uint8)  # half the image's size in each direction
+    grid[20:80, 15:45] = 1
+    grid[25:75, 55:85] = 2
+    monkeypatch.setattr(segmenter, "_BUNDLED", GridSegmenter(grid))
+    cfg = PreprocessConfig(image_size=64, clahe=False, resize_mode="lungs", lung_margin=0.1, lung_box="grid")
+    _, geom = Preprocessor(cfg)(np.random.default_rng(0).random((h, w), dtype=np.float32))
+    assert geom.box == (16, 28, 184, 172)  # the same lungs as the full-size mask above, read at half resolution
+
+
+def test_lung_box_default_keeps_configs_and_cache_keys_as_they_were() -> None:
+    mask_cfg = PreprocessConfig(resize_mode="lungs")
+    assert "lung_box" not in mask_cfg.to_dict()
+    assert PreprocessConfig.from_dict(mask_cfg.to_dict()) == mask_cfg
+    grid_cfg = PreprocessConfig(resize_mode="lungs", lung_box="grid")
+    assert PreprocessConfig.from_dict(grid_cfg.to_dict()) == grid_cfg
+    assert grid_cfg.cache_key() != mask_cfg.cache_key()
+    with pytest.raises(ValueError, match="lung_box"):
+        PreprocessConfig(resize_mode="lungs", lung_box="full")

@@ -73,6 +73,7 @@ class HeadRecipe:
     resize_mode: str = "crop"
     center_fraction: float = 0.9
     lung_margin: float = 0.1
+    lung_box: str = "mask"
     stages: list[str] = field(default_factory=lambda: ["blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6"])
     flip: bool = False
     cs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1])
@@ -86,7 +87,7 @@ class HeadRecipe:
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(image_size=self.image_size, clahe=self.clahe, resize_mode=self.resize_mode,  # type: ignore[arg-type]
                                 center_fraction=self.center_fraction, lung_margin=self.lung_margin,
-                                mean=0.5, std=0.5)
+                                lung_box=self.lung_box, mean=0.5, std=0.5)  # type: ignore[arg-type]
 
     @property
     def model_options(self) -> dict[str, Any]:

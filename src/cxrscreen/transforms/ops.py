@@ -34,6 +34,11 @@ class PreprocessConfig:
         below 1 it trims borders and corners, where burned-in text and markers sit.
     mean, std: normalisation of the [0, 1] grey values fed to the network.
     lung_margin: "lungs" mode's margin around the lungs' box, as a fraction of the box's width and height.
+    lung_box: where "lungs" mode reads the lungs' box: "mask", the segmented lungs at the image's full size (every
+        `lungs` figure of docs/results/select_* was measured so), or "grid", the segmenter's own 128 px grid scaled
+        to the image (no full-size mask: several times cheaper, the box within a grid cell of the other). Left
+        out of `to_dict` (and so of every cache key) when "mask", so configs and caches written before it exist
+        stay what they were.
     """
 
     image_size: int = 224
@@ -45,8 +50,11 @@ class PreprocessConfig:
     mean: float = 0.5
     std: float = 0.25
     lung_margin: float = 0.1
+    lung_box: Literal["mask", "grid"] = "mask"
 
     def __post_init__(self) -> None:
+        if self.lung_box not in ("mask", "grid"):
+            raise ValueError(f"lung_box must be 'mask' or 'grid', not {self.lung_box!r}")
         if self.resize_mode not in ("crop", "pad", "lungs"):
             raise ValueError(f"resize_mode must be 'crop', 'pad' or 'lungs', not {self.resize_mode!r}")
         if not 0.0 <= self.lung_margin <= 1.0:
@@ -57,7 +65,10 @@ class PreprocessConfig:
             raise ValueError(f"image_size must be at least 32, not {self.image_size}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["lung_box"] == "mask":  # the default, as before the field existed
+            d.pop("lung_box")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:

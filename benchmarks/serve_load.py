@@ -31,6 +31,7 @@ and the server's RSS before, during (sampled every 0.2 s), 10 s after, and its p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,6 +106,21 @@ def _start_server(port: int, torch_threads: int | None, engine: str = "torch") -
             f"uvicorn.Server(uvicorn_config(app, '127.0.0.1', {port}, log_level='warning')).run()")
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def _served(torch_threads: int | None, engine: str) -> Iterator[tuple[str, int, subprocess.Popen]]:
+    """(base URL, port, process) of a server started on a free port (`_start_server`), stopped on leaving."""
+    port = _free_port()
+    proc = _start_server(port, torch_threads, engine)
+    try:
+        yield f"http://127.0.0.1:{port}/", port, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _wait_ready(client: Any, base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -213,19 +230,9 @@ def torch_references(images: list[tuple[str, bytes]], torch_threads: int | None)
     difference moves a few pixels across a colour-map step)."""
     import httpx
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}/"
-    proc = _start_server(port, torch_threads, "torch")
-    try:
-        with httpx.Client() as client:
-            _wait_ready(client, base, proc)
-            refs, refs_hm, _ = _sequential(client, base, images)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with _served(torch_threads, "torch") as (base, _, proc), httpx.Client() as client:
+        _wait_ready(client, base, proc)
+        refs, refs_hm, _ = _sequential(client, base, images)
     return refs, refs_hm
 
 
@@ -249,10 +256,7 @@ def run_server_load(images: list[tuple[str, bytes]], *, clients: int, per_client
     import httpx
 
     load_before = os.getloadavg()
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}/"
-    proc = _start_server(port, torch_threads, engine)
-    try:
+    with _served(torch_threads, engine) as (base, _, proc):
         with httpx.Client() as client:
             _wait_ready(client, base, proc)
             model = client.get(base + "api/model").json()
@@ -262,12 +266,6 @@ def run_server_load(images: list[tuple[str, bytes]], *, clients: int, per_client
         plain = _phase(base, images, refs, clients * per_client, clients, heatmap=False)
         heat = _phase(base, images, refs_hm, clients * heatmap_per_client, clients, heatmap=True)
         peak = _peak_rss_mb(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     if engine == "torch":
         threads: dict[str, Any] = {"server_torch_threads": torch_threads or "torch default (one per core)"}
     else:
@@ -378,70 +376,63 @@ def run_hostile(images: list[tuple[str, bytes]], *, clients: int, per_client: in
 
     bombs = hostile_payloads()
     load_before = os.getloadavg()
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}/"
-    proc = _start_server(port, torch_threads, engine)
-    stop = threading.Event()
-    stop_slow = threading.Event()
-    rss: list[float] = []
-    bomb_status: dict[str, dict[str, int]] = {}
-    slow_log: list[dict[str, Any]] = []
-    try:
-        with httpx.Client() as client:
-            _wait_ready(client, base, proc)
-            refs = []
-            for name, data in images:
-                _, status, body = _post(client, base, name, data, heatmap=False)
-                refs.append(body if status == 200 and body is not None else {})
-        rss_before = _rss_mb(proc.pid)
-        baseline = _phase(base, images, refs, clients * per_client, clients, heatmap=False)  # no hostile traffic
-
-        def sample() -> None:
-            while not stop.is_set():
-                v = _rss_mb(proc.pid)
-                if v is not None:
-                    rss.append(v)
-                time.sleep(0.2)
-
-        def bomber(k: int) -> None:
-            with httpx.Client() as c:
-                i = k
-                while not stop.is_set():
-                    name, data = bombs[i % len(bombs)]
-                    _, status, _ = _post(c, base, name, data, heatmap=False)
-                    counts = bomb_status.setdefault(name, {})
-                    counts[str(status)] = counts.get(str(status), 0) + 1
-                    i += 1
-
-        threads = [threading.Thread(target=sample, daemon=True)]
-        threads += [threading.Thread(target=bomber, args=(k,), daemon=True) for k in range(bomb_clients)]
-        slow = [threading.Thread(target=_slow_socket, args=(port, kind, stop_slow, slow_log), daemon=True)
-                for kind in ("header", "body") for _ in range(slow_sockets)]
-        for t in threads + slow:
-            t.start()
-        time.sleep(2.0)  # the bombs and slow sockets are in place
-        normal = _phase(base, images, refs, clients * per_client, clients, heatmap=False)
-        stop.set()
-        for t in threads:
-            t.join(30)
-        rss_peak_during = max(rss) if rss else None
-        time.sleep(10.0)
-        rss_after = _rss_mb(proc.pid)
-        peak = _peak_rss_mb(proc.pid)
-        deadline = time.monotonic() + 80  # the server's body deadline is 60 s
-        while time.monotonic() < deadline and any(t.is_alive() for t in slow):
-            time.sleep(0.5)
-        stop_slow.set()
-        for t in slow:
-            t.join(5)
-    finally:
-        stop.set()
-        stop_slow.set()
-        proc.terminate()
+    with _served(torch_threads, engine) as (base, port, proc):
+        stop = threading.Event()
+        stop_slow = threading.Event()
+        rss: list[float] = []
+        bomb_status: dict[str, dict[str, int]] = {}
+        slow_log: list[dict[str, Any]] = []
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            with httpx.Client() as client:
+                _wait_ready(client, base, proc)
+                refs = []
+                for name, data in images:
+                    _, status, body = _post(client, base, name, data, heatmap=False)
+                    refs.append(body if status == 200 and body is not None else {})
+            rss_before = _rss_mb(proc.pid)
+            baseline = _phase(base, images, refs, clients * per_client, clients, heatmap=False)  # no hostile traffic
+
+            def sample() -> None:
+                while not stop.is_set():
+                    v = _rss_mb(proc.pid)
+                    if v is not None:
+                        rss.append(v)
+                    time.sleep(0.2)
+
+            def bomber(k: int) -> None:
+                with httpx.Client() as c:
+                    i = k
+                    while not stop.is_set():
+                        name, data = bombs[i % len(bombs)]
+                        _, status, _ = _post(c, base, name, data, heatmap=False)
+                        counts = bomb_status.setdefault(name, {})
+                        counts[str(status)] = counts.get(str(status), 0) + 1
+                        i += 1
+
+            threads = [threading.Thread(target=sample, daemon=True)]
+            threads += [threading.Thread(target=bomber, args=(k,), daemon=True) for k in range(bomb_clients)]
+            slow = [threading.Thread(target=_slow_socket, args=(port, kind, stop_slow, slow_log), daemon=True)
+                    for kind in ("header", "body") for _ in range(slow_sockets)]
+            for t in threads + slow:
+                t.start()
+            time.sleep(2.0)  # the bombs and slow sockets are in place
+            normal = _phase(base, images, refs, clients * per_client, clients, heatmap=False)
+            stop.set()
+            for t in threads:
+                t.join(30)
+            rss_peak_during = max(rss) if rss else None
+            time.sleep(10.0)
+            rss_after = _rss_mb(proc.pid)
+            peak = _peak_rss_mb(proc.pid)
+            deadline = time.monotonic() + 80  # the server's body deadline is 60 s
+            while time.monotonic() < deadline and any(t.is_alive() for t in slow):
+                time.sleep(0.5)
+            stop_slow.set()
+            for t in slow:
+                t.join(5)
+        finally:
+            stop.set()
+            stop_slow.set()
     slow = {kind: {"sockets": sum(r["kind"] == kind for r in slow_log),
                    "closed_by_server": sum(r["kind"] == kind and r["closed_by_server"] for r in slow_log),
                    "max_open_s_when_closed": max([r["open_s"] for r in slow_log

@@ -20,21 +20,19 @@ grouped CV as `select` does) it reports, with patient-grouped 95 % CIs:
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxrscreen import CLASSES
-from cxrscreen.data.subsets import SubsetData
 from cxrscreen.evaluation.calibration import softmax
 from cxrscreen.evaluation.metrics import grouped_bootstrap_ci
 from cxrscreen.io.files import write_json
 from cxrscreen.runs.decision import DecisionRule, decide
 from cxrscreen.runs.provenance import provenance
-from cxrscreen.training.head import FittedHead, fit_logistic
-from cxrscreen.training.select import PARTS, Candidate, SelectConfig, _cat, _load
+from cxrscreen.training.head import FittedHead
+from cxrscreen.training.select import PARTS, Candidate, SelectConfig, _cat, _fit, _load
 
 COVID = CLASSES.index("covid")
 
@@ -65,18 +63,10 @@ def rates(labels: np.ndarray, probs: np.ndarray, groups: list[str], threshold: f
     return out
 
 
-def fit(x: np.ndarray, data: SubsetData, mask: np.ndarray, cand: Candidate, cs: list[float]) -> FittedHead:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = cand.head
-        return fit_logistic(x[mask], data.labels[mask], list(np.asarray(data.groups)[mask]), n_classes=len(CLASSES),
-                            cs=cs, folds=r.cv_folds, seed=r.seed)
-
-
 def check(cand: Candidate, cfg: SelectConfig, sensitivity: float, c: float | None, n_boot: int) -> dict[str, Any]:
     ld = _load(cand, cfg, print)
     train, x_train, in_parts = ld.train(cand)
-    head = fit(x_train, train, in_parts, cand, [c] if c else cand.head.cs)
+    head = _fit(x_train, train, in_parts, cand.head, [c] if c else cand.head.cs)
     val = _cat([ld.subsets[(p, "val")] for p in PARTS])
     x_val = np.concatenate([ld.feats[(p, "val")] for p in PARTS])
     val_parts = np.isin(np.asarray([p for p in PARTS for _ in ld.subsets[(p, "val")].labels]), cand.train_on)
@@ -99,7 +89,7 @@ def check(cand: Candidate, cfg: SelectConfig, sensitivity: float, c: float | Non
     src_all, src_train, src_val = (np.asarray(d.sources) for d in (everything, train, val))
     loso: dict[str, Any] = {}
     for src in sorted(set(everything.sources)):
-        held = fit(x_train, train, in_parts & (src_train != src), cand, [head.c])
+        held = _fit(x_train, train, in_parts & (src_train != src), cand.head, [head.c])
         keep = val_parts & (src_val != src)
         pk = probs(held, x_val[keep])
         if not (val.labels[keep] == COVID).any():

@@ -1,10 +1,13 @@
-"""Test helper: kill a process tree (a killed job in the kill-and-resume tests)."""
+"""Test helpers for processes: kill a process tree (a killed job in the kill-and-resume tests), run Python code in
+a fresh interpreter on this checkout's sources (what a fresh `cxrscreen` process imports)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -25,3 +28,13 @@ def kill_tree(pid: int) -> None:
     for p in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def run_fresh_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `code` with `python -c` in a new interpreter whose PYTHONPATH starts with this checkout's src; its
+    stdout and stderr captured as text."""
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)

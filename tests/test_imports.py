@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.processes import run_fresh_python
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cxrscreen"
 TRAINING_SIDE = ("cxrscreen.training", "cxrscreen.engine", "cxrscreen.data.subsets", "cxrscreen.cli",
@@ -128,8 +128,7 @@ def test_prediction_imports_no_training_code() -> None:
         "Explainer(run)\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('cxrscreen'))))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = run_fresh_python(code)
     assert out.returncode == 0, out.stderr[-2000:]
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert "cxrscreen.predict.predictor" in loaded

@@ -22,6 +22,7 @@ from cxrscreen.predict.predictor import Predictor, load_model
 from cxrscreen.runs.run_dir import load_run
 from tests.batch_fixtures import make_tiny_run, write_images
 from tests.conftest import read_real_manifest
+from tests.processes import run_fresh_python
 
 PARITY_TOL = 1e-4
 
@@ -151,9 +152,6 @@ def test_bundled_model_parity_on_real_images(data_dir: Path, tmp_path: Path) -> 
 def test_onnx_engine_predicts_without_torch(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """Loading an .onnx export and predicting files with it imports neither torch nor torchvision (a fresh
     process), and gives the probabilities the PyTorch engine gives in this one."""
-    import os
-    import subprocess
-    import sys
 
     run_dir, onnx_file = tiny
     files = write_images(tmp_path / "img", 4, bad=0)
@@ -166,9 +164,7 @@ def test_onnx_engine_predicts_without_torch(tiny: tuple[Path, Path], tmp_path: P
         "print(json.dumps({'torch': sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')),"
         " 'probs': [r.probabilities for r in res]}))\n"
     )
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = run_fresh_python(code)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["torch"] == []
@@ -180,9 +176,6 @@ def test_onnx_engine_predicts_without_torch(tiny: tuple[Path, Path], tmp_path: P
 def test_predict_command_with_onnxruntime_loads_no_torch(tmp_path: Path) -> None:
     """`cxrscreen predict IMAGE --engine onnxruntime` (the bundled export) runs without importing torch: the
     command itself (options, severity helpers, writers) must not pull it in either."""
-    import os
-    import subprocess
-    import sys
 
     img = write_images(tmp_path / "img", 1, size=(256, 256), bad=0)[0]
     code = (
@@ -194,9 +187,7 @@ def test_predict_command_with_onnxruntime_loads_no_torch(tmp_path: Path) -> None
         "finally:\n"
         "    print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))))\n"
     )
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = run_fresh_python(code)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     first = json.loads(lines[0])

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from cxrscreen.predict.onnx_export import export_onnx
 from cxrscreen.runs.run_dir import load_run
 from cxrscreen.serving import create_app
 from tests.batch_fixtures import make_tiny_run, write_images
+from tests.processes import run_fresh_python
 
 PARITY_TOL = 1e-4
 
@@ -142,9 +140,7 @@ def test_onnx_server_imports_torch_only_for_the_first_heatmap(exported: tuple[Pa
         "print(json.dumps({'plain': plain, 'before': before, 'status': r.status_code,\n"
         "                  'picture': bool(r.json().get('heatmap_png_base64')), 'after': len(torch_mods())}))\n"
     )
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = run_fresh_python(code)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["plain"] == [200, 200, 200, 200] and got["before"] == []

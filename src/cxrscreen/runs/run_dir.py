@@ -118,10 +118,9 @@ class LoadedRun:
     def with_frozen_graph(self) -> LoadedRun:
         """This run, computing its classifier logits with a frozen TorchScript graph (`models.frozen`: faster on
         the CPU for many images; Grad-CAM keeps the eager `model`): a shallow copy sharing model and config, so
-        other users of this run keep the eager module. `self` for another kind, the ONNX Runtime engine, a GPU
-        model, or a model that does not trace."""
-        if (self.frozen is not None or self.kind != "classifier" or getattr(self.model, "takes_numpy", False)
-                or next(self.model.parameters()).device.type != "cpu"):
+        other users of this run keep the eager module. `self` for another kind, the ONNX Runtime engine, or a model
+        that `freeze_for_inference` does not freeze (on a GPU, or one that does not trace)."""
+        if self.frozen is not None or self.kind != "classifier" or getattr(self.model, "takes_numpy", False):
             return self
         from cxrscreen.models.frozen import freeze_for_inference
 

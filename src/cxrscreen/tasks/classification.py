@@ -61,8 +61,8 @@ class ClassificationTask:
 
         run.model.eval()
         device = next(run.model.parameters()).device
-        frozen = getattr(run, "frozen", None)  # LoadedRun.with_frozen_graph: many images
-        model = run.model if frozen is None or device.type != "cpu" else frozen
+        frozen = getattr(run, "frozen", None)  # LoadedRun.with_frozen_graph (CPU only): many images
+        model = run.model if frozen is None else frozen
         chunk = CPU_FORWARD_CHUNK if device.type == "cpu" else batch_size
         with torch.no_grad():
             out = [model(t.to(device)).float().cpu() for x in batches for t in torch.from_numpy(x).split(chunk)]
